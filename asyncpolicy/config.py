@@ -1,0 +1,290 @@
+"""Run configuration: typed msgspec Structs, loaded from YAML/TOML plus dotted `key=value` overrides.
+
+Every field carries a one-line description (shown by `python -m asyncpolicy config`). Keys follow
+the seed system's names (`async_training.staleness_threshold`, ...) so its users' overrides work
+unchanged. Any bad key or value raises `ConfigError` naming the dotted key; the CLI turns it into
+exit code 2.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from asyncpolicy.errors import ConfigError
+
+
+def _doc(text: str, **constraints: Any) -> msgspec.Meta:
+    return msgspec.Meta(description=text, **constraints)
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class DataConfig(_Section):
+    train_batch_size: Annotated[int, _doc("prompts per training step (each with rollout.n responses)", ge=1)] = 8
+    max_prompt_length: Annotated[int, _doc("longest prompt in tokens; longer ones follow data.truncation", ge=1)] = 64
+    max_response_length: Annotated[int, _doc("most tokens generated per response", ge=1)] = 12
+    train_files: Annotated[list[str], _doc("JSONL/Parquet files with prompts; empty = the task's built-in data")] = []
+    val_files: Annotated[list[str], _doc("held-out JSONL/Parquet files; empty = the task's held-out split")] = []
+    prompt_key: Annotated[str, _doc("column holding the prompt text in data files")] = "prompt"
+    answer_key: Annotated[str, _doc("column holding the ground truth in data files")] = "ground_truth"
+    truncation: Annotated[
+        Literal["error", "truncate", "skip"], _doc("what to do with a prompt longer than max_prompt_length")
+    ] = "skip"
+    shuffle: Annotated[bool, _doc("shuffle prompts each epoch with the run's seed")] = True
+
+
+class ModelConfig(_Section):
+    path: Annotated[
+        str, _doc("Hugging Face model directory; 'embedded' = the project's tiny built-in model")
+    ] = "embedded"
+    dtype: Annotated[Literal["float32", "bfloat16"], _doc("parameter dtype of the trained model")] = "float32"
+    gradient_checkpointing: Annotated[bool, _doc("recompute activations in backward to save memory")] = False
+
+
+class SimulatedRolloutConfig(_Section):
+    mean_latency_s: Annotated[float, _doc("median time of one simulated generation, seconds", ge=0)] = 0.01
+    latency_sigma: Annotated[float, _doc("lognormal sigma of generation time: the long tail", ge=0)] = 0.5
+    failure_rate: Annotated[float, _doc("probability a simulated generation raises (fault injection)", ge=0, le=1)] = 0.0
+    hang_rate: Annotated[float, _doc("probability a simulated generation hangs forever (fault injection)", ge=0, le=1)] = 0.0
+
+
+class RolloutConfig(_Section):
+    engine: Annotated[Literal["simulated", "hf", "vllm"], _doc("generation engine")] = "hf"
+    n: Annotated[int, _doc("responses per prompt (GRPO group size)", ge=1)] = 4
+    n_gpus_per_node: Annotated[int, _doc("GPUs for generation (vllm engine)", ge=0)] = 1
+    max_concurrency: Annotated[int, _doc("most responses generated at once", ge=1)] = 64
+    temperature: Annotated[float, _doc("sampling temperature", gt=0)] = 1.0
+    top_p: Annotated[float, _doc("nucleus sampling mass", gt=0, le=1)] = 1.0
+    interval_s: Annotated[float, _doc("pause between starting generations (the seed's generation interval)", ge=0)] = 0.0
+    max_retries: Annotated[int, _doc("retries of a failed or timed-out generation before the run fails", ge=0)] = 2
+    simulated: Annotated[SimulatedRolloutConfig, _doc("simulated engine settings")] = msgspec.field(
+        default_factory=SimulatedRolloutConfig
+    )
+
+
+class SimulatedTrainerConfig(_Section):
+    step_latency_s: Annotated[float, _doc("fixed time of one simulated training step, seconds", ge=0)] = 0.02
+    sync_latency_s: Annotated[float, _doc("time of one simulated weight transfer, seconds", ge=0)] = 0.002
+    sync_failures: Annotated[int, _doc("simulated transfers that fail before one succeeds, per sync", ge=0)] = 0
+
+
+class TrainerConfig(_Section):
+    engine: Annotated[Literal["simulated", "torch", "fsdp"], _doc("training engine")] = "torch"
+    total_training_steps: Annotated[int, _doc("optimizer steps of the whole run", ge=1)] = 60
+    n_gpus_per_node: Annotated[int, _doc("GPUs for training (fsdp engine)", ge=0)] = 1
+    lr: Annotated[float, _doc("peak learning rate of AdamW", gt=0)] = 3e-3
+    warmup_steps: Annotated[int, _doc("linear LR warm-up steps", ge=0)] = 3
+    lr_schedule: Annotated[Literal["constant", "cosine"], _doc("LR after warm-up")] = "constant"
+    weight_decay: Annotated[float, _doc("AdamW weight decay", ge=0)] = 0.0
+    grad_clip: Annotated[float, _doc("max global gradient norm", gt=0)] = 1.0
+    micro_batch_size: Annotated[int, _doc("responses per forward/backward (gradient accumulation)", ge=1)] = 32
+    save_freq: Annotated[int, _doc("checkpoint every N steps; 0 = only at the end", ge=0)] = 0
+    keep_checkpoints: Annotated[int, _doc("complete checkpoints kept", ge=1)] = 2
+    test_freq: Annotated[int, _doc("validate every N steps; 0 = never", ge=0)] = 0
+    threads: Annotated[int, _doc("torch CPU threads for training; 0 = torch's default", ge=0)] = 0
+    simulated: Annotated[SimulatedTrainerConfig, _doc("simulated engine settings")] = msgspec.field(
+        default_factory=SimulatedTrainerConfig
+    )
+
+
+class AsyncTrainingConfig(_Section):
+    staleness_threshold: Annotated[
+        int, _doc("hard max of (trainer version - oldest version of a sample's tokens); 0 = on-policy", ge=0)
+    ] = 1
+    max_queue_size: Annotated[int, _doc("capacity of the sample channel, in prompts", ge=1)] = 64
+    generation_timeout: Annotated[float, _doc("seconds one generation may take before it is retried", gt=0)] = 60.0
+    trigger_parameter_sync_step: Annotated[int, _doc("push weights to the rollout every N training steps", ge=1)] = 1
+    require_batches: Annotated[int, _doc("mini-batches (optimizer updates) per training step", ge=1)] = 1
+    partial_rollout: Annotated[
+        bool, _doc("on a weight sync, interrupt generations and continue them under the new weights")
+    ] = True
+    sync_timeout: Annotated[float, _doc("seconds one weight-sync attempt may take", gt=0)] = 60.0
+    sync_retries: Annotated[int, _doc("retries of a failed weight sync before the run stops", ge=0)] = 3
+    sync_backoff_s: Annotated[float, _doc("first retry delay of a weight sync; doubles each retry", ge=0)] = 0.05
+
+
+class AlgorithmConfig(_Section):
+    adv_estimator: Annotated[Literal["grpo", "rloo"], _doc("advantage estimator over a prompt's group")] = "grpo"
+    norm_adv_by_std: Annotated[bool, _doc("divide GRPO advantages by the group's std (Dr.GRPO: false)")] = True
+    clip_ratio: Annotated[float, _doc("PPO clip epsilon", gt=0)] = 0.2
+    staleness_correction: Annotated[
+        Literal["behaviour", "decoupled"],
+        _doc("ratio against the rollout's logprobs, or AReaL's decoupled PPO with recomputed proximal logprobs"),
+    ] = "decoupled"
+    tis_cap: Annotated[float, _doc("truncation of the behaviour importance weight (decoupled)", gt=0)] = 2.0
+    kl_coef: Annotated[float, _doc("KL penalty to the initial policy; 0 = off", ge=0)] = 0.0
+    loss_agg_mode: Annotated[
+        Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"], _doc("how token losses are averaged")
+    ] = "token-mean"
+
+
+class TaskConfig(_Section):
+    name: Annotated[str, _doc("built-in task (reverse, copy, add) when no data files are given")] = "reverse"
+    reward_fn: Annotated[str, _doc("dotted path 'pkg.module:function' of a custom reward; empty = the task's")] = ""
+    num_prompts: Annotated[int, _doc("size of the built-in task's training set", ge=1)] = 2000
+    num_val_prompts: Annotated[int, _doc("size of the built-in task's held-out set", ge=1)] = 64
+
+
+class Config(_Section):
+    data: Annotated[DataConfig, _doc("prompts and lengths")] = msgspec.field(default_factory=DataConfig)
+    model: Annotated[ModelConfig, _doc("the policy model")] = msgspec.field(default_factory=ModelConfig)
+    rollout: Annotated[RolloutConfig, _doc("generation")] = msgspec.field(default_factory=RolloutConfig)
+    trainer: Annotated[TrainerConfig, _doc("training")] = msgspec.field(default_factory=TrainerConfig)
+    async_training: Annotated[AsyncTrainingConfig, _doc("asynchrony and staleness")] = msgspec.field(
+        default_factory=AsyncTrainingConfig
+    )
+    algorithm: Annotated[AlgorithmConfig, _doc("losses and advantages")] = msgspec.field(
+        default_factory=AlgorithmConfig
+    )
+    task: Annotated[TaskConfig, _doc("prompts and rewards")] = msgspec.field(default_factory=TaskConfig)
+    output_dir: Annotated[str, _doc("where metrics, logs and checkpoints go")] = "outputs/run"
+    seed: Annotated[int, _doc("seed of every random number generator")] = 0
+    resume: Annotated[str, _doc("'' = fresh run, 'auto' = latest checkpoint in output_dir, or a checkpoint path")] = ""
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], _doc("console log level")] = "info"
+    progress: Annotated[Literal["auto", "on", "off"], _doc("progress bar: auto = only on a terminal")] = "auto"
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def _parse_value(raw: str) -> Any:
+    """A YAML scalar, so `x=3`, `x=0.5`, `x=true`, `x=[a.jsonl,b.jsonl]` and `x=hello` all work."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Apply one dotted `key=value` word to a nested dict."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key=value", key=override)
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r} has an empty key", key=key)
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {key!r}: {part!r} is a value, not a section", key=key)
+        node = child
+    node[parts[-1]] = _parse_value(raw)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML file into a dict; any problem names the file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror or e}", key=str(p)) from None
+    try:
+        if p.suffix == ".toml":
+            tree = tomllib.loads(text)
+        else:
+            tree = yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"config file {str(p)!r} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {first}", key=str(p)) from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, not {type(tree).__name__}", key=str(p))
+    return tree
+
+
+def _dotted(msgspec_path: str) -> str:
+    """`$.async_training.staleness_threshold` → `async_training.staleness_threshold`."""
+    return msgspec_path.removeprefix("$").lstrip(".").replace("`", "")
+
+
+def _explain(err: msgspec.ValidationError) -> ConfigError:
+    text = str(err)
+    message, _, where = text.partition(" - at `")
+    where = _dotted(where.rstrip("`")) if where else ""
+    if message.startswith("Object contains unknown field"):
+        field = message.split("`")[1]
+        key = f"{where}.{field}" if where else field
+        return ConfigError(f"unknown config key {key!r}", key=key)
+    key = where or "config"
+    return ConfigError(f"config key {key!r}: {message[0].lower()}{message[1:]}", key=key)
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """Turn a nested dict into a checked Config."""
+    try:
+        cfg = msgspec.convert(tree, Config, strict=False)
+    except msgspec.ValidationError as e:
+        raise _explain(e) from None
+    check_consistency(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← file ← overrides, checked; raises ConfigError naming the key on any problem."""
+    tree: dict[str, Any] = read_config_file(path) if path is not None else {}
+    for override in overrides:
+        apply_override(tree, override)
+    return build_config(tree)
+
+
+def check_consistency(cfg: Config) -> None:
+    """Values each fine alone but impossible together: each would deadlock or silently misbehave."""
+    at = cfg.async_training
+    if at.max_queue_size < cfg.data.train_batch_size:
+        raise ConfigError(
+            f"config key 'async_training.max_queue_size': {at.max_queue_size} is smaller than one batch "
+            f"(data.train_batch_size={cfg.data.train_batch_size}); the trainer could never fill a batch",
+            key="async_training.max_queue_size",
+        )
+    if at.trigger_parameter_sync_step > at.staleness_threshold + 1:
+        raise ConfigError(
+            "config key 'async_training.trigger_parameter_sync_step': "
+            f"{at.trigger_parameter_sync_step} steps between syncs exceeds staleness_threshold + 1 "
+            f"({at.staleness_threshold + 1}); every sample would go stale before the next sync",
+            key="async_training.trigger_parameter_sync_step",
+        )
+    if cfg.data.train_batch_size % at.require_batches:
+        raise ConfigError(
+            f"config key 'async_training.require_batches': {at.require_batches} does not divide "
+            f"data.train_batch_size={cfg.data.train_batch_size}",
+            key="async_training.require_batches",
+        )
+    if not math.isfinite(at.generation_timeout):
+        raise ConfigError("config key 'async_training.generation_timeout' must be finite", key="async_training.generation_timeout")
+
+
+def describe_fields(struct: type[msgspec.Struct] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf field: the config reference and `--help`."""
+    rows: list[tuple[str, str, str]] = []
+    instance = struct()
+    hints = typing.get_type_hints(struct, include_extras=True)
+    for name in struct.__struct_fields__:
+        hint = hints[name]
+        base = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+        if isinstance(base, type) and issubclass(base, msgspec.Struct):
+            rows.extend(describe_fields(base, f"{prefix}{name}."))
+            continue
+        desc = next(
+            (m.description for m in getattr(hint, "__metadata__", ()) if isinstance(m, msgspec.Meta) and m.description),
+            "",
+        )
+        rows.append((f"{prefix}{name}", repr(getattr(instance, name)), desc))
+    return rows
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain-dict form, for writing the resolved config next to a run's outputs."""
+    return msgspec.to_builtins(cfg)

@@ -1,0 +1,148 @@
+"""Simulated engines: the real protocols, real version bookkeeping, seeded fake latencies.
+
+Named as simulated everywhere they appear. Tests and benchmarks use them to exercise the actors'
+scheduling, staleness and failure handling without a model: generation time is lognormal (the
+long tail of real response lengths), a training step takes a fixed time, a weight transfer takes
+a fixed time and can be told to fail. All randomness comes from one `random.Random`, which tests
+register with Hypothesis so that completion orders are explored and replayed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import anyio
+import anyio.lowlevel
+
+from asyncpolicy.config import SimulatedRolloutConfig, SimulatedTrainerConfig
+from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
+from asyncpolicy.samples import Sample
+
+VOCAB = 64
+EOS = 0
+
+
+class SimulatedEngineError(RuntimeError):
+    """An injected generation or transfer failure."""
+
+
+class SimulatedGenerationEngine:
+    """Produces random tokens at a steady rate over a lognormal duration; abortable at any time."""
+
+    def __init__(self, cfg: SimulatedRolloutConfig, rng: random.Random) -> None:
+        self.cfg = cfg
+        self.rng = rng
+        self._version = 0
+        self._abort: anyio.Event | None = None  # created inside the event loop
+        self.generated_tokens = 0
+        self.requests = 0
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def load_weights(self, version: int) -> None:
+        self._version = version
+
+    async def start(self) -> None:
+        self._abort = anyio.Event()
+
+    def _duration(self) -> float:
+        if self.cfg.mean_latency_s == 0:
+            return 0.0
+        return self.cfg.mean_latency_s * math.exp(self.rng.gauss(0.0, self.cfg.latency_sigma))
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.requests += 1
+        if self._abort is None:
+            self._abort = anyio.Event()
+        if self.rng.random() < self.cfg.failure_rate:
+            await anyio.sleep(0)
+            raise SimulatedEngineError(f"simulated generation failure (request {request.request_id})")
+        if self.rng.random() < self.cfg.hang_rate:
+            await anyio.sleep_forever()
+        done = len(request.response_tokens)
+        remaining = max(0, request.max_tokens - done)
+        target = self.rng.randint(1, remaining) if remaining else 0
+        duration = self._duration() * (target / max(1, request.max_tokens))
+        abort = self._abort
+        start = anyio.current_time()
+        aborted = False
+        with anyio.move_on_after(duration):
+            await abort.wait()
+            aborted = True
+        if aborted:
+            elapsed = anyio.current_time() - start
+            target = min(target, int(target * elapsed / duration)) if duration > 0 else 0
+        new_tokens = [self.rng.randrange(1, VOCAB) for _ in range(target)]
+        finish = "abort" if aborted else ("length" if done + target >= request.max_tokens else "stop")
+        if finish == "stop":
+            new_tokens.append(EOS)
+        self.generated_tokens += len(new_tokens)
+        return GenerationResult(
+            request_id=request.request_id,
+            response_tokens=request.response_tokens + new_tokens,
+            behaviour_logprobs=request.behaviour_logprobs + [-self.rng.random() * 3 for _ in new_tokens],
+            token_versions=request.token_versions + [self._version] * len(new_tokens),
+            finish_reason=finish,
+        )
+
+    async def abort_all(self) -> None:
+        if self._abort is not None:
+            self._abort.set()
+        self._abort = anyio.Event()
+        await anyio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await self.abort_all()
+
+
+class SimulatedTrainEngine:
+    """A training step is a fixed sleep; its metrics are computed from the batch for real."""
+
+    def __init__(self, cfg: SimulatedTrainerConfig) -> None:
+        self.cfg = cfg
+        self.steps = 0
+        self.trained_versions: list[int] = []
+
+    async def start(self) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    async def train_step(self, batch: list[Sample], version: int) -> dict[str, float]:
+        await anyio.sleep(self.cfg.step_latency_s)
+        self.steps += 1
+        self.trained_versions.append(version)
+        rewards = [r for s in batch for r in s.rewards]
+        tokens = sum(len(t.response_tokens) for s in batch for t in s.trajectories)
+        return {"loss": -sum(rewards) / max(1, len(rewards)), "train_tokens": float(tokens)}
+
+    async def aclose(self) -> None:
+        await anyio.lowlevel.checkpoint()
+
+
+class SimulatedTransport:
+    """Sets the generation engine's version after a fixed delay; fails `sync_failures` times per sync."""
+
+    def __init__(self, generation: SimulatedGenerationEngine, cfg: SimulatedTrainerConfig) -> None:
+        self.generation = generation
+        self.cfg = cfg
+        self._failures_left: dict[int, int] = {}
+        self.attempts = 0
+
+    async def push(self, version: int) -> None:
+        self.attempts += 1
+        left = self._failures_left.setdefault(version, self.cfg.sync_failures)
+        await anyio.sleep(self.cfg.sync_latency_s)
+        if left > 0:
+            self._failures_left[version] = left - 1
+            raise SimulatedEngineError(f"simulated weight-transfer failure for version {version}")
+        self._failures_left.pop(version, None)
+        self.generation.load_weights(version)
+
+
+def simulated_reward(response_tokens: list[int]) -> float:
+    """The simulated task's reward: the fraction of even tokens (any deterministic score would do)."""
+    if not response_tokens:
+        return 0.0
+    return sum(1 for t in response_tokens if t % 2 == 0) / len(response_tokens)

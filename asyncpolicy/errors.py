@@ -1,0 +1,44 @@
+"""Every way a run can end badly, each its own named exception.
+
+The CLI maps them onto exit codes: `ConfigError` (bad input) → 2, any `RunFailed` → 1.
+Nothing here is ever swallowed to report a failure as success.
+"""
+
+from __future__ import annotations
+
+
+class AsyncPolicyError(Exception):
+    """Base of the project's own errors."""
+
+
+class ConfigError(AsyncPolicyError):
+    """Bad input: a config key, value, file or path. Exit code 2; the message names the culprit."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class RunFailed(AsyncPolicyError):
+    """The run started but could not finish. Exit code 1."""
+
+
+class ActorFailed(RunFailed):
+    """An actor (rollouter, trainer, synchronizer, ...) raised; the supervisor names it."""
+
+    def __init__(self, actor: str, cause: BaseException) -> None:
+        super().__init__(f"actor {actor!r} failed: {type(cause).__name__}: {cause}")
+        self.actor = actor
+        self.cause = cause
+
+
+class SyncFailed(RunFailed):
+    """Weight synchronisation failed on every retry."""
+
+
+class GenerationFailed(RunFailed):
+    """A generation kept failing (errors or timeouts) past its retry budget."""
+
+
+class EngineTimeout(AsyncPolicyError, TimeoutError):
+    """A wait on an engine passed its deadline."""
