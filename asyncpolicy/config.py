@@ -146,7 +146,7 @@ class Config(_Section):
         default_factory=AlgorithmConfig
     )
     task: Annotated[TaskConfig, _doc("prompts and rewards")] = msgspec.field(default_factory=TaskConfig)
-    output_dir: Annotated[str, _doc("where metrics, logs and checkpoints go")] = "outputs/run"
+    output_dir: Annotated[str, _doc("where metrics, logs and checkpoints go; empty = outputs/run-<time>")] = ""
     seed: Annotated[int, _doc("seed of every random number generator")] = 0
     resume: Annotated[str, _doc("'' = fresh run, 'auto' = latest checkpoint in output_dir, or a checkpoint path")] = ""
     log_level: Annotated[Literal["debug", "info", "warning", "error"], _doc("console log level")] = "info"

@@ -1,0 +1,5 @@
+import sys
+
+from asyncpolicy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,279 @@
+"""The rollouter: keeps generations in flight and turns finished groups into samples.
+
+Invariants:
+
+* admission (AReaL's capacity rule): a group is started only while
+  ``admitted - dropped_stale < (staleness_threshold + 1 + version) * train_batch_size``,
+  so it never starts work that the trainer could not consume within the staleness bound
+  (the channel still enforces the bound per sample, should completion order defeat the rule);
+* every admitted group ends exactly once: as a sample put into the channel, or — only when the
+  run stops — as abandoned in flight (its prompt is in `in_flight_prompts()` for checkpoints);
+* `pause()` returns only once no generation runs on the engine; `resume()` undoes it; both are
+  idempotent per reason and return True (the seed's check);
+* a generation error or a request past `generation_timeout` is retried `rollout.max_retries`
+  times, then the run fails with `GenerationFailed` naming the request.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import anyio
+import msgspec
+import structlog
+
+from asyncpolicy.channels import VersionedChannel
+from asyncpolicy.channels.signal import StateSignal
+from asyncpolicy.config import Config
+from asyncpolicy.engines.protocols import GenerationEngine, GenerationRequest
+from asyncpolicy.errors import EngineTimeout, GenerationFailed
+from asyncpolicy.samples import Prompt, Sample, Trajectory, make_sample
+from asyncpolicy.tasks.base import PromptSource, Scorer
+
+log = structlog.get_logger("asyncpolicy.rollouter")
+
+
+class RolloutCounters(msgspec.Struct, kw_only=True):
+    """Monotone counters; all of them go into checkpoints."""
+
+    admitted: int = 0  # groups started
+    completed: int = 0  # groups turned into samples and put into the channel
+    generations: int = 0  # engine.generate calls that returned
+    interrupted: int = 0  # generations aborted by a pause and continued (partial rollout) or restarted
+    retried: int = 0  # failed or timed-out generations retried
+    timeouts: int = 0
+    reward_errors: int = 0  # scorer raised or returned a non-finite value; scored 0
+    tokens: int = 0  # response tokens in completed samples
+
+
+class InFlight(msgspec.Struct, kw_only=True):
+    """A group being generated: what a checkpoint needs to generate it again."""
+
+    prompt: Prompt
+    start_version: int
+
+
+class Rollouter:
+    """Draws prompts, generates `rollout.n` responses each, scores them, queues samples."""
+
+    name = "rollouter"
+
+    def __init__(
+        self,
+        cfg: Config,
+        engine: GenerationEngine,
+        channel: VersionedChannel[Sample],
+        prompts: PromptSource,
+        scorer: Scorer,
+    ) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.channel = channel
+        self.prompts = prompts
+        self.scorer = scorer
+        self.counters = RolloutCounters()
+        self._changed = StateSignal()  # version, pause state, running count, drops
+        self._pause_reasons: set[str] = set()
+        self._running = 0  # engine.generate calls now active
+        self._active_trajectories = 0  # slots taken against rollout.max_concurrency
+        self._in_flight: dict[str, InFlight] = {}
+        self._replay: list[InFlight] = []  # restored from a checkpoint: generated first
+        self._idle_since: float | None = time.monotonic()
+        self._idle_total = 0.0
+        self._started_at = time.monotonic()
+
+    # -- control (supervisor, synchronizer) ----------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._pause_reasons)
+
+    async def pause(self, reason: str = "user", *, drain: bool = False) -> bool:
+        """Stop generating; return True once nothing runs on the engine.
+
+        drain=False interrupts running generations (partial rollout continues them after
+        `resume`); drain=True lets them finish. Bounded by generation_timeout either way.
+        """
+        self._pause_reasons.add(reason)
+        self._changed.notify()
+        if not drain and self._running:
+            await self.engine.abort_all()
+        limit = self.cfg.async_training.generation_timeout + 5.0
+        with anyio.move_on_after(limit) as scope:
+            await self._changed.wait_until(lambda: self._running == 0)
+        if scope.cancelled_caught:
+            raise EngineTimeout(
+                f"rollouter: {self._running} generation(s) still running {limit:.0f}s after pause({reason!r})"
+            )
+        log.debug("rollout_paused", reason=reason, drain=drain)
+        return True
+
+    async def resume(self, reason: str = "user") -> bool:
+        """Undo `pause(reason)`; generation restarts when no other reason holds it."""
+        self._pause_reasons.discard(reason)
+        self._changed.notify()
+        await anyio.lowlevel.checkpoint()
+        return True
+
+    def notify_dropped(self, sample: Sample, version: int) -> None:
+        """Channel callback: a stale drop frees admission capacity."""
+        self._changed.notify()
+
+    def in_flight_prompts(self) -> list[InFlight]:
+        """Groups started but not yet queued (for checkpoints: they are generated again on resume)."""
+        return list(self._in_flight.values()) + list(self._replay)
+
+    def replay(self, groups: list[InFlight]) -> None:
+        """Before `run`: prompts from a checkpoint's in-flight list, generated before new ones."""
+        self._replay = list(groups)
+
+    def idle_ratio(self) -> float:
+        idle = self._idle_total + (time.monotonic() - self._idle_since if self._idle_since is not None else 0.0)
+        return idle / max(1e-9, time.monotonic() - self._started_at)
+
+    # -- admission -----------------------------------------------------------------------------
+
+    def _capacity_left(self) -> int:
+        at = self.cfg.async_training
+        limit = (at.staleness_threshold + 1 + self.version) * self.cfg.data.train_batch_size
+        live = self.counters.admitted - self.channel.statistics().dropped_stale
+        return limit - live
+
+    def _may_admit(self) -> bool:
+        n = self.cfg.rollout.n
+        slots_ok = self._active_trajectories == 0 or self._active_trajectories + n <= self.cfg.rollout.max_concurrency
+        return not self.paused and slots_ok and self._capacity_left() > 0
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._started_at = time.monotonic()
+        self._idle_since = self._started_at
+        async with anyio.create_task_group() as tg:
+            task_status.started()
+            while True:
+                await self._changed.wait_until(self._may_admit)
+                group = self._replay.pop(0) if self._replay else InFlight(prompt=self.prompts.next(), start_version=self.version)
+                group.start_version = self.version
+                self.counters.admitted += 1
+                self._active_trajectories += self.cfg.rollout.n
+                self._in_flight[group.prompt.uid] = group
+                tg.start_soon(self._rollout_group, group)
+                if self.cfg.rollout.interval_s:
+                    await anyio.sleep(self.cfg.rollout.interval_s)
+                else:
+                    await anyio.lowlevel.checkpoint()
+
+    async def _rollout_group(self, group: InFlight) -> None:
+        prompt = group.prompt
+        n = self.cfg.rollout.n
+        results: list[Trajectory | None] = [None] * n
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(self._generate_into, results, i, prompt)
+        finally:
+            self._active_trajectories -= n
+            self._changed.notify()
+        trajectories = [t for t in results if t is not None]
+        for t in trajectories:
+            t.reward = self._score(prompt, t)
+        sample = make_sample(prompt, trajectories, group.start_version, time.monotonic())
+        await self.channel.put(sample, sample.min_version)  # backpressure: waits while the queue is full
+        del self._in_flight[prompt.uid]
+        self.counters.completed += 1
+        self.counters.tokens += sum(len(t.response_tokens) for t in trajectories)
+
+    async def _generate_into(self, results: list[Trajectory | None], i: int, prompt: Prompt) -> None:
+        results[i] = await self._generate(prompt, i)
+
+    @contextmanager
+    def _engine_call(self) -> Iterator[None]:
+        """Count a running engine call; pause() waits for the count to reach zero."""
+        if self._running == 0 and self._idle_since is not None:
+            self._idle_total += time.monotonic() - self._idle_since
+            self._idle_since = None
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._idle_since = time.monotonic()
+            self._changed.notify()
+
+    async def _generate(self, prompt: Prompt, i: int) -> Trajectory:
+        cfg = self.cfg
+        request = GenerationRequest(
+            request_id=f"{prompt.uid}/{i}",
+            prompt_tokens=prompt.tokens,
+            max_tokens=cfg.data.max_response_length,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            seed=hash((cfg.seed, prompt.epoch, prompt.index, i)) & 0x7FFFFFFF,
+        )
+        failures = 0
+        while True:
+            await self._changed.wait_until(lambda: not self.paused)
+            try:
+                with self._engine_call(), anyio.fail_after(cfg.async_training.generation_timeout):
+                    result = await self.engine.generate(request)
+            except Exception as exc:  # an engine failure, or TimeoutError from fail_after
+                failures += 1
+                timed_out = isinstance(exc, TimeoutError)
+                self.counters.timeouts += timed_out
+                if failures > cfg.rollout.max_retries:
+                    raise GenerationFailed(
+                        f"generation {request.request_id} failed {failures} time(s); last: "
+                        f"{'timeout after ' + str(cfg.async_training.generation_timeout) + 's' if timed_out else repr(exc)}"
+                    ) from exc
+                self.counters.retried += 1
+                log.warning("generation_retry", request_id=request.request_id, attempt=failures, error=repr(exc))
+                await anyio.sleep(min(2.0, 0.05 * 2 ** (failures - 1)))
+                continue
+            self.counters.generations += 1
+            if result.finish_reason != "abort":
+                return Trajectory(
+                    response_tokens=result.response_tokens,
+                    behaviour_logprobs=result.behaviour_logprobs,
+                    token_versions=result.token_versions,
+                    finish_reason=result.finish_reason,
+                )
+            self.counters.interrupted += 1
+            if cfg.async_training.partial_rollout:  # continue from the tokens so far, under new weights
+                request = msgspec.structs.replace(
+                    request,
+                    response_tokens=result.response_tokens,
+                    behaviour_logprobs=result.behaviour_logprobs,
+                    token_versions=result.token_versions,
+                )
+            # else: start the response again from scratch, so it has a single version
+
+    def _score(self, prompt: Prompt, trajectory: Trajectory) -> float:
+        """Run the task's scorer; an error or non-finite reward is logged, counted and scored 0."""
+        try:
+            reward = float(self.scorer(prompt, trajectory.response_tokens))
+        except Exception as exc:  # user code: any failure is reported, never crashes the run
+            reward, error = math.nan, f"{type(exc).__name__}: {exc}"
+        else:
+            error = "" if math.isfinite(reward) else f"non-finite reward {reward!r}"
+        if error:
+            self.counters.reward_errors += 1
+            trajectory.reward_error = error
+            log.error(
+                "reward_error",
+                reward_fn=self.scorer.name,
+                prompt_uid=prompt.uid,
+                prompt=prompt.text[:80],
+                error=error,
+                reward_errors_total=self.counters.reward_errors,
+            )
+            return 0.0
+        return reward

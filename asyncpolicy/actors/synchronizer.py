@@ -1,0 +1,82 @@
+"""The parameter synchronizer: pause rollout → push weights → resume, with retries.
+
+A sync either completes (the generation engine now serves the trainer's `version`) or raises
+`SyncFailed` naming the cause after `sync_retries` retries, each attempt bounded by
+`sync_timeout`. Rollout is resumed on every path out, so a failed sync never leaves a paused,
+idle engine behind a run that looks alive.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import msgspec
+import structlog
+
+from asyncpolicy.actors.rollouter import Rollouter
+from asyncpolicy.config import AsyncTrainingConfig
+from asyncpolicy.engines.protocols import WeightTransport
+from asyncpolicy.errors import SyncFailed
+
+log = structlog.get_logger("asyncpolicy.synchronizer")
+
+
+class SyncCounters(msgspec.Struct, kw_only=True):
+    syncs: int = 0
+    failed_attempts: int = 0
+    last_latency_s: float = 0.0
+    total_latency_s: float = 0.0
+
+
+class ParameterSynchronizer:
+    """Moves trainer weights into the rollout engine between training steps."""
+
+    name = "synchronizer"
+
+    def __init__(self, cfg: AsyncTrainingConfig, rollouter: Rollouter, transport: WeightTransport) -> None:
+        self.cfg = cfg
+        self.rollouter = rollouter
+        self.transport = transport
+        self.counters = SyncCounters()
+
+    async def sync(self, version: int) -> float:
+        """Make the rollout serve `version`; returns the latency, pause to resume included."""
+        start = time.monotonic()
+        # Partial rollout interrupts generations (they continue under the new weights);
+        # otherwise in-flight generations finish under the weights that started them.
+        await self.rollouter.pause("sync", drain=not self.cfg.partial_rollout)
+        try:
+            await self._push_with_retries(version)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.rollouter.resume("sync")
+        latency = time.monotonic() - start
+        self.counters.syncs += 1
+        self.counters.last_latency_s = latency
+        self.counters.total_latency_s += latency
+        log.debug("weights_synced", version=version, latency_s=round(latency, 4))
+        return latency
+
+    async def sync_weights(self, version: int) -> bool:
+        """The seed's check: True once the rollout serves `version` (raises SyncFailed otherwise)."""
+        await self.sync(version)
+        return True
+
+    async def _push_with_retries(self, version: int) -> None:
+        delay = self.cfg.sync_backoff_s
+        for attempt in range(self.cfg.sync_retries + 1):
+            try:
+                with anyio.fail_after(self.cfg.sync_timeout):
+                    await self.transport.push(version)
+                return
+            except Exception as exc:  # transport failure or TimeoutError: retried, then fatal
+                self.counters.failed_attempts += 1
+                cause = f"timeout after {self.cfg.sync_timeout}s" if isinstance(exc, TimeoutError) else repr(exc)
+                if attempt == self.cfg.sync_retries:
+                    raise SyncFailed(
+                        f"weight sync to version {version} failed after {attempt + 1} attempt(s): {cause}"
+                    ) from exc
+                log.warning("sync_retry", version=version, attempt=attempt + 1, error=cause, backoff_s=delay)
+                await anyio.sleep(delay)
+                delay *= 2

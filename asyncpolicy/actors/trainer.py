@@ -1,0 +1,122 @@
+"""The trainer: takes batches from the channel, trains, bumps the version, triggers syncs.
+
+Invariants: every batch it trains on has `version - sample.min_version <= staleness_threshold`
+for each sample (the channel enforces it; the trainer re-checks and fails loudly rather than
+train on a violation); the policy version increases by exactly one per step; weights are pushed
+every `trigger_parameter_sync_step` steps, and the trainer waits for the push, so weights never
+change under a transfer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import anyio
+import msgspec
+import structlog
+
+from asyncpolicy.actors.synchronizer import ParameterSynchronizer
+from asyncpolicy.channels import EndOfStream, VersionedChannel
+from asyncpolicy.config import Config
+from asyncpolicy.engines.protocols import TrainEngine
+from asyncpolicy.errors import RunFailed
+from asyncpolicy.samples import Sample
+
+log = structlog.get_logger("asyncpolicy.trainer")
+
+
+class StepReport(msgspec.Struct, kw_only=True):
+    """What one training step did, for the metrics collector."""
+
+    step: int
+    version: int  # after the step
+    batch: list[Sample]
+    ages: list[int]  # per sample, at consume
+    engine_metrics: dict[str, float]
+    sync_latency_s: float | None
+    wait_s: float
+    train_s: float
+
+
+class TrainerState(msgspec.Struct, kw_only=True):
+    """Everything a checkpoint needs to continue the count."""
+
+    step: int = 0
+    version: int = 0
+    staleness_max: int = 0
+    idle_s: float = 0.0
+
+
+class Trainer:
+    """Consumes `data.train_batch_size` samples per step until `total_training_steps`."""
+
+    name = "trainer"
+
+    def __init__(
+        self,
+        cfg: Config,
+        engine: TrainEngine,
+        channel: VersionedChannel[Sample],
+        synchronizer: ParameterSynchronizer,
+        on_step: Callable[[StepReport], None],
+    ) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.channel = channel
+        self.synchronizer = synchronizer
+        self.on_step = on_step
+        self.state = TrainerState()
+        self._started_at = time.monotonic()
+
+    @property
+    def version(self) -> int:
+        return self.state.version
+
+    def idle_ratio(self) -> float:
+        return self.state.idle_s / max(1e-9, time.monotonic() - self._started_at)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.cfg
+        total = cfg.trainer.total_training_steps
+        self._started_at = time.monotonic() - self.state.idle_s  # keep the ratio meaningful on resume
+        task_status.started()
+        while self.state.step < total:
+            waited = time.monotonic()
+            try:
+                batch = await self.channel.get_batch(cfg.data.train_batch_size, self.state.version)
+            except EndOfStream:
+                raise RunFailed(
+                    f"the sample channel closed after step {self.state.step} of {total}; the rollouter stopped early"
+                ) from None
+            wait_s = time.monotonic() - waited
+            self.state.idle_s += wait_s
+            # A fixed order makes the batch independent of completion order (on-policy equivalence).
+            batch.sort(key=lambda s: (s.prompt.epoch, s.prompt.index))
+            ages = [self.state.version - s.min_version for s in batch]
+            if max(ages) > cfg.async_training.staleness_threshold:
+                raise RunFailed(
+                    f"staleness bound violated: sample age {max(ages)} > {cfg.async_training.staleness_threshold}"
+                )
+            started = time.monotonic()
+            engine_metrics = await self.engine.train_step(batch, self.state.version)
+            train_s = time.monotonic() - started
+            self.state.step += 1
+            self.state.version += 1
+            self.state.staleness_max = max(self.state.staleness_max, *ages)
+            sync_latency = None
+            if self.state.step % cfg.async_training.trigger_parameter_sync_step == 0:
+                sync_latency = await self.synchronizer.sync(self.state.version)
+            self.on_step(
+                StepReport(
+                    step=self.state.step,
+                    version=self.state.version,
+                    batch=batch,
+                    ages=ages,
+                    engine_metrics=engine_metrics,
+                    sync_latency_s=sync_latency,
+                    wait_s=wait_s,
+                    train_s=train_s,
+                )
+            )
+        log.info("training_finished", steps=self.state.step, version=self.state.version)

@@ -1,0 +1,115 @@
+"""Per-step metrics: one JSON line per training step, fanned out to live subscribers.
+
+`metrics.jsonl` is the record of a run (it survives anything the event stream does); the stream
+is for embedding applications and the progress bar. A subscriber that falls behind loses events
+from its own stream only — counted and logged, never silently — and never slows training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import msgspec
+import psutil
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+log = structlog.get_logger("asyncpolicy.metrics")
+
+_PROCESS = psutil.Process(os.getpid())
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process."""
+    return _PROCESS.memory_info().rss
+
+
+class StepMetrics(msgspec.Struct, kw_only=True, omit_defaults=False):
+    """The fixed part of a metrics line; engine metrics (losses/..., is/...) are appended to it."""
+
+    step: int
+    param_version: int  # trainer policy version after this step
+    rollout_version: int  # version the generation engine serves
+    elapsed_s: float
+    reward_mean: float  # over every response in this step's batch
+    reward_std: float
+    samples_per_s: float  # samples (prompt groups) generated per second, whole run
+    trained_samples_per_s: float
+    steps_per_s: float
+    sample_age_mean: float  # this batch: trainer version - oldest version of each sample's tokens
+    sample_age_max: float
+    staleness_max: int  # the largest age trained on so far in the run; never above the threshold
+    dropped_stale_total: int
+    queue_size: int
+    queue_utilization: float
+    sync_latency_s: float | None  # this step's weight sync, pause to resume; None when none ran
+    trainer_idle_ratio: float  # share of wall time the trainer waited for samples
+    rollouter_idle_ratio: float  # share of wall time no generation ran
+    in_flight: int  # prompt groups being generated
+    reward_errors_total: int
+    response_length_mean: float
+    rss_bytes: int
+    val_reward_mean: float | None = None  # latest validation score, when validation has run
+    val_step: int | None = None
+
+
+def batch_reward_stats(rewards: list[float]) -> tuple[float, float]:
+    if not rewards:
+        return math.nan, math.nan
+    mean = sum(rewards) / len(rewards)
+    var = sum((r - mean) ** 2 for r in rewards) / len(rewards)
+    return mean, math.sqrt(var)
+
+
+class MetricsSink:
+    """Writes metric lines to `metrics.jsonl` (and TensorBoard when installed) and to subscribers."""
+
+    def __init__(self, output_dir: Path, *, tensorboard: bool = True, append: bool = False) -> None:
+        self.path = output_dir / "metrics.jsonl"
+        self._file: IO[bytes] = open(self.path, "ab" if append else "wb")
+        self._subscribers: list[MemoryObjectSendStream[dict[str, Any]]] = []
+        self.events_dropped = 0
+        self._tb = _tensorboard_writer(output_dir / "tensorboard") if tensorboard else None
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(msgspec.json.encode(row) + b"\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = int(row["step"])
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step" and value is not None and math.isfinite(value):
+                    self._tb.add_scalar(key if "/" in key else f"run/{key}", value, step)
+        for stream in list(self._subscribers):
+            try:
+                stream.send_nowait(row)
+            except anyio.WouldBlock:
+                self.events_dropped += 1
+                log.warning("metrics_subscriber_behind", events_dropped=self.events_dropped, step=row.get("step"))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._subscribers.remove(stream)
+
+    def subscribe(self, buffer: int = 1024) -> MemoryObjectReceiveStream[dict[str, Any]]:
+        send, receive = anyio.create_memory_object_stream[dict[str, Any]](buffer)
+        self._subscribers.append(send)
+        return receive
+
+    def close(self) -> None:
+        for stream in self._subscribers:
+            stream.close()
+        self._subscribers.clear()
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _tensorboard_writer(directory: Path) -> Any:
+    """A SummaryWriter when tensorboard is installed (the optional extra), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(directory))

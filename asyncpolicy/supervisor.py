@@ -1,0 +1,296 @@
+"""The supervisor: one task group that owns the actors, their engines and their lifecycle.
+
+    async with Supervisor(cfg) as sup:      # engines started, every actor reported ready
+        async for row in sup.events(): ...  # per-step metrics, live
+        result = await sup.wait()           # the trainer finished its steps
+    # leaving the block stops whatever still runs; engines are closed
+
+If any actor fails, the others are cancelled and the block raises `ActorFailed` naming it (the
+host's code inside the block is cancelled first, as in any task group). Engine work runs in
+threads or processes, so the host's event loop stays free. Works under asyncio and trio.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+
+from asyncpolicy.actors.rollouter import Rollouter
+from asyncpolicy.actors.synchronizer import ParameterSynchronizer
+from asyncpolicy.actors.trainer import StepReport, Trainer
+from asyncpolicy.channels import VersionedChannel
+from asyncpolicy.config import Config, to_dict
+from asyncpolicy.engines.factory import build_engines
+from asyncpolicy.engines.protocols import EngineSet
+from asyncpolicy.errors import ActorFailed, ConfigError, RunFailed
+from asyncpolicy.metrics import MetricsSink, StepMetrics, batch_reward_stats, rss_bytes
+from asyncpolicy.samples import Sample
+from asyncpolicy.tasks.base import TaskData
+from asyncpolicy.tasks.registry import build_task
+
+log = structlog.get_logger("asyncpolicy.supervisor")
+
+ENGINE_CLOSE_TIMEOUT_S = 30.0
+
+
+class RunResult(msgspec.Struct, kw_only=True):
+    """How a run ended, with the sample accounting: made = trained + dropped_stale + queued."""
+
+    steps: int
+    param_version: int
+    rollout_version: int
+    finished: bool  # all total_training_steps done (False after stop())
+    made: int  # samples (prompt groups) completed and put into the channel
+    trained: int
+    dropped_stale: int
+    queued: int
+    in_flight: int  # groups still being generated when the run ended
+    reward_errors: int
+    generation_retries: int
+    sync_failed_attempts: int
+    elapsed_s: float
+    output_dir: str
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """The run's directory, created and checked writable; a clear ConfigError otherwise."""
+    out = Path(cfg.output_dir or time.strftime("outputs/run-%Y%m%d-%H%M%S"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"config key 'output_dir': {str(out)!r} is not writable ({e.strerror or e})", key="output_dir") from None
+    return out
+
+
+class Supervisor:
+    """Runs rollouter, trainer and synchronizer as one structured unit."""
+
+    def __init__(self, cfg: Config, *, engines: EngineSet | None = None, task: TaskData | None = None) -> None:
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+        self._engines = engines
+        self._task = task
+        self._outer: anyio.abc.TaskGroup | None = None
+        self._actors: anyio.CancelScope | None = None
+        self._done = anyio.Event()
+        self._stopped = False
+        self._started_at = time.monotonic()
+        self.output_dir: Path | None = None
+        self.result: RunResult | None = None
+
+    # -- building -------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        self.output_dir = prepare_output_dir(cfg)
+        (self.output_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(to_dict(cfg))))
+        self.engines = self._engines or build_engines(cfg, rng=self.rng)
+        self.task = self._task or build_task(cfg, self.engines.tokenizer)
+        self.rollouter: Rollouter
+        self.channel: VersionedChannel[Sample] = VersionedChannel(
+            cfg.async_training.max_queue_size,
+            cfg.async_training.staleness_threshold,
+            on_drop=lambda sample, version: self.rollouter.notify_dropped(sample, version),
+        )
+        self.rollouter = Rollouter(cfg, self.engines.generation, self.channel, self.task.train, self.task.scorer)
+        self.synchronizer = ParameterSynchronizer(cfg.async_training, self.rollouter, self.engines.transport)
+        self.trainer = Trainer(cfg, self.engines.trainer, self.channel, self.synchronizer, self._on_step)
+        self.sink = MetricsSink(self.output_dir)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Supervisor:
+        self._build()
+        self._started_at = time.monotonic()
+        self._outer = anyio.create_task_group()
+        await self._outer.__aenter__()
+        try:
+            await self._outer.start(self._main)
+        except BaseException as exc:
+            await self._close_outer(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        if self._actors is not None:
+            self._actors.cancel()
+        return await self._close_outer(exc_type, exc, tb)
+
+    async def _close_outer(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        assert self._outer is not None
+        try:
+            return await self._outer.__aexit__(exc_type, exc, tb)
+        except BaseExceptionGroup as group:
+            raise _first_failure(group) from None
+        finally:
+            self.sink.close()
+
+    async def _main(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Start engines and actors; finish when the trainer does; close engines on every path."""
+        try:
+            await self._start_engines()
+            with anyio.CancelScope() as self._actors:
+                try:
+                    async with anyio.create_task_group() as actors:
+                        await actors.start(self._run_actor, self.rollouter.name, self.rollouter.run)
+                        await actors.start(self._run_actor, self.trainer.name, self._train_then_stop)
+                        task_status.started()
+                        log.info("run_started", output_dir=str(self.output_dir), steps=self.cfg.trainer.total_training_steps)
+                except BaseExceptionGroup as group:
+                    raise _first_failure(group) from None
+        finally:
+            self.channel.close()
+            self.result = self._result()
+            self._done.set()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(ENGINE_CLOSE_TIMEOUT_S):
+                await self._close_engines()
+
+    async def _train_then_stop(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        await self.trainer.run(task_status=task_status)
+        assert self._actors is not None
+        self._actors.cancel()  # training is complete: stop generating
+
+    async def _run_actor(
+        self,
+        name: str,
+        run: Callable[..., Awaitable[None]],
+        *,
+        task_status: anyio.abc.TaskStatus[None],
+    ) -> None:
+        try:
+            await run(task_status=task_status)
+        except RunFailed as exc:
+            log.error("actor_failed", actor=name, error=str(exc))
+            raise ActorFailed(name, exc) from exc
+        except Exception as exc:
+            log.exception("actor_failed", actor=name, error=repr(exc))
+            raise ActorFailed(name, exc) from exc
+
+    async def _start_engines(self) -> None:
+        with anyio.fail_after(self.cfg.async_training.generation_timeout * 10):
+            await self.engines.generation.start()
+            await self.engines.trainer.start()
+
+    async def _close_engines(self) -> None:
+        for engine in (self.engines.generation, self.engines.trainer):
+            try:
+                await engine.aclose()
+            except Exception as exc:  # closing must not mask the run's own outcome
+                log.warning("engine_close_failed", engine=type(engine).__name__, error=repr(exc))
+
+    # -- control --------------------------------------------------------------------------------
+
+    async def wait(self) -> RunResult:
+        """Wait for the run to end (all steps, or stop()); returns its accounting."""
+        await self._done.wait()
+        assert self.result is not None
+        return self.result
+
+    async def pause(self) -> bool:
+        """Pause generation (the trainer drains the queue, then waits)."""
+        return await self.rollouter.pause("user")
+
+    async def resume(self) -> bool:
+        return await self.rollouter.resume("user")
+
+    def stop(self) -> None:
+        """End the run early and gracefully; `wait()` then returns with finished=False."""
+        self._stopped = True
+        if self._actors is not None:
+            self._actors.cancel()
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Every later step's metrics line, until the run ends."""
+        with self.sink.subscribe() as stream:
+            async for row in stream:
+                yield row
+
+    # -- metrics and accounting ------------------------------------------------------------------
+
+    def _on_step(self, report: StepReport) -> None:
+        elapsed = time.monotonic() - self._started_at
+        chan = self.channel.statistics()
+        rewards = [r for s in report.batch for r in s.rewards]
+        reward_mean, reward_std = batch_reward_stats(rewards)
+        lengths = [len(t.response_tokens) for s in report.batch for t in s.trajectories]
+        metrics = StepMetrics(
+            step=report.step,
+            param_version=report.version,
+            rollout_version=self.engines.generation.version,
+            elapsed_s=elapsed,
+            reward_mean=reward_mean,
+            reward_std=reward_std,
+            samples_per_s=chan.produced / elapsed,
+            trained_samples_per_s=chan.consumed / elapsed,
+            steps_per_s=report.step / elapsed,
+            sample_age_mean=sum(report.ages) / len(report.ages),
+            sample_age_max=max(report.ages),
+            staleness_max=self.trainer.state.staleness_max,
+            dropped_stale_total=chan.dropped_stale,
+            queue_size=chan.size,
+            queue_utilization=chan.utilization,
+            sync_latency_s=report.sync_latency_s,
+            trainer_idle_ratio=self.trainer.idle_ratio(),
+            rollouter_idle_ratio=self.rollouter.idle_ratio(),
+            in_flight=len(self.rollouter.in_flight_prompts()),
+            reward_errors_total=self.rollouter.counters.reward_errors,
+            response_length_mean=sum(lengths) / len(lengths) if lengths else math.nan,
+            rss_bytes=rss_bytes(),
+        )
+        row = msgspec.to_builtins(metrics)
+        row.update(report.engine_metrics)
+        self.sink.write(row)
+        log.debug("step", step=report.step, reward_mean=round(reward_mean, 4), age_max=max(report.ages))
+
+    def _result(self) -> RunResult:
+        chan = self.channel.statistics()
+        return RunResult(
+            steps=self.trainer.state.step,
+            param_version=self.trainer.state.version,
+            rollout_version=self.engines.generation.version,
+            finished=self.trainer.state.step >= self.cfg.trainer.total_training_steps,
+            made=chan.produced,
+            trained=chan.consumed,
+            dropped_stale=chan.dropped_stale,
+            queued=chan.size,
+            in_flight=len(self.rollouter.in_flight_prompts()),
+            reward_errors=self.rollouter.counters.reward_errors,
+            generation_retries=self.rollouter.counters.retried,
+            sync_failed_attempts=self.synchronizer.counters.failed_attempts,
+            elapsed_s=time.monotonic() - self._started_at,
+            output_dir=str(self.output_dir),
+        )
+
+
+def _first_failure(group: BaseExceptionGroup) -> BaseException:
+    """The actor failure inside a task group's exception group (else the group itself)."""
+    failures = group.subgroup(lambda e: isinstance(e, RunFailed))
+    if failures is not None:
+        leaf: BaseException = failures
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        return leaf
+    return group
+
+
+async def run(cfg: Config) -> RunResult:
+    """Run to completion (the CLI's entry point)."""
+    async with Supervisor(cfg) as sup:
+        return await sup.wait()
