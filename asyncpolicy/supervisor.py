@@ -28,6 +28,7 @@ import structlog
 from asyncpolicy.actors.rollouter import Rollouter
 from asyncpolicy.actors.synchronizer import ParameterSynchronizer
 from asyncpolicy.actors.trainer import StepReport, Trainer
+from asyncpolicy.actors.validator import Validator
 from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import Config, to_dict
 from asyncpolicy.engines.factory import build_engines
@@ -108,6 +109,7 @@ class Supervisor:
         self.rollouter = Rollouter(cfg, self.engines.generation, self.channel, self.task.train, self.task.scorer)
         self.synchronizer = ParameterSynchronizer(cfg.async_training, self.rollouter, self.engines.transport)
         self.trainer = Trainer(cfg, self.engines.trainer, self.channel, self.synchronizer, self._on_step)
+        self.validator = Validator(self.rollouter, self.task.val, concurrency=max(1, cfg.rollout.max_concurrency // 4))
         self.sink = MetricsSink(self.output_dir)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -150,6 +152,8 @@ class Supervisor:
                 try:
                     async with anyio.create_task_group() as actors:
                         await actors.start(self._run_actor, self.rollouter.name, self.rollouter.run)
+                        if self.cfg.trainer.test_freq:
+                            await actors.start(self._run_actor, self.validator.name, self.validator.run)
                         await actors.start(self._run_actor, self.trainer.name, self._train_then_stop)
                         task_status.started()
                         log.info("run_started", output_dir=str(self.output_dir), steps=self.cfg.trainer.total_training_steps)
@@ -253,10 +257,14 @@ class Supervisor:
             reward_errors_total=self.rollouter.counters.reward_errors,
             response_length_mean=sum(lengths) / len(lengths) if lengths else math.nan,
             rss_bytes=rss_bytes(),
+            val_reward_mean=self.validator.latest.reward_mean if self.validator.latest else None,
+            val_step=self.validator.latest.step if self.validator.latest else None,
         )
         row = msgspec.to_builtins(metrics)
         row.update(report.engine_metrics)
         self.sink.write(row)
+        if self.cfg.trainer.test_freq and report.step % self.cfg.trainer.test_freq == 0:
+            self.validator.request(report.step)
         log.debug("step", step=report.step, reward_mean=round(reward_mean, 4), age_max=max(report.ages))
 
     def _result(self) -> RunResult:

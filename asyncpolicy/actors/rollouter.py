@@ -209,10 +209,15 @@ class Rollouter:
                 self._idle_since = time.monotonic()
             self._changed.notify()
 
-    async def _generate(self, prompt: Prompt, i: int) -> Trajectory:
+    async def evaluate(self, prompt: Prompt) -> float:
+        """One scored response to a held-out prompt, through the guarded path; never queued."""
+        trajectory = await self._generate(prompt, 0, tag="val")
+        return self._score(prompt, trajectory)
+
+    async def _generate(self, prompt: Prompt, i: int, *, tag: str = "train") -> Trajectory:
         cfg = self.cfg
         request = GenerationRequest(
-            request_id=f"{prompt.uid}/{i}",
+            request_id=f"{tag}/{prompt.uid}/{i}",
             prompt_tokens=prompt.tokens,
             max_tokens=cfg.data.max_response_length,
             temperature=cfg.rollout.temperature,

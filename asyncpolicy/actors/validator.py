@@ -1,0 +1,71 @@
+"""The validator: scores the rollout policy on held-out prompts every `trainer.test_freq` steps.
+
+It runs beside training, never in its way: its generations go through the rollouter's guarded
+path (so weight syncs pause them like any other) but their results never enter the channel.
+Requests that arrive while a validation runs are coalesced into one for the latest step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+
+from asyncpolicy.actors.rollouter import Rollouter
+from asyncpolicy.channels.signal import StateSignal
+from asyncpolicy.samples import Prompt
+
+log = structlog.get_logger("asyncpolicy.validator")
+
+
+class ValidationResult(msgspec.Struct, frozen=True, kw_only=True):
+    step: int  # the training step after which validation started
+    rollout_version: int
+    reward_mean: float
+    prompts: int
+
+
+class Validator:
+    """Held-out reward of the policy being served, measured concurrently with training."""
+
+    name = "validator"
+
+    def __init__(self, rollouter: Rollouter, prompts: list[Prompt], concurrency: int) -> None:
+        self.rollouter = rollouter
+        self.prompts = prompts
+        self.limiter = anyio.CapacityLimiter(max(1, concurrency))
+        self.latest: ValidationResult | None = None
+        self._requested_step: int | None = None
+        self._changed = StateSignal()
+
+    def request(self, step: int) -> None:
+        """Ask for a validation after `step` (coalesced with any pending request)."""
+        self._requested_step = step
+        self._changed.notify()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._changed.wait_until(lambda: self._requested_step is not None)
+            step, self._requested_step = self._requested_step, None
+            assert step is not None
+            self.latest = await self.validate(step)
+            log.info("validation", step=step, val_reward_mean=round(self.latest.reward_mean, 4), version=self.latest.rollout_version)
+
+    async def validate(self, step: int) -> ValidationResult:
+        version = self.rollouter.version
+        rewards: list[float] = [math.nan] * len(self.prompts)
+
+        async def one(i: int, prompt: Prompt) -> None:
+            async with self.limiter:
+                rewards[i] = await self.rollouter.evaluate(prompt)
+
+        async with anyio.create_task_group() as tg:
+            for i, prompt in enumerate(self.prompts):
+                tg.start_soon(one, i, prompt)
+        return ValidationResult(
+            step=step, rollout_version=version, reward_mean=sum(rewards) / max(1, len(rewards)), prompts=len(rewards)
+        )
