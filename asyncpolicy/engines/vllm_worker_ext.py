@@ -32,9 +32,14 @@ class AsyncPolicyWorkerExt:
         """Load weights from the trainer's flat buffer on the same GPU (CUDA IPC, no copy across)."""
         from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-        args = list(pickle.loads(handle_blob))
-        args[6] = torch.cuda.current_device()  # the producer's device index means nothing here
-        flat = rebuild_cuda_tensor(*args)
+        cached = getattr(self, "_ap_ipc", None)
+        if cached is not None and cached[0] == handle_blob:
+            flat = cached[1]  # opening an IPC handle costs; the trainer's buffer never moves
+        else:
+            args = list(pickle.loads(handle_blob))
+            args[6] = torch.cuda.current_device()  # the producer's device index means nothing here
+            flat = rebuild_cuda_tensor(*args)
+            self._ap_ipc = (handle_blob, flat)
         self.model_runner.model.load_weights(weights=_views(flat, meta))
         torch.cuda.synchronize()  # the trainer may overwrite its buffer as soon as we return
         return len(meta)
@@ -61,6 +66,16 @@ class AsyncPolicyWorkerExt:
         self.model_runner.model.load_weights(weights=_views(self._ap_recv, meta))
         stream.synchronize()
         return len(meta)
+
+    def ap_nccl_recv_only(self, numel: int, repeats: int) -> int:
+        """Benchmark partner of the trainer's bare broadcasts: receive, load nothing."""
+        if self._ap_recv is None or self._ap_recv.numel() != numel:
+            self._ap_recv = torch.empty(numel, dtype=torch.bfloat16, device=torch.cuda.current_device())
+        stream = torch.cuda.current_stream()
+        for _ in range(repeats):
+            self._ap_group.broadcast(self._ap_recv, src=0, stream=stream)
+        stream.synchronize()
+        return repeats
 
     def ap_checksum(self) -> float:
         """Sum of every parameter (float64): tests compare it with the trainer's."""

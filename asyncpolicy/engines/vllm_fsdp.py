@@ -1,0 +1,207 @@
+"""The GPU engine set: vLLM generation + FSDP2 training + a weight transport that joins them.
+
+Placement (`rollout.colocate`):
+* disjoint (default, the seed's layout): vLLM on GPUs 0..R-1 (tensor parallel over them), the
+  trainer's ranks on GPUs R..R+T-1; weights move over NCCL.
+* colocated: vLLM and a one-rank trainer share GPU 0 (memory split by
+  `rollout.gpu_memory_utilization`); weights move over CUDA IPC, no copy between processes.
+
+The supervisor's process never touches CUDA: vLLM's engine core and the trainer's ranks are
+child processes that each see only their GPUs. When the model directory holds only a config
+(random weights), vLLM starts with dummy weights and the trainer's initial weights are pushed as
+version 0 as soon as both engines are up — whichever starts second does it — so rollout and
+trainer always begin from the same policy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import anyio
+import structlog
+
+from asyncpolicy.config import Config
+from asyncpolicy.engines import fsdp_worker as w
+from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
+from asyncpolicy.engines.protocols import EngineSet
+from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings, import_vllm
+from asyncpolicy.engines.weight_sync import IPCTransport, NCCLTransport
+from asyncpolicy.errors import ConfigError
+
+log = structlog.get_logger("asyncpolicy.vllm_fsdp")
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def has_weights(model_path: str) -> bool:
+    return any(f.endswith(WEIGHT_SUFFIXES) for f in os.listdir(model_path))
+
+
+def stop_token_ids(model_path: str) -> list[int]:
+    """EOS ids from generation_config.json / config.json (vLLM runs without a tokenizer here)."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(model_path, name)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        for e in eos if isinstance(eos, list) else [eos]:
+            if isinstance(e, int) and e not in ids:
+                ids.append(e)
+    return ids
+
+
+def place(cfg: Config, n_visible: int) -> tuple[list[int], list[int]]:
+    """(rollout GPUs, trainer GPUs) as indices into the visible devices; ConfigError if they don't fit."""
+    r, t = cfg.rollout.n_gpus_per_node, cfg.trainer.n_gpus_per_node
+    if r < 1 or t < 1:
+        key = "rollout.n_gpus_per_node" if r < 1 else "trainer.n_gpus_per_node"
+        raise ConfigError(f"config key {key!r} must be at least 1 for rollout.engine=vllm with trainer.engine=fsdp", key=key)
+    if cfg.rollout.colocate:
+        if r != 1 or t != 1:
+            raise ConfigError(
+                "config key 'rollout.colocate': the colocated mode shares ONE GPU; set "
+                f"rollout.n_gpus_per_node=1 and trainer.n_gpus_per_node=1 (got {r} and {t})",
+                key="rollout.colocate",
+            )
+        need = 1
+        rollout, trainer = [0], [0]
+    else:
+        need = r + t
+        rollout, trainer = list(range(r)), list(range(r, r + t))
+    if n_visible < need:
+        raise ConfigError(
+            f"config keys 'rollout.n_gpus_per_node'={r} and 'trainer.n_gpus_per_node'={t} need {need} GPU(s) "
+            f"{'(colocated)' if cfg.rollout.colocate else '(disjoint)'}, but {n_visible} are visible",
+            key="rollout.n_gpus_per_node",
+        )
+    return rollout, trainer
+
+
+def _visible_gpus() -> int:
+    """GPUs visible to this process, counted without creating a CUDA context here."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+class _InitialSync:
+    """Push version 0 once both engines have started, whichever finishes second."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.started = 0
+        self.lock = anyio.Lock()  # also keeps the two starts apart (colocated memory profiling)
+
+    async def run_start(self, start: Any) -> None:
+        async with self.lock:
+            await start()
+            self.started += 1
+            if self.started == 2:
+                await self.transport.push(0)
+
+
+class _GatedGeneration(VLLMGenerationEngine):
+    gate: _InitialSync
+
+    async def start(self) -> None:
+        await self.gate.run_start(super().start)
+
+
+class _GatedTrainer(FSDPTrainEngine):
+    gate: _InitialSync
+
+    async def start(self) -> None:
+        await self.gate.run_start(super().start)
+
+
+def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
+    """The engines of a vLLM + FSDP2 run (not started). Raises ConfigError for what cannot work."""
+    import_vllm()
+    path = cfg.model.path
+    if path == "embedded" or not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(
+            f"config key 'model.path': {path!r} is not a Hugging Face model directory (config.json); "
+            "rollout.engine=vllm needs one (it may hold only config + tokenizer: weights are then random)",
+            key="model.path",
+        )
+    if cfg.algorithm.kl_coef > 0:
+        raise ConfigError(
+            "config key 'algorithm.kl_coef': the fsdp trainer keeps no reference model yet; use 0", key="algorithm.kl_coef"
+        )
+    rollout_gpus, trainer_gpus = place(cfg, _visible_gpus())
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config key 'model.path': no tokenizer could be loaded from {path!r}: {e}", key="model.path") from None
+    dummy = not has_weights(path)
+    stops = stop_token_ids(path)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+        stops.append(int(tokenizer.eos_token_id))
+    gate = _InitialSync()
+    gen = _GatedGeneration(
+        VLLMSettings(
+            model_path=path,
+            gpus=rollout_gpus,
+            dummy_weights=dummy,
+            stop_token_ids=stops,
+            max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length + 8,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            max_num_seqs=max(8, min(1024, cfg.rollout.max_concurrency)),
+            enforce_eager=cfg.rollout.enforce_eager,
+            seed=cfg.seed,
+            rpc_timeout_s=cfg.async_training.sync_timeout,
+        )
+    )
+    t = cfg.trainer
+    a = cfg.algorithm
+    base = w.WorkerInit(
+        rank=0,
+        world_size=len(trainer_gpus),
+        gpu=None,
+        master_port=0,
+        model_path=path,
+        dtype=cfg.model.dtype,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        lr=t.lr,
+        warmup_steps=t.warmup_steps,
+        lr_schedule=t.lr_schedule,
+        total_steps=t.total_training_steps,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        micro_batch_size=t.micro_batch_size,
+        require_batches=cfg.async_training.require_batches,
+        adv_estimator=a.adv_estimator,
+        norm_adv_by_std=a.norm_adv_by_std,
+        clip_ratio=a.clip_ratio,
+        staleness_correction=a.staleness_correction,
+        tis_cap=a.tis_cap,
+        loss_agg_mode=a.loss_agg_mode,
+        temperature=cfg.rollout.temperature,
+        seed=cfg.seed,
+    )
+    trainer = _GatedTrainer(base, [_physical(g) for g in trainer_gpus], timeout_s=t.worker_timeout_s)
+    transport = IPCTransport(gen, trainer) if cfg.rollout.colocate else NCCLTransport(gen, trainer)
+    gate.transport = transport
+    gen.gate = gate
+    trainer.gate = gate
+    log.info(
+        "gpu_placement",
+        rollout_gpus=rollout_gpus,
+        trainer_gpus=trainer_gpus,
+        transport=transport.kind,
+        dummy_weights=dummy,
+    )
+    return EngineSet(generation=gen, trainer=trainer, transport=transport, tokenizer=tokenizer)
+
+
+def _physical(index: int) -> int:
+    """A visible-device index → the physical index the worker puts in its CUDA_VISIBLE_DEVICES."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ids = [int(x) for x in visible.split(",") if x.strip()]
+    return ids[index] if ids else index

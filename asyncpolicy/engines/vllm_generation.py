@@ -1,0 +1,273 @@
+"""Generation on GPUs with vLLM's AsyncLLM (engine core in its own process, as vLLM runs it).
+
+Invariants the actors rely on:
+* every returned token carries the logprob of the distribution it was sampled from
+  (`logprobs_mode="processed_logprobs"`: after temperature/top-p, what PPO ratios need) and the
+  policy version that was loaded when it arrived; a version only changes while generation is
+  paused, and tokens that arrive around a resume are labelled with the OLDER version, which can
+  only overstate staleness, never hide it;
+* `abort_all` makes every running `generate` return its tokens so far with finish_reason "abort";
+  a later `generate` with those tokens continues the response (partial rollout).
+
+vllm is an optional extra, imported only in `start`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import time
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import msgspec
+import structlog
+
+from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
+from asyncpolicy.errors import ConfigError, EngineTimeout
+
+log = structlog.get_logger("asyncpolicy.vllm")
+
+WORKER_EXTENSION = "asyncpolicy.engines.vllm_worker_ext.AsyncPolicyWorkerExt"
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+class VLLMSettings(msgspec.Struct, kw_only=True):
+    """What the engine needs to start; built from the run config by `vllm_fsdp`."""
+
+    model_path: str
+    gpus: list[int]  # physical GPU indices (CUDA_VISIBLE_DEVICES of the engine core)
+    dummy_weights: bool  # config-only model dir: random weights, real ones arrive by weight sync
+    stop_token_ids: list[int]
+    max_model_len: int
+    gpu_memory_utilization: float = 0.5
+    max_num_seqs: int = 256
+    enforce_eager: bool = False
+    enable_sleep_mode: bool = False
+    ignore_eos: bool = False  # benchmarks: fixed response lengths
+    seed: int = 0
+    start_timeout_s: float = 900.0
+    rpc_timeout_s: float = 300.0
+
+
+def import_vllm() -> Any:
+    """Import vllm or explain how to get it (exit code 2 through ConfigError)."""
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import vllm
+    except ImportError as e:
+        raise ConfigError(
+            f"rollout.engine=vllm needs vLLM, which is not importable ({e}); install it with "
+            "`pip install asyncpolicy[vllm]`",
+            key="rollout.engine",
+        ) from None
+    return vllm
+
+
+@contextlib.contextmanager
+def visible_devices(gpus: list[int]):
+    """CUDA_VISIBLE_DEVICES for processes spawned inside the block (vLLM's engine core), then restored."""
+    old = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if old:
+        physical = [int(x) for x in old.split(",") if x.strip()]
+        mapped = [physical[g] for g in gpus]
+    else:
+        mapped = list(gpus)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in mapped)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = old
+
+
+class VLLMGenerationEngine:
+    """GenerationEngine over one AsyncLLM (tensor-parallel over `settings.gpus`)."""
+
+    def __init__(self, settings: VLLMSettings) -> None:
+        self.settings = settings
+        self._version = 0
+        self._llm: Any = None
+        self._abort: anyio.Event | None = None
+        self._ids = itertools.count()
+        self._paused = False
+        self.generated_tokens = 0
+        self.start_s = 0.0
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def llm(self) -> Any:
+        if self._llm is None:
+            raise RuntimeError("VLLMGenerationEngine used before start()")
+        return self._llm
+
+    def set_version(self, version: int) -> None:
+        """Called by the weight transport once `version`'s weights are loaded (generation paused)."""
+        self._version = version
+
+    async def start(self) -> None:
+        vllm = import_vllm()
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        s = self.settings
+        args = vllm.AsyncEngineArgs(
+            model=s.model_path,
+            load_format="dummy" if s.dummy_weights else "auto",
+            skip_tokenizer_init=True,  # token ids in and out; the run's tokenizer lives in the supervisor
+            dtype="bfloat16",
+            tensor_parallel_size=len(s.gpus),
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            max_model_len=s.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            logprobs_mode="processed_logprobs",
+            enforce_eager=s.enforce_eager,
+            enable_sleep_mode=s.enable_sleep_mode,
+            enable_prefix_caching=True,
+            seed=s.seed,
+            worker_extension_cls=WORKER_EXTENSION,
+        )
+        t0 = time.perf_counter()
+        # AsyncLLM must be built on the event loop thread (it starts its output handler there);
+        # this blocks the loop for the engine's start (tens of seconds), which happens once.
+        with visible_devices(s.gpus):
+            self._llm = AsyncLLM.from_engine_args(args)
+        self.start_s = time.perf_counter() - t0
+        self._abort = anyio.Event()
+        log.info("vllm_started", gpus=s.gpus, start_s=round(self.start_s, 1), dummy_weights=s.dummy_weights)
+
+    def _sampling_params(self, request: GenerationRequest, max_tokens: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            logprobs=0,  # the sampled token's logprob only
+            detokenize=False,
+            ignore_eos=self.settings.ignore_eos,
+            stop_token_ids=[] if self.settings.ignore_eos else list(self.settings.stop_token_ids),
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        llm = self.llm
+        remaining = request.max_tokens - len(request.response_tokens)
+        if remaining <= 0:
+            return GenerationResult(
+                request_id=request.request_id,
+                response_tokens=list(request.response_tokens),
+                behaviour_logprobs=list(request.behaviour_logprobs),
+                token_versions=list(request.token_versions),
+                finish_reason="length",
+            )
+        assert self._abort is not None
+        abort = self._abort
+        rid = f"{request.request_id}#{next(self._ids)}"  # unique: retries and continuations reuse ids
+        prompt = {"prompt_token_ids": list(request.prompt_tokens) + list(request.response_tokens)}  # a TokensPrompt
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        versions: list[int] = []
+        finish = ""
+
+        async def abort_when_told() -> None:
+            await abort.wait()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await llm.abort(rid)  # the stream then ends with an "abort" output
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(abort_when_told)
+            stream = llm.generate(prompt, self._sampling_params(request, remaining), request_id=rid)
+            try:
+                async for out in stream:
+                    c = out.outputs[0]
+                    v = self._version
+                    new = list(c.token_ids)
+                    tokens.extend(new)
+                    logprobs.extend(pos[t].logprob for t, pos in zip(new, c.logprobs or []))
+                    versions.extend([v] * len(new))
+                    if out.finished:
+                        finish = _FINISH.get(c.finish_reason or "", "stop")
+                    elif abort.is_set():
+                        finish = "abort"  # aborted before vLLM knew the request: leave now
+                        break
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await stream.aclose()
+                    if not finish:  # cancelled by the caller: make sure vLLM stops this request
+                        await llm.abort(rid)
+                tg.cancel_scope.cancel()
+        if len(logprobs) != len(tokens):
+            raise RuntimeError(f"vLLM returned {len(tokens)} tokens but {len(logprobs)} logprobs for {rid}")
+        self.generated_tokens += len(tokens)
+        return GenerationResult(
+            request_id=request.request_id,
+            response_tokens=list(request.response_tokens) + tokens,
+            behaviour_logprobs=list(request.behaviour_logprobs) + logprobs,
+            token_versions=list(request.token_versions) + versions,
+            finish_reason=finish or "stop",
+        )
+
+    async def abort_all(self) -> None:
+        if self._abort is not None:
+            self._abort.set()
+        self._abort = anyio.Event()
+        await anyio.lowlevel.checkpoint()
+
+    # ---- used by the weight transports ---------------------------------------------------
+
+    async def pause(self) -> None:
+        """Stop scheduling; requests still queued keep their state and resume later."""
+        core = getattr(self.llm, "engine_core", None)
+        with anyio.fail_after(self.settings.rpc_timeout_s):
+            if core is not None and hasattr(core, "pause_scheduler_async"):
+                # AsyncLLM.pause_generation adds a fixed 20 ms sleep for log ordering; skip it.
+                await core.pause_scheduler_async(mode="keep", clear_cache=False)
+            else:
+                await self.llm.pause_generation(mode="keep", clear_cache=False)
+        self._paused = True
+
+    async def resume(self) -> None:
+        with anyio.fail_after(self.settings.rpc_timeout_s):
+            await self.llm.resume_generation()
+        self._paused = False
+
+    async def reset_prefix_cache(self) -> None:
+        """Cached prefixes were computed by the old weights: drop them after every update."""
+        with anyio.fail_after(self.settings.rpc_timeout_s):
+            ok = await self.llm.reset_prefix_cache()
+        if ok is False:
+            log.warning("prefix_cache_not_reset", reason="requests still hold cache blocks")
+
+    async def rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
+        """Call a worker-extension method on every vLLM worker; bounded in time."""
+        limit = timeout or self.settings.rpc_timeout_s
+        try:
+            with anyio.fail_after(limit):
+                return await self.llm.collective_rpc(method, timeout=limit, args=args)
+        except TimeoutError:
+            raise EngineTimeout(f"vLLM collective_rpc {method!r} took longer than {limit}s") from None
+
+    async def sleep(self, level: int = 1) -> None:
+        """Free GPU memory for a colocated trainer (needs enable_sleep_mode)."""
+        with anyio.fail_after(self.settings.rpc_timeout_s):
+            await self.llm.sleep(level)
+
+    async def wake_up(self) -> None:
+        with anyio.fail_after(self.settings.rpc_timeout_s):
+            await self.llm.wake_up()
+
+    async def aclose(self) -> None:
+        await self.abort_all()
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            await anyio.to_thread.run_sync(llm.shutdown)
