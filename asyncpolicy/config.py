@@ -66,6 +66,13 @@ class RolloutConfig(_Section):
     top_p: Annotated[float, _doc("nucleus sampling mass", gt=0, le=1)] = 1.0
     interval_s: Annotated[float, _doc("pause between starting generations (the seed's generation interval)", ge=0)] = 0.0
     max_retries: Annotated[int, _doc("retries of a failed or timed-out generation before the run fails", ge=0)] = 2
+    gpu_memory_utilization: Annotated[
+        float, _doc("vllm: fraction of each rollout GPU's memory vLLM may take (weights + KV cache)", gt=0, le=1)
+    ] = 0.5
+    colocate: Annotated[
+        bool, _doc("vllm+fsdp: trainer and vLLM share one GPU (weights move over CUDA IPC) instead of disjoint GPUs")
+    ] = False
+    enforce_eager: Annotated[bool, _doc("vllm: no CUDA graphs (starts faster, decodes slower)")] = False
     simulated: Annotated[SimulatedRolloutConfig, _doc("simulated engine settings")] = msgspec.field(
         default_factory=SimulatedRolloutConfig
     )
@@ -91,6 +98,9 @@ class TrainerConfig(_Section):
     keep_checkpoints: Annotated[int, _doc("complete checkpoints kept", ge=1)] = 2
     test_freq: Annotated[int, _doc("validate every N steps; 0 = never", ge=0)] = 0
     threads: Annotated[int, _doc("torch CPU threads for training; 0 = torch's default", ge=0)] = 0
+    worker_timeout_s: Annotated[
+        float, _doc("fsdp: seconds any trainer worker may take to answer one command before the run fails", gt=0)
+    ] = 900.0
     simulated: Annotated[SimulatedTrainerConfig, _doc("simulated engine settings")] = msgspec.field(
         default_factory=SimulatedTrainerConfig
     )
