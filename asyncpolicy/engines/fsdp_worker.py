@@ -352,20 +352,20 @@ class _Policy:
         # 6 N flops per trained token (forward 2N + backward 4N), recompute not counted: model FLOPs
         flops = 6.0 * self.n_params * tokens
         m = {
-            "loss": s[0] / max(1, len(minis)),
-            "pg_clipfrac": s[1] / max(1.0, s[3]),
-            "approx_kl_behaviour": s[2] / max(1.0, s[3]),
-            "ratio_mean": s[6] / max(1.0, s[3]),
-            "grad_norm": s[5],
-            "lr": lr,
-            "train_tokens": s[3],
-            "train_seqs": s[7],
-            "step_s": dt,
-            "tokens_per_s": tokens / dt,
-            "mfu": flops / dt / (i.peak_flops * i.world_size) if self.device.type == "cuda" else 0.0,
+            "losses/loss": s[0] / max(1, len(minis)),
+            "losses/clipfrac": s[1] / max(1.0, s[3]),
+            "is/approx_kl_behaviour_k3": s[2] / max(1.0, s[3]),  # KL(behaviour || current), k3 estimator
+            "is/ratio_mean": s[6] / max(1.0, s[3]),
+            "train/grad_norm": s[5],
+            "train/lr": lr,
+            "train/tokens": s[3],
+            "train/seqs": s[7],
+            "perf/train_step_s": dt,
+            "perf/train_tokens_per_s": tokens / dt,  # prompt + response tokens through forward/backward
+            "perf/mfu": flops / dt / (i.peak_flops * i.world_size) if self.device.type == "cuda" else 0.0,
         }
         if self.device.type == "cuda":
-            m["gpu_mem_peak_GB"] = torch.cuda.max_memory_allocated() / 2**30
+            m["perf/gpu_mem_peak_GB"] = torch.cuda.max_memory_allocated() / 2**30
         return m
 
     # -- weights out --
