@@ -1,0 +1,108 @@
+"""`python -m asyncpolicy bench [SUITE ...] [--quick] [key=value ...]`.
+
+Runs the named suites (all by default) in one process and one event loop, so that comparisons are
+made side by side, then writes `benchmark_results_<time>/` in the current directory. A suite that
+fails is reported as failed (exit code 1) and the others still run; a suite that cannot run here
+(no HF engine yet, no GPU, no ray) is reported as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import structlog
+
+from asyncpolicy.bench import channel, learning, overlap, responsiveness, sweep
+from asyncpolicy.bench.common import BenchContext, SuiteResult, configure_bench_logging, detect_machine, git_revision
+from asyncpolicy.bench.report import BenchRun, now_iso, write_report
+from asyncpolicy.config import load_config
+
+log = structlog.get_logger("asyncpolicy.bench")
+
+SUITES: dict[str, tuple[str, Callable[[BenchContext], Awaitable[SuiteResult]]]] = {
+    "sweep": ("Seed sweep", sweep.run),
+    "overlap": ("Overlap efficiency", overlap.run),
+    "channel": ("Channel overhead", channel.run),
+    "responsiveness": ("Event-loop responsiveness", responsiveness.run),
+    "learning": ("CPU learning speed", learning.run),
+}
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parse(argv: list[str]) -> tuple[list[str], bool, list[str]]:
+    p = argparse.ArgumentParser(
+        prog="python -m asyncpolicy bench",
+        description="Run benchmark suites and write benchmark_results_<time>/ in the current directory. "
+        f"Suites: {', '.join(SUITES)} (default: all). key=value words are config overrides passed to every run.",
+    )
+    p.add_argument("words", nargs="*", metavar="SUITE|key=value")
+    p.add_argument("--quick", action="store_true", help="small sizes: all suites in under 3 minutes on 2 cores")
+    args = p.parse_args(argv)
+    suites = [w for w in args.words if "=" not in w]
+    overrides = [w for w in args.words if "=" in w]
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        p.exit(EXIT_BAD_INPUT, f"asyncpolicy bench: error: unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}\n")
+    return suites or list(SUITES), args.quick, overrides
+
+
+def _results_dir() -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path.cwd() / f"benchmark_results_{stamp}"
+    n = 1
+    while out.exists():
+        n += 1
+        out = Path.cwd() / f"benchmark_results_{stamp}-{n}"
+    out.mkdir(parents=True)
+    return out
+
+
+async def _run_suites(ctx: BenchContext, names: list[str]) -> list[SuiteResult]:
+    results = []
+    for name in names:
+        title, fn = SUITES[name]
+        log.info("bench_suite_start", suite=name, quick=ctx.quick)
+        started = time.monotonic()
+        try:
+            res = await fn(ctx)
+        except Exception as exc:  # a failed suite is reported (and fails the exit code); the others still run
+            log.exception("bench_suite_failed", suite=name, error=repr(exc))
+            res = SuiteResult(suite=name, title=title, error=f"{type(exc).__name__}: {exc}")
+        res.wall_s = time.monotonic() - started
+        log.info("bench_suite_done", suite=name, wall_s=round(res.wall_s, 1), skipped=res.skipped or None)
+        results.append(res)
+    return results
+
+
+def bench_main(argv: list[str]) -> int:
+    """Entry point of `python -m asyncpolicy bench`; returns the exit code."""
+    names, quick, overrides = _parse(argv)
+    load_config(None, overrides)  # bad overrides fail now (ConfigError, exit 2), not after minutes of runs
+    configure_bench_logging(None)
+    out = _results_dir()
+    command = shlex.join(["python", "-m", "asyncpolicy", "bench", *argv])
+    machine = detect_machine()
+    ctx = BenchContext(out, quick=quick, overrides=overrides, machine=machine, command=command)
+    log.info("bench_start", suites=names, out=str(out), machine=machine.describe())
+    started = time.monotonic()
+    results = anyio.run(_run_suites, ctx, names, backend="asyncio")
+    run = BenchRun(
+        date=now_iso(),
+        machine=machine,
+        command=command,
+        revision=git_revision(),
+        quick=quick,
+        wall_s=time.monotonic() - started,
+        suites=results,
+    )
+    report = write_report(out, run)
+    print(f"report: {report}", file=sys.stderr)
+    print((out / "summary.txt").read_text(), end="")
+    return EXIT_FAILED if any(r.error for r in results) else EXIT_OK

@@ -1,0 +1,117 @@
+"""CPU learning speed: wall time to a reward threshold, asynchronous (staleness 1, 2, 4) vs on-policy (0).
+
+Throughput only matters if the policy still learns: stale samples may cost more steps than the
+overlap saves. Each run uses the default task and CPU engines (HF generation + torch trainer) and
+stops when the moving average of the training reward over `WINDOW` steps reaches `THRESHOLD`, or
+at its step/time budget (reported as not reached, never extrapolated). Runs follow each other in
+one process, so they see the same machine load.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import structlog
+
+from asyncpolicy.bench.common import BenchContext, Figure, ScenarioRun, SuiteResult, Table, run_supervised
+from asyncpolicy.bench.plots import new_figure, save
+from asyncpolicy.bench.responsiveness import default_engines_available
+from asyncpolicy.supervisor import Supervisor
+
+log = structlog.get_logger("asyncpolicy.bench.learning")
+
+STALENESS = (0, 1, 2, 4)
+THRESHOLD = 0.5  # moving-average training reward on the default task
+WINDOW = 5
+
+
+def _sizes(ctx: BenchContext) -> dict[str, float]:
+    return {"steps": 60, "max_wall_s": 15.0} if ctx.quick else {"steps": 400, "max_wall_s": 100.0}
+
+
+def time_to_threshold(rows: list[dict[str, Any]]) -> tuple[float, int] | None:
+    """(elapsed seconds, step) where the WINDOW-step moving average of reward_mean first reaches THRESHOLD."""
+    for i in range(WINDOW - 1, len(rows)):
+        window = [r["reward_mean"] for r in rows[i - WINDOW + 1 : i + 1]]
+        if sum(window) / WINDOW >= THRESHOLD:
+            return rows[i]["elapsed_s"], rows[i]["step"]
+    return None
+
+
+async def run(ctx: BenchContext) -> SuiteResult:
+    res = SuiteResult(suite="learning", title="CPU learning speed")
+    missing = default_engines_available()
+    if missing:
+        res.skipped = missing
+        return res
+    sizes = _sizes(ctx)
+    runs: dict[int, ScenarioRun] = {}
+    for s in STALENESS:
+        name = f"learning_staleness_{s}"
+        cfg = ctx.config([f"trainer.total_training_steps={int(sizes['steps'])}"], [f"async_training.staleness_threshold={s}"], name=name)
+
+        async def stop_at_threshold(sup: Supervisor) -> None:
+            rows: list[dict[str, Any]] = []
+            async for row in sup.events():
+                rows.append(row)
+                if time_to_threshold(rows) is not None:
+                    sup.stop()
+                    return
+
+        runs[s] = await run_supervised(
+            ctx, name, cfg, host=stop_at_threshold, max_wall_s=sizes["max_wall_s"], settings={"staleness_threshold": s, "threshold": THRESHOLD}
+        )
+    return _result(ctx, res, runs, sizes)
+
+
+def _result(ctx: BenchContext, res: SuiteResult, runs: dict[int, ScenarioRun], sizes: dict[str, float]) -> SuiteResult:
+    rows = []
+    reached = {s: time_to_threshold(r.rows) for s, r in runs.items()}
+    base = reached[0]
+    for s, r in runs.items():
+        hit = reached[s]
+        final = sum(x["reward_mean"] for x in r.rows[-WINDOW:]) / max(1, len(r.rows[-WINDOW:]))
+        rows.append(
+            [
+                "on-policy (0)" if s == 0 else f"async (staleness {s})",
+                hit[0] if hit else math.nan,
+                hit[1] if hit else None,
+                (base[0] / hit[0]) if (hit and base) else math.nan,
+                r.steps_per_s,
+                final,
+                f"{r.steps} steps, {r.wall_s:.0f} s",
+            ]
+        )
+        res.figures.append(
+            Figure(
+                suite="learning",
+                name=f"time to reward {THRESHOLD:g}, staleness {s}",
+                value=hit[0] if hit else None,
+                unit="s",
+                note="" if hit else f"not reached in {r.steps} steps / {r.wall_s:.0f} s (last {WINDOW}-step mean {final:.3f})",
+            )
+        )
+    res.tables.append(
+        Table(
+            title=f"Wall time until the {WINDOW}-step mean training reward reaches {THRESHOLD:g} (default task, CPU engines)",
+            columns=["schedule", "seconds", "step", "speed-up vs on-policy", "steps/s", f"final {WINDOW}-step reward", "ran"],
+            rows=rows,
+            note=f"budget per run: {int(sizes['steps'])} steps or {sizes['max_wall_s']:.0f} s",
+        )
+    )
+    res.plots.append(_plot(ctx, runs))
+    return res
+
+
+def _plot(ctx: BenchContext, runs: dict[int, ScenarioRun]) -> str:
+    fig, axes = new_figure(1, 1, width=7.0)
+    ax = axes[0][0]
+    for s, r in runs.items():
+        ax.plot([x["elapsed_s"] for x in r.rows], [x["reward_mean"] for x in r.rows], label=f"staleness {s}", alpha=0.8)
+    ax.axhline(THRESHOLD, color="red", linestyle="--", label="threshold")
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("training reward (batch mean)")
+    ax.legend()
+    ax.set_title("learning curves, default task")
+    return save(fig, ctx.out_dir, "learning", ctx.machine.describe())
