@@ -26,8 +26,10 @@ from asyncpolicy.errors import ConfigError
 log = structlog.get_logger(__name__)
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
-# Every character the built-in tasks use (tasks/builtin.py), one token each.
-ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789+-=<>?:. "
+# Every character the built-in tasks use (tasks/builtin.py), one token each. Printable ASCII
+# without space on purpose: AutoTokenizer loads a qwen2-typed directory with Qwen2's byte-level
+# pre-tokenizer, which maps these characters to themselves but a space to 'Ġ' (not in the vocab).
+ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789+-=<>?:."
 
 # A few hundred thousand parameters: learns the built-in tasks in minutes on two CPU cores.
 TINY_ARCH: dict[str, Any] = {
@@ -43,6 +45,13 @@ TINY_ARCH: dict[str, Any] = {
 }
 TINY_SEED = 1234  # the embedded weights are the same on every machine
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def _quiet_transformers() -> None:
+    """No per-file progress bars: they would drown the run's own progress line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _version_hash() -> str:
@@ -98,6 +107,7 @@ def ensure_embedded() -> Path:
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    _quiet_transformers()
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
         tokenizer = build_tokenizer()
@@ -152,17 +162,7 @@ def load_model(path: str, dtype: str = "float32") -> Any:
     """The causal LM from a local directory, in `model.dtype`."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
 
-
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a prompt: through the chat template when the tokenizer has one, else plain."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # newer transformers return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-    return list(tokenizer(text)["input_ids"])

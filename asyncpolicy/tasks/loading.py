@@ -1,0 +1,186 @@
+"""Prompts and rewards for real models: a built-in task, or the user's JSONL/Parquet files and reward.
+
+A user reward is a dotted path `pkg.module:function` with signature
+`score(prompt: str, response: str, ground_truth: str) -> float`. Scorers only compute; the
+rollouter guards every call (errors and non-finite values are logged, counted and scored 0).
+Every problem with the inputs is a `ConfigError` naming the config key and the file (and line).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from asyncpolicy.config import Config
+from asyncpolicy.errors import ConfigError
+from asyncpolicy.samples import Prompt
+from asyncpolicy.tasks import builtin
+from asyncpolicy.tasks.base import PromptRecord, PromptSource, TaskData
+
+log = structlog.get_logger(__name__)
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt: through the chat template when the tokenizer has one, else plain."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(text)["input_ids"])
+
+
+class BuiltinScorer:
+    """Per-position credit of the decoded response against the ground truth."""
+
+    name = "asyncpolicy.tasks.builtin:position_credit"
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+
+    def __call__(self, prompt: Prompt, response_tokens: list[int]) -> float:
+        return builtin.position_credit(self.decode(response_tokens), prompt.ground_truth)
+
+
+class UserScorer:
+    """A user's `score(prompt, response, ground_truth)`, named by its dotted path."""
+
+    def __init__(self, name: str, fn: Callable[[str, str, str], float], decode: Callable[[list[int]], str]) -> None:
+        self.name = name
+        self.fn = fn
+        self.decode = decode
+
+    def __call__(self, prompt: Prompt, response_tokens: list[int]) -> float:
+        return self.fn(prompt.text, self.decode(response_tokens), prompt.ground_truth)
+
+
+def import_reward_fn(path: str) -> Callable[[str, str, str], float]:
+    """`pkg.module:function` → the function; a ConfigError naming task.reward_fn otherwise."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"config key 'task.reward_fn': {path!r} is not of the form 'pkg.module:function'", key="task.reward_fn")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"config key 'task.reward_fn': cannot import module {module_name!r}: {e}", key="task.reward_fn") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"config key 'task.reward_fn': {module_name!r} has no function {attr!r}", key="task.reward_fn")
+    return fn
+
+
+def _read_rows(path: str, key: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line or row number from 1, row) of a JSONL or Parquet file; `key` names the config key for errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config key {key!r}: file {path!r} does not exist", key=key)
+    if p.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ConfigError(
+                f"config key {key!r}: {path!r} is Parquet, which needs pyarrow: pip install asyncpolicy[parquet]", key=key
+            ) from None
+        yield from enumerate(pq.read_table(p).to_pylist(), start=1)
+        return
+    with p.open() as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"config key {key!r}: {path}:{number} is not valid JSON: {e.msg}", key=key) from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"config key {key!r}: {path}:{number} is not a JSON object", key=key)
+            yield number, row
+
+
+def load_records(cfg: Config, files: list[str], key: str, tokenizer: Any) -> list[PromptRecord]:
+    """Tokenised prompts of data files; over-long prompts follow `data.truncation`."""
+    data = cfg.data
+    records: list[PromptRecord] = []
+    skipped = 0
+    for path in files:
+        before, skipped_before = len(records), skipped
+        for number, row in _read_rows(path, key):
+            where = f"{path}:{number}"
+            for column, column_key in ((data.prompt_key, "data.prompt_key"), (data.answer_key, "data.answer_key")):
+                if column not in row:
+                    raise ConfigError(f"config key {column_key!r}: {where} has no column {column!r}", key=column_key)
+            text = row[data.prompt_key]
+            if not isinstance(text, str):
+                raise ConfigError(f"config key 'data.prompt_key': {where}: prompt is {type(text).__name__}, not a string", key="data.prompt_key")
+            tokens = encode_prompt(tokenizer, text)
+            if len(tokens) > data.max_prompt_length:
+                if data.truncation == "error":
+                    raise ConfigError(
+                        f"config key 'data.max_prompt_length': {where}: prompt has {len(tokens)} tokens, more than "
+                        f"{data.max_prompt_length} (data.truncation=error)",
+                        key="data.max_prompt_length",
+                    )
+                if data.truncation == "skip":
+                    skipped += 1
+                    continue
+                tokens = tokens[-data.max_prompt_length :]  # keep the end: the question and the assistant header
+            records.append(PromptRecord(text=text, tokens=tokens, ground_truth=str(row[data.answer_key])))
+        if len(records) == before and skipped == skipped_before:
+            raise ConfigError(f"config key {key!r}: file {path!r} holds no prompts", key=key)
+    if skipped:
+        log.warning("prompts_skipped", reason="longer than data.max_prompt_length", skipped=skipped, kept=len(records), key=key)
+    if not records:
+        raise ConfigError(f"config key {key!r}: every prompt is longer than data.max_prompt_length={data.max_prompt_length}", key=key)
+    return records
+
+
+def builtin_records(cfg: Config, tokenizer: Any) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """The named built-in task's train and held-out splits, tokenised."""
+    if cfg.task.name not in builtin.TASKS:
+        raise ConfigError(
+            f"config key 'task.name': unknown task {cfg.task.name!r}; built in: {', '.join(builtin.TASKS)} "
+            "(or give data.train_files)",
+            key="task.name",
+        )
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    train, val = builtin.make_splits(cfg.task.name, cfg.task.num_prompts, cfg.task.num_val_prompts, cfg.seed)
+
+    def records(examples: list[builtin.Example]) -> list[PromptRecord]:
+        out = []
+        for ex in examples:
+            text = ex.instruction if chat else ex.prompt
+            out.append(PromptRecord(text=text, tokens=encode_prompt(tokenizer, text), ground_truth=ex.answer))
+        return out
+
+    return records(train), records(val)
+
+
+def build_real_task(cfg: Config, tokenizer: Any) -> TaskData:
+    """Train source, held-out prompts, scorer and decoder for a real tokenizer."""
+
+    def decode(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    if cfg.data.train_files:
+        train = load_records(cfg, cfg.data.train_files, "data.train_files", tokenizer)
+        val = load_records(cfg, cfg.data.val_files, "data.val_files", tokenizer) if cfg.data.val_files else []
+    else:
+        train, val = builtin_records(cfg, tokenizer)
+        if cfg.data.val_files:
+            val = load_records(cfg, cfg.data.val_files, "data.val_files", tokenizer)
+    if cfg.task.reward_fn:
+        scorer: Any = UserScorer(cfg.task.reward_fn, import_reward_fn(cfg.task.reward_fn), decode)
+    elif cfg.data.train_files:
+        raise ConfigError("config key 'task.reward_fn' is required with data.train_files (a built-in reward only fits its own task)", key="task.reward_fn")
+    else:
+        scorer = BuiltinScorer(decode)
+    return TaskData(
+        train=PromptSource(train, seed=cfg.seed, shuffle=cfg.data.shuffle),
+        val=[Prompt(index=i, epoch=0, text=r.text, tokens=r.tokens, ground_truth=r.ground_truth) for i, r in enumerate(val)],
+        scorer=scorer,
+        decode=decode,
+    )
