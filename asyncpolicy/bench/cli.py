@@ -44,7 +44,7 @@ def _parse(argv: list[str]) -> tuple[list[str], bool, list[str]]:
     )
     p.add_argument("words", nargs="*", metavar="SUITE|key=value")
     p.add_argument("--quick", action="store_true", help="small sizes: all suites in under 3 minutes on 2 cores")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     suites = [w for w in args.words if "=" not in w]
     overrides = [w for w in args.words if "=" in w]
     unknown = [s for s in suites if s not in SUITES]
@@ -85,7 +85,15 @@ def bench_main(argv: list[str]) -> int:
     """Entry point of `python -m asyncpolicy bench`; returns the exit code."""
     names, quick, overrides = _parse(argv)
     load_config(None, overrides)  # bad overrides fail now (ConfigError, exit 2), not after minutes of runs
+    previous = structlog.get_config()
     configure_bench_logging(None)
+    try:
+        return _bench(names, quick, overrides, argv)
+    finally:
+        structlog.configure(**previous)
+
+
+def _bench(names: list[str], quick: bool, overrides: list[str], argv: list[str]) -> int:
     out = _results_dir()
     command = shlex.join(["python", "-m", "asyncpolicy", "bench", *argv])
     machine = detect_machine()

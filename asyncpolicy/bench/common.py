@@ -200,11 +200,12 @@ def scenario_log(ctx: BenchContext, name: str, **header: Any) -> Iterator[IO[byt
     with open(path, "wb") as f:
         head = {"event": "bench_scenario", "scenario": name, "machine": msgspec.to_builtins(ctx.machine), "command": ctx.command}
         f.write(msgspec.json.encode({**head, **header}) + b"\n")
+        previous = structlog.get_config()
         configure_bench_logging(f)
         try:
             yield f
         finally:
-            configure_bench_logging(None)
+            structlog.configure(**previous)
 
 
 def write_log_record(f: IO[bytes], event: str, record: Any) -> None:

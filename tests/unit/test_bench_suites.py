@@ -1,0 +1,98 @@
+"""Suites at tiny sizes: the files and fields exist and the numbers are sane (each well under 10 s)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from asyncpolicy.bench import channel
+from asyncpolicy.bench.cli import bench_main
+from asyncpolicy.bench.common import BenchContext, Machine, run_supervised
+from asyncpolicy.bench.report import BenchRun
+from asyncpolicy.bench.sweep import _pause_resume
+from asyncpolicy.errors import ConfigError
+
+MACHINE = Machine(cores=2, cpu_model="Test CPU", gpu="none", python="3.11", torch="2.x", os="Linux")
+TINY = ["rollout.engine=simulated", "trainer.engine=simulated", "rollout.simulated.mean_latency_s=0.002", "trainer.simulated.step_latency_s=0.001"]
+
+
+def _ctx(tmp_path: Path) -> BenchContext:
+    return BenchContext(tmp_path, quick=True, overrides=[], machine=MACHINE, command="pytest")
+
+
+def test_channel_measurements_are_sane() -> None:
+    async def main() -> None:
+        for make in (channel.bare_queue, channel.anyio_stream, channel.versioned_channel):
+            assert await channel.throughput(make(), 2_000) > 1_000
+            lat = await channel.ping_pong(make(), 200)
+            assert len(lat) == 200 and all(0 <= x < 1 for x in lat)
+        assert await channel.batch_throughput(2_000, 8) > 1_000
+
+    anyio.run(main)
+
+
+def test_run_supervised_reads_the_run_and_writes_its_log(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    cfg = ctx.config(TINY, ["trainer.total_training_steps=5"], name="tiny")
+    run = anyio.run(lambda: run_supervised(ctx, "tiny", cfg, settings={"x": 1}))
+    assert run.finished and run.steps == 5 and len(run.rows) == 5
+    assert run.samples_per_s > 0 and run.steps_per_s > 0 and run.peak_rss_mb > 10
+    assert 0 <= run.sample_age_max <= 1 and 0 <= run.trainer_idle_ratio <= 1
+    lines = (tmp_path / "tiny.log").read_bytes().splitlines()
+    head, events = msgspec.json.decode(lines[0]), [msgspec.json.decode(line) for line in lines[1:]]
+    assert head["machine"]["cpu_model"] == "Test CPU" and head["command"] == "pytest" and head["settings"] == {"x": 1}
+    (result,) = [e for e in events if e["event"] == "bench_scenario_result"]
+    assert result["steps"] == 5 and any(e["event"] == "run_started" for e in events)
+
+
+def test_time_box_stops_a_slow_run(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    cfg = ctx.config(TINY, ["rollout.interval_s=0.2", "trainer.total_training_steps=100"], name="boxed")
+    run = anyio.run(lambda: run_supervised(ctx, "boxed", cfg, max_wall_s=0.5))
+    assert not run.finished and run.made >= 1 and math.isfinite(run.samples_per_s)
+
+
+def test_pause_resume_probe_sees_no_generation_while_paused(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    out = anyio.run(lambda: _pause_resume(ctx, TINY, 3))
+    assert len(out["pause_s"]) == 3 and len(out["resume_s"]) == 3
+    assert out["started_while_paused"] == 0 and out["running_after_pause"] == 0
+    assert all(0 <= x < 5 for x in out["pause_s"] + out["resume_s"])
+
+
+def test_cli_writes_the_results_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert bench_main(["responsiveness", "--quick", *TINY]) == 0
+    (out,) = tmp_path.glob("benchmark_results_*")
+    names = {p.name for p in out.iterdir()}
+    assert {"performance_report.md", "summary.txt", "results.json", "responsiveness.png"} <= names
+    assert {"responsiveness_baseline.log", "responsiveness_training.log"} <= names
+    run = msgspec.json.decode((out / "results.json").read_bytes(), type=BenchRun)
+    (fig,) = [f for f in run.suites[0].figures if f.target]
+    assert fig.value is not None and fig.value >= 0 and fig.met is not None
+    assert "command: python -m asyncpolicy bench responsiveness --quick" in (out / "summary.txt").read_text()
+
+
+def test_cli_rejects_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        bench_main(["nosuchsuite"])
+    assert exc.value.code == 2
+    with pytest.raises(ConfigError):
+        bench_main(["channel", "async_training.nokey=1"])
+    assert not list(tmp_path.glob("benchmark_results_*"))
+
+
+@pytest.mark.slow
+def test_quick_run_of_every_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert bench_main(["--quick"]) == 0
+    (out,) = tmp_path.glob("benchmark_results_*")
+    run = msgspec.json.decode((out / "results.json").read_bytes(), type=BenchRun)
+    assert [s.suite for s in run.suites] == ["sweep", "overlap", "channel", "responsiveness", "learning"]
+    assert not any(s.error for s in run.suites)
+    assert run.wall_s < 180
