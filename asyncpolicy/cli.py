@@ -1,7 +1,8 @@
 """`python -m asyncpolicy` — run a training job, print the config reference, run benchmarks.
 
 Exit codes: 0 the run finished; 1 the run failed (the message names the actor and cause);
-2 bad input (the message names the key or file); 130 interrupted.
+2 bad input (the message names the key or file); 130 / 143 stopped by SIGINT / SIGTERM
+(after a graceful stop and a checkpoint).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _print_config(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from asyncpolicy.logging import configure_logging
-    from asyncpolicy.progress import run_with_progress
+    from asyncpolicy.runner import run_cli
     from asyncpolicy.supervisor import prepare_output_dir
 
     cfg = load_config(args.config, args.overrides)
@@ -65,7 +66,9 @@ def _run(args: argparse.Namespace) -> int:
     if not cfg.output_dir:  # pin the generated name so every part of the run agrees on it
         cfg = msgspec.structs.replace(cfg, output_dir=str(out))
     configure_logging(cfg.log_level, out / "events.jsonl")
-    result = anyio.run(run_with_progress, cfg)
+    outcome = anyio.run(run_cli, cfg)
+    result = outcome.result
+    assert result is not None
     structlog.get_logger("asyncpolicy").info("run_complete", **msgspec.to_builtins(result))
     print(
         f"finished {result.steps} steps in {result.elapsed_s:.1f}s: made {result.made} samples = trained {result.trained}"
@@ -73,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
         f" outputs in {result.output_dir}",
         file=sys.stderr,
     )
-    return EXIT_OK
+    return outcome.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

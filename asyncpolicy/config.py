@@ -55,6 +55,9 @@ class SimulatedRolloutConfig(_Section):
     latency_sigma: Annotated[float, _doc("lognormal sigma of generation time: the long tail", ge=0)] = 0.5
     failure_rate: Annotated[float, _doc("probability a simulated generation raises (fault injection)", ge=0, le=1)] = 0.0
     hang_rate: Annotated[float, _doc("probability a simulated generation hangs forever (fault injection)", ge=0, le=1)] = 0.0
+    die_after_requests: Annotated[
+        int, _doc("the simulated engine dies (every call fails) after this many requests until restarted; 0 = never", ge=0)
+    ] = 0
 
 
 class RolloutConfig(_Section):
@@ -65,7 +68,8 @@ class RolloutConfig(_Section):
     temperature: Annotated[float, _doc("sampling temperature", gt=0)] = 1.0
     top_p: Annotated[float, _doc("nucleus sampling mass", gt=0, le=1)] = 1.0
     interval_s: Annotated[float, _doc("pause between starting generations (the seed's generation interval)", ge=0)] = 0.0
-    max_retries: Annotated[int, _doc("retries of a failed or timed-out generation before the run fails", ge=0)] = 2
+    max_retries: Annotated[int, _doc("retries of a failed or timed-out generation before the engine is restarted", ge=0)] = 2
+    max_restarts: Annotated[int, _doc("restarts of a failing generation engine before the run fails", ge=0)] = 2
     gpu_memory_utilization: Annotated[
         float, _doc("vllm: fraction of each rollout GPU's memory vLLM may take (weights + KV cache)", gt=0, le=1)
     ] = 0.5
@@ -159,6 +163,7 @@ class Config(_Section):
     output_dir: Annotated[str, _doc("where metrics, logs and checkpoints go; empty = outputs/run-<time>")] = ""
     seed: Annotated[int, _doc("seed of every random number generator")] = 0
     resume: Annotated[str, _doc("'' = fresh run, 'auto' = latest checkpoint in output_dir, or a checkpoint path")] = ""
+    stop_timeout_s: Annotated[float, _doc("on SIGINT/SIGTERM, seconds to finish the step and checkpoint", gt=0)] = 30.0
     log_level: Annotated[Literal["debug", "info", "warning", "error"], _doc("console log level")] = "info"
     progress: Annotated[Literal["auto", "on", "off"], _doc("progress bar: auto = only on a terminal")] = "auto"
 

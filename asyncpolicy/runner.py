@@ -1,37 +1,82 @@
-"""The CLI's run loop: the supervisor plus a progress bar fed by its metric events."""
+"""The CLI's run loop: the supervisor, a progress bar, and graceful handling of SIGINT/SIGTERM.
+
+First signal: stop gracefully — the current step completes, a checkpoint is written — within
+`stop_timeout_s`, then exit 128 + signal (130 for SIGINT, 143 for SIGTERM). If that bound passes,
+or a second SIGINT arrives, the process exits at once with the same code; checkpoints are
+written atomically, so whatever was saved before stays intact.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import anyio
+import structlog
 from tqdm import tqdm
 
 from asyncpolicy.config import Config
 from asyncpolicy.supervisor import RunResult, Supervisor
+
+log = structlog.get_logger("asyncpolicy.runner")
+
+
+class Outcome:
+    """How the run ended, as the CLI reports it."""
+
+    def __init__(self) -> None:
+        self.result: RunResult | None = None
+        self.signal: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signal if self.signal is not None else 0
+
+
+def _hard_exit(code: int, why: str) -> None:
+    print(f"asyncpolicy: {why}; exiting now with {code}", file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+async def _watch_signals(sup: Supervisor, outcome: Outcome, stop_timeout_s: float) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            outcome.signal = int(signum)
+            log.warning("stop_requested", signal=signal.Signals(signum).name, timeout_s=stop_timeout_s)
+            print(f"asyncpolicy: {signal.Signals(signum).name}: stopping after the current step (again to exit now)", file=sys.stderr, flush=True)
+            sup.stop()
+            break
+        with anyio.move_on_after(stop_timeout_s):
+            async for signum in signals:
+                if signum == signal.SIGINT:
+                    _hard_exit(128 + int(signum), "second SIGINT")
+        assert outcome.signal is not None
+        _hard_exit(128 + outcome.signal, f"the run did not stop within stop_timeout_s={stop_timeout_s}")
 
 
 def _show_progress(cfg: Config) -> bool:
     return cfg.progress == "on" or (cfg.progress == "auto" and sys.stderr.isatty())
 
 
-async def run_with_progress(cfg: Config) -> RunResult:
-    """Run to the end; on an interactive console, show steps, reward and staleness as they come."""
+async def _follow_progress(sup: Supervisor, total: int) -> None:
+    bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+    try:
+        async for row in sup.events():
+            bar.update(row["step"] - bar.n)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", age=row["sample_age_max"], queue=row["queue_size"])
+    finally:
+        bar.close()
+
+
+async def run_cli(cfg: Config) -> Outcome:
+    """Run to the end or to a signal; the Outcome carries the result and the exit code."""
+    outcome = Outcome()
     async with Supervisor(cfg) as sup:
-        if not _show_progress(cfg):
-            return await sup.wait()
         async with anyio.create_task_group() as tg:
-            bar = tqdm(total=cfg.trainer.total_training_steps, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-            async def follow() -> None:
-                async for row in sup.events():
-                    bar.update(row["step"] - bar.n)
-                    bar.set_postfix(reward=f"{row['reward_mean']:.3f}", age=row["sample_age_max"], queue=row["queue_size"])
-
-            tg.start_soon(follow)
-            try:
-                result = await sup.wait()
-            finally:
-                bar.close()
+            tg.start_soon(_watch_signals, sup, outcome, cfg.stop_timeout_s)
+            if _show_progress(cfg):
+                tg.start_soon(_follow_progress, sup, cfg.trainer.total_training_steps)
+            outcome.result = await sup.wait()
             tg.cancel_scope.cancel()
-        return result
+    return outcome

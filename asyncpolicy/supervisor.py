@@ -25,6 +25,7 @@ import anyio.abc
 import msgspec
 import structlog
 
+from asyncpolicy import checkpoint
 from asyncpolicy.actors.rollouter import Rollouter
 from asyncpolicy.actors.synchronizer import ParameterSynchronizer
 from asyncpolicy.actors.trainer import StepReport, Trainer
@@ -33,7 +34,7 @@ from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import Config, to_dict
 from asyncpolicy.engines.factory import build_engines
 from asyncpolicy.engines.protocols import EngineSet
-from asyncpolicy.errors import ActorFailed, ConfigError, RunFailed
+from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed, RunFailed
 from asyncpolicy.metrics import MetricsSink, StepMetrics, batch_reward_stats, rss_bytes
 from asyncpolicy.samples import Sample
 from asyncpolicy.tasks.base import TaskData
@@ -97,6 +98,20 @@ class Supervisor:
     def _build(self) -> None:
         cfg = self.cfg
         self.output_dir = prepare_output_dir(cfg)
+        self.resume_from = checkpoint.resolve_resume(self.output_dir, cfg.resume)
+        self.resume_state = checkpoint.load_state(self.resume_from) if self.resume_from else None
+        metrics_file = self.output_dir / "metrics.jsonl"
+        if self.resume_state is None and metrics_file.exists() and metrics_file.stat().st_size:
+            if cfg.resume != "auto":
+                raise ConfigError(
+                    f"config key 'output_dir': {str(self.output_dir)!r} already holds a run; "
+                    "pass resume=auto to continue it, or choose another output_dir",
+                    key="output_dir",
+                )
+            metrics_file.unlink()  # resume=auto with no complete checkpoint: nothing of it can be continued
+        if self.resume_state is not None:
+            _truncate_metrics(metrics_file, self.resume_state.trainer.step)
+        checkpoint.remove_stale_temporaries(self.output_dir)
         (self.output_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(to_dict(cfg))))
         self.engines = self._engines or build_engines(cfg, rng=self.rng)
         self.task = self._task or build_task(cfg, self.engines.tokenizer)
@@ -108,9 +123,11 @@ class Supervisor:
         )
         self.rollouter = Rollouter(cfg, self.engines.generation, self.channel, self.task.train, self.task.scorer)
         self.synchronizer = ParameterSynchronizer(cfg.async_training, self.rollouter, self.engines.transport)
-        self.trainer = Trainer(cfg, self.engines.trainer, self.channel, self.synchronizer, self._on_step)
+        self.trainer = Trainer(
+            cfg, self.engines.trainer, self.channel, self.synchronizer, self._on_step, self.save_checkpoint
+        )
         self.validator = Validator(self.rollouter, self.task.val, concurrency=max(1, cfg.rollout.max_concurrency // 4))
-        self.sink = MetricsSink(self.output_dir)
+        self.sink = MetricsSink(self.output_dir, append=self.resume_state is not None)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -148,17 +165,29 @@ class Supervisor:
         """Start engines and actors; finish when the trainer does; close engines on every path."""
         try:
             await self._start_engines()
+            if self.resume_state is not None:
+                await self._restore(self.resume_state)
             with anyio.CancelScope() as self._actors:
                 try:
                     async with anyio.create_task_group() as actors:
-                        await actors.start(self._run_actor, self.rollouter.name, self.rollouter.run)
+                        await actors.start(self._run_actor, self.rollouter.name, self._rollout_with_restarts)
+                        await actors.start(self._run_actor, self.trainer.name, self._train_then_stop)
                         if self.cfg.trainer.test_freq:
                             await actors.start(self._run_actor, self.validator.name, self.validator.run)
-                        await actors.start(self._run_actor, self.trainer.name, self._train_then_stop)
                         task_status.started()
-                        log.info("run_started", output_dir=str(self.output_dir), steps=self.cfg.trainer.total_training_steps)
+                        log.info(
+                            "run_started",
+                            output_dir=str(self.output_dir),
+                            steps=self.cfg.trainer.total_training_steps,
+                            resumed_from=str(self.resume_from) if self.resume_from else None,
+                        )
                 except BaseExceptionGroup as group:
                     raise _first_failure(group) from None
+            # Reached on a finished run or a graceful stop, never after a failure: a failed run
+            # keeps its last good checkpoint untouched.
+            finished = self.trainer.state.step >= self.cfg.trainer.total_training_steps
+            with anyio.CancelScope(shield=True):
+                await self.save_checkpoint("finished" if finished else "stop")
         finally:
             self.channel.close()
             self.result = self._result()
@@ -186,6 +215,67 @@ class Supervisor:
         except Exception as exc:
             log.exception("actor_failed", actor=name, error=repr(exc))
             raise ActorFailed(name, exc) from exc
+
+    async def _rollout_with_restarts(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Run the rollouter; when its engine keeps failing, restart the engine (bounded) and go on.
+
+        Queued samples stay in the channel; the groups that were in flight are generated again.
+        """
+        restarts = 0
+        status = task_status
+        while True:
+            try:
+                await self.rollouter.run(task_status=status)
+            except GenerationFailed as exc:
+                if restarts >= self.cfg.rollout.max_restarts:
+                    raise GenerationFailed(f"{exc} (generation engine restarted {restarts} time(s) already)") from exc
+                restarts += 1
+                requeued = self.rollouter.requeue_in_flight()
+                log.error("generation_engine_restart", restart=restarts, error=str(exc), requeued_groups=requeued)
+                await self._restart_generation_engine()
+                status = anyio.TASK_STATUS_IGNORED
+
+    async def _restart_generation_engine(self) -> None:
+        gen = self.engines.generation
+        with anyio.fail_after(self.cfg.async_training.generation_timeout * 10):
+            await gen.aclose()
+            await gen.start()
+            async with self.trainer.weights_lock:  # weights must not change while they are read
+                await self.synchronizer.sync(self.trainer.version)
+
+    async def _restore(self, state: checkpoint.RunState) -> None:
+        """Put every piece back as the checkpoint holds it, then serve the trainer's weights."""
+        assert self.resume_from is not None
+        await self.engines.trainer.load_state(str(self.resume_from / "engine"))
+        self.trainer.state = state.trainer
+        self.rollouter.counters = state.rollout
+        self.rollouter.replay(state.in_flight)
+        self.synchronizer.counters = state.sync
+        self.task.train.restore(state.cursor)
+        self.channel.restore(state.channel.snapshot())
+        self.rng.setstate(_rng_state(state.rng_state))
+        await self.synchronizer.sync(self.trainer.version)
+        log.info("resumed", path=str(self.resume_from), step=state.trainer.step, queued=len(state.channel.items), in_flight=len(state.in_flight))
+
+    async def save_checkpoint(self, reason: str) -> None:
+        """Capture the run's state now (no await in between), then write it atomically."""
+        assert self.output_dir is not None
+        state = checkpoint.RunState(
+            trainer=msgspec.structs.replace(self.trainer.state),
+            rollout=msgspec.structs.replace(self.rollouter.counters),
+            sync=msgspec.structs.replace(self.synchronizer.counters),
+            cursor=self.task.train.state(),
+            channel=checkpoint.ChannelState.of(self.channel.snapshot()),
+            in_flight=self.rollouter.in_flight_prompts(),
+            rng_state=list(_rng_state_list(self.rng.getstate())),
+            reason=reason,
+        )
+        encoded = checkpoint.encode_state(state)  # serialised before any await: a consistent cut
+        step = state.trainer.step
+        tmp = checkpoint.begin(self.output_dir, step)
+        async with self.trainer.weights_lock:
+            await self.engines.trainer.save_state(str(tmp / "engine"))
+        checkpoint.commit(self.output_dir, tmp, encoded, step, self.cfg.trainer.keep_checkpoints)
 
     async def _start_engines(self) -> None:
         with anyio.fail_after(self.cfg.async_training.generation_timeout * 10):
@@ -215,7 +305,8 @@ class Supervisor:
         return await self.rollouter.resume("user")
 
     def stop(self) -> None:
-        """End the run early and gracefully; `wait()` then returns with finished=False."""
+        """End the run early and gracefully: the current step completes, a checkpoint is written,
+        then `wait()` returns with finished=False."""
         self._stopped = True
         if self._actors is not None:
             self._actors.cancel()
@@ -296,6 +387,33 @@ def _first_failure(group: BaseExceptionGroup) -> BaseException:
             leaf = leaf.exceptions[0]
         return leaf
     return group
+
+
+def _rng_state_list(state: tuple) -> list[object]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_state(saved: list[object]) -> tuple:
+    version, internal, gauss = saved
+    return (version, tuple(internal), gauss)  # type: ignore[arg-type]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines up to the checkpoint's step; later ones are trained again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_bytes().splitlines(keepends=True) if line.strip() and _step_of(line) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_bytes(b"".join(kept))
+    tmp.replace(path)
+
+
+def _step_of(line: bytes) -> int:
+    try:
+        return int(msgspec.json.decode(line).get("step", 0))
+    except msgspec.DecodeError:  # a line torn by a kill: drop it
+        return 1 << 62
 
 
 async def run(cfg: Config) -> RunResult:

@@ -131,8 +131,19 @@ class Rollouter:
         return list(self._in_flight.values()) + list(self._replay)
 
     def replay(self, groups: list[InFlight]) -> None:
-        """Before `run`: prompts from a checkpoint's in-flight list, generated before new ones."""
-        self._replay = list(groups)
+        """Before `run`: prompts from a checkpoint's in-flight list, generated before new ones.
+
+        They were counted as admitted when first started; they are counted again on restart.
+        """
+        self._replay = list(groups) + self._replay
+        self.counters.admitted -= len(groups)
+
+    def requeue_in_flight(self) -> int:
+        """After `run` failed: abandoned groups go back to the front, to be generated again."""
+        groups = list(self._in_flight.values())
+        self._in_flight.clear()
+        self.replay(groups)
+        return len(groups)
 
     def idle_ratio(self) -> float:
         idle = self._idle_total + (time.monotonic() - self._idle_since if self._idle_since is not None else 0.0)

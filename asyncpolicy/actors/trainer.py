@@ -10,7 +10,7 @@ change under a transfer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import msgspec
@@ -60,13 +60,18 @@ class Trainer:
         channel: VersionedChannel[Sample],
         synchronizer: ParameterSynchronizer,
         on_step: Callable[[StepReport], None],
+        checkpoint: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.engine = engine
         self.channel = channel
         self.synchronizer = synchronizer
         self.on_step = on_step
+        self.checkpoint = checkpoint
         self.state = TrainerState()
+        # Held while the weights change; whoever reads them from outside the trainer's own
+        # sequence (an engine restart's weight push) takes it too.
+        self.weights_lock = anyio.Lock()
         self._started_at = time.monotonic()
 
     @property
@@ -99,11 +104,15 @@ class Trainer:
                     f"staleness bound violated: sample age {max(ages)} > {cfg.async_training.staleness_threshold}"
                 )
             started = time.monotonic()
-            engine_metrics = await self.engine.train_step(batch, self.state.version)
+            # Shielded: a batch taken from the channel is trained on and counted, or neither;
+            # a stop request waits for the step instead of losing the batch half-way.
+            with anyio.CancelScope(shield=True):
+                async with self.weights_lock:
+                    engine_metrics = await self.engine.train_step(batch, self.state.version)
+                self.state.step += 1
+                self.state.version += 1
+                self.state.staleness_max = max(self.state.staleness_max, *ages)
             train_s = time.monotonic() - started
-            self.state.step += 1
-            self.state.version += 1
-            self.state.staleness_max = max(self.state.staleness_max, *ages)
             sync_latency = None
             if self.state.step % cfg.async_training.trigger_parameter_sync_step == 0:
                 sync_latency = await self.synchronizer.sync(self.state.version)
@@ -119,4 +128,7 @@ class Trainer:
                     train_s=train_s,
                 )
             )
+            save_freq = cfg.trainer.save_freq
+            if self.checkpoint is not None and save_freq and self.state.step % save_freq == 0 and self.state.step < total:
+                await self.checkpoint("save_freq")
         log.info("training_finished", steps=self.state.step, version=self.state.version)

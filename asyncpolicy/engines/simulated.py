@@ -14,6 +14,7 @@ import random
 
 import anyio
 import anyio.lowlevel
+import msgspec
 
 from asyncpolicy.config import SimulatedRolloutConfig, SimulatedTrainerConfig
 from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
@@ -37,6 +38,7 @@ class SimulatedGenerationEngine:
         self._abort: anyio.Event | None = None  # created inside the event loop
         self.generated_tokens = 0
         self.requests = 0
+        self._requests_since_start = 0
 
     @property
     def version(self) -> int:
@@ -47,6 +49,13 @@ class SimulatedGenerationEngine:
 
     async def start(self) -> None:
         self._abort = anyio.Event()
+        self._requests_since_start = 0
+
+    def _check_alive(self, request: GenerationRequest) -> None:
+        self._requests_since_start += 1
+        limit = self.cfg.die_after_requests
+        if limit and self._requests_since_start > limit:
+            raise SimulatedEngineError(f"simulated engine is dead (request {request.request_id}); restart it")
 
     def _duration(self) -> float:
         if self.cfg.mean_latency_s == 0:
@@ -55,6 +64,7 @@ class SimulatedGenerationEngine:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         self.requests += 1
+        self._check_alive(request)
         if self._abort is None:
             self._abort = anyio.Event()
         if self.rng.random() < self.cfg.failure_rate:
@@ -116,6 +126,17 @@ class SimulatedTrainEngine:
         rewards = [r for s in batch for r in s.rewards]
         tokens = sum(len(t.response_tokens) for s in batch for t in s.trajectories)
         return {"loss": -sum(rewards) / max(1, len(rewards)), "train_tokens": float(tokens)}
+
+    async def save_state(self, directory: str) -> None:
+        """A simulated 'model': its step count and the versions it trained at."""
+        await anyio.Path(directory).mkdir(parents=True, exist_ok=True)
+        state = {"steps": self.steps, "trained_versions": self.trained_versions}
+        await anyio.Path(directory, "simulated_trainer.json").write_bytes(msgspec.json.encode(state))
+
+    async def load_state(self, directory: str) -> None:
+        state = msgspec.json.decode(await anyio.Path(directory, "simulated_trainer.json").read_bytes())
+        self.steps = state["steps"]
+        self.trained_versions = state["trained_versions"]
 
     async def aclose(self) -> None:
         await anyio.lowlevel.checkpoint()

@@ -1,0 +1,182 @@
+"""Lossless checkpoints: everything a run needs to continue as if it had never stopped.
+
+A checkpoint is a directory `checkpoints/step-NNNNNNNN/` holding `state.msgpack` (counters, the
+data cursor, the channel's queued samples, the prompts of in-flight groups) and `engine/` (the
+trainer engine's model in Hugging Face format, optimizer, LR schedule, RNG). It is written
+into a temporary directory and renamed into place, so a half-written checkpoint never looks
+complete; `latest_checkpoint` only sees complete ones.
+
+What a resume preserves: step, policy version, LR position, optimizer, RNG, data cursor, every
+queued sample (with its versions, so staleness stays exact) and every counter. In-flight
+generations are generated again from their prompts (never trained twice, never lost).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from asyncpolicy.actors.rollouter import InFlight, RolloutCounters
+from asyncpolicy.actors.synchronizer import SyncCounters
+from asyncpolicy.actors.trainer import TrainerState
+from asyncpolicy.channels import ChannelSnapshot
+from asyncpolicy.errors import ConfigError
+from asyncpolicy.samples import Sample
+from asyncpolicy.tasks.base import CursorState
+
+log = structlog.get_logger("asyncpolicy.checkpoint")
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.msgpack"
+COMPLETE_MARKER = "COMPLETE"
+
+
+class QueuedSample(msgspec.Struct):
+    sample: Sample
+    version: int
+
+
+class ChannelState(msgspec.Struct, kw_only=True):
+    """ChannelSnapshot with typed items, so it round-trips through msgpack."""
+
+    items: list[QueuedSample]
+    produced: int
+    consumed: int
+    dropped_stale: int
+    consumer_version: int
+    age_sum: float
+    age_min: float
+    age_max: float
+
+    @classmethod
+    def of(cls, snap: ChannelSnapshot) -> ChannelState:
+        fields = msgspec.structs.asdict(snap)
+        fields["items"] = [QueuedSample(item, v) for item, v in snap.items]  # type: ignore[arg-type]
+        return cls(**fields)
+
+    def snapshot(self) -> ChannelSnapshot:
+        fields = msgspec.structs.asdict(self)
+        fields["items"] = [(q.sample, q.version) for q in self.items]
+        return ChannelSnapshot(**fields)
+
+
+class RunState(msgspec.Struct, kw_only=True):
+    """The non-tensor part of a checkpoint."""
+
+    format_version: int = FORMAT_VERSION
+    trainer: TrainerState
+    rollout: RolloutCounters
+    sync: SyncCounters
+    cursor: CursorState
+    channel: ChannelState
+    in_flight: list[InFlight]
+    rng_state: list[object]  # the supervisor's random.Random state
+    reason: str  # "save_freq", "finished" or "stop"
+
+
+def checkpoint_root(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
+
+
+def _name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary and half-written ones are ignored)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / COMPLETE_MARKER).exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def begin(output_dir: Path, step: int) -> Path:
+    """A fresh temporary directory to write step `step`'s checkpoint into."""
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit(output_dir: Path, tmp: Path, state_bytes: bytes, step: int, keep: int) -> Path:
+    """Write the state file, mark complete, rename into place atomically, prune old ones."""
+    (tmp / STATE_FILE).write_bytes(state_bytes)
+    (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
+    _fsync_tree(tmp)
+    final = checkpoint_root(output_dir) / _name(step)
+    if final.exists():  # the same step saved again (e.g. stop right after a save_freq checkpoint)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    for old in complete_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("checkpoint_saved", path=str(final), step=step)
+    return final
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Half-written checkpoints of a run that died mid-write: never complete, safe to delete."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def encode_state(state: RunState) -> bytes:
+    return msgspec.msgpack.encode(state)
+
+
+def load_state(path: Path) -> RunState:
+    """Read a checkpoint's state; a missing or corrupt one is bad input naming the file."""
+    file = path / STATE_FILE
+    if not (path / COMPLETE_MARKER).exists():
+        raise ConfigError(f"config key 'resume': {str(path)!r} is not a complete checkpoint", key="resume")
+    try:
+        return msgspec.msgpack.decode(file.read_bytes(), type=RunState)
+    except (OSError, msgspec.DecodeError) as e:
+        raise ConfigError(f"config key 'resume': cannot read {str(file)!r}: {e}", key="resume") from None
+
+
+def resolve_resume(output_dir: Path, resume: str) -> Path | None:
+    """'' → None; 'auto' → the latest complete checkpoint (None if there is none); else that path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"config key 'resume': no checkpoint directory at {resume!r}", key="resume")
+    return path
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
