@@ -202,9 +202,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or TOML file into a dict; any problem names the file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"config file {str(p)!r} cannot be read: {e.strerror or e}", key=str(p)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})", key=str(p)) from None
     try:
         if p.suffix == ".toml":
             tree = tomllib.loads(text)
