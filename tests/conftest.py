@@ -1,0 +1,148 @@
+"""Shared fixtures: Hypothesis profiles, simulated configs, and engines built around a registered RNG.
+
+Hypothesis profiles (select with HYPOTHESIS_PROFILE=...):
+  ci        the default: few examples per property, the whole property suite well under 90 s;
+  thorough  many more examples, for a nightly run or after touching channels/actors.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, register_random, settings
+
+from asyncpolicy.config import Config, load_config
+from asyncpolicy.engines.protocols import EngineSet
+from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTrainEngine, SimulatedTransport
+from asyncpolicy.samples import Sample
+
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.register_profile(
+    "thorough", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Simulated engines with tiny latencies: a run of a few steps takes tens of milliseconds.
+FAST_SIMULATED = (
+    "rollout.engine=simulated",
+    "trainer.engine=simulated",
+    "rollout.simulated.mean_latency_s=0.002",
+    "trainer.simulated.step_latency_s=0.001",
+    "trainer.simulated.sync_latency_s=0.0005",
+    "task.num_prompts=16",
+    "task.num_val_prompts=2",
+    "progress=off",
+)
+
+
+@pytest.fixture(scope="session")
+def sim_config() -> Callable[..., Config]:
+    """`sim_config("data.train_batch_size=2", ..., output_dir=path)`: a checked Config for simulated engines."""
+
+    def make(*overrides: str, output_dir: str | os.PathLike[str] = "") -> Config:
+        return load_config(None, [*FAST_SIMULATED, *overrides, f"output_dir={output_dir}"])
+
+    return make
+
+
+# One Random for the simulated engines under Hypothesis: registered, Hypothesis seeds it before each
+# example (from the drawn seed when the test draws `st.random_module()`), so completion orders are
+# explored, shrunk and replayed. Module-level: Hypothesis holds registered generators weakly.
+HYPOTHESIS_RNG = random.Random(0)
+register_random(HYPOTHESIS_RNG)
+
+
+class RecordingTrainEngine:
+    """A fake TrainEngine: the simulated one, plus a record of every batch it was asked to train.
+
+    `steps` holds (version, [(epoch, index, min_version, max_version, oldest_token_version)]).
+    """
+
+    def __init__(self, inner: SimulatedTrainEngine) -> None:
+        self.inner = inner
+        self.steps: list[tuple[int, list[tuple[int, int, int, int, int]]]] = []
+        self.batches: list[list[Sample]] = []
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def train_step(self, batch: list[Sample], version: int) -> dict[str, float]:
+        self.batches.append(list(batch))
+        self.steps.append(
+            (
+                version,
+                [
+                    (
+                        s.prompt.epoch,
+                        s.prompt.index,
+                        s.min_version,
+                        s.max_version,
+                        min((v for t in s.trajectories for v in t.token_versions), default=s.start_version),
+                    )
+                    for s in batch
+                ],
+            )
+        )
+        return await self.inner.train_step(batch, version)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class ObservedGenerationEngine:
+    """A fake GenerationEngine: the simulated one, calling `on_generate(request)` as each call starts."""
+
+    def __init__(self, inner: SimulatedGenerationEngine, on_generate: Callable[[Any], None]) -> None:
+        self.inner = inner
+        self.on_generate = on_generate
+
+    @property
+    def version(self) -> int:
+        return self.inner.version
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def generate(self, request: Any) -> Any:
+        self.on_generate(request)
+        return await self.inner.generate(request)
+
+    async def abort_all(self) -> None:
+        await self.inner.abort_all()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def simulated_engines(
+    cfg: Config, rng: random.Random, *, on_generate: Callable[[Any], None] | None = None
+) -> tuple[EngineSet, RecordingTrainEngine]:
+    """The simulated engine set `build_engines` would make, around `rng`, with a recording trainer."""
+    gen = SimulatedGenerationEngine(cfg.rollout.simulated, rng)
+    trainer = RecordingTrainEngine(SimulatedTrainEngine(cfg.trainer.simulated))
+    generation: Any = gen if on_generate is None else ObservedGenerationEngine(gen, on_generate)
+    return EngineSet(generation=generation, trainer=trainer, transport=SimulatedTransport(gen, cfg.trainer.simulated)), trainer
+
+
+@pytest.fixture(scope="session")
+def engines_for() -> Callable[..., tuple[EngineSet, RecordingTrainEngine]]:
+    """`engines_for(cfg, rng=None, on_generate=None)`: simulated engines with a RecordingTrainEngine."""
+
+    def make(
+        cfg: Config, rng: random.Random | None = None, on_generate: Callable[[Any], None] | None = None
+    ) -> tuple[EngineSet, RecordingTrainEngine]:
+        return simulated_engines(cfg, rng if rng is not None else random.Random(cfg.seed), on_generate=on_generate)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hypothesis_random() -> random.Random:
+    """The Random registered with Hypothesis: pass it to simulated engines inside @given tests."""
+    return HYPOTHESIS_RNG
