@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import structlog
 
@@ -193,25 +194,64 @@ async def run(ctx: BenchContext) -> SuiteResult:
         write_log_record(logf, "bench_channel_ray", {"result": ray if isinstance(ray, str) else {"items_per_s": ray[0]}})
     rate = {k: statistics.median(v) for k, v in rates.items()}
     res = _result(ctx, rate, lats, ray)
+    res.tables.append(
+        Table(
+            title="Where the time of a put and a get goes (µs per call, no contention)",
+            columns=["operation", "µs per call"],
+            rows=await cost_breakdown(20_000),
+            note="Each row is timed alone in a loop in the same event loop; the parts add up to roughly the whole calls.",
+        )
+    )
     if rate["VersionedChannel"] < TARGET_VS_BARE * rate["asyncio.Queue"]:
         res.notes.append(await _profile(ctx, sizes["n"] // 4))
     return res
 
 
 async def _profile(ctx: BenchContext, n: int) -> str:
-    """cProfile of our channel's throughput run; the top entries go into channel_profile.log."""
+    """cProfile of our channel's throughput run, by cumulative time, into channel_profile.log."""
     prof = cProfile.Profile()
     prof.enable()
     await throughput(versioned_channel(), n)
     prof.disable()
     buf = io.StringIO()
-    stats = pstats.Stats(prof, stream=buf).sort_stats("tottime")
-    stats.print_stats(25)
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(30)
     (ctx.out_dir / "channel_profile.log").write_text(f"# {ctx.command}\n# {ctx.machine.describe()}\n{buf.getvalue()}")
-    top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:6]  # type: ignore[attr-defined]
-    total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
-    parts = [f"{fn[2]} ({fn[0].rsplit('/', 1)[-1]}:{fn[1]}) {v[2] / total:.0%}" for fn, v in top]
-    return "VersionedChannel misses 0.5× the bare queue; cProfile own time (channel_profile.log): " + "; ".join(parts)
+    return "VersionedChannel misses 0.5× asyncio.Queue: channel_profile.log holds a cProfile of its throughput run; the cost table above splits a put and a get into their parts."
+
+
+async def cost_breakdown(n: int) -> list[list[Any]]:
+    """Microseconds per call of each part of a put and a get, next to asyncio.Queue's whole put+get."""
+    ch: VersionedChannel[Any] = VersionedChannel(n + 1, max_staleness=1, name="bench")
+    q: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def timed(label: str, op: Callable[[], Awaitable[Any]] | Callable[[], Any], is_async: bool) -> list[Any]:
+        t = time.perf_counter()
+        for _ in range(n):
+            if is_async:
+                await op()  # type: ignore[misc]
+            else:
+                op()
+        return [label, (time.perf_counter() - t) / n * 1e6]
+
+    def fail_after_none() -> None:
+        with anyio.fail_after(None):
+            pass
+
+    rows = [
+        await timed("asyncio.Queue: await put + await get (the floor)", lambda: _bare_pair(q), True),
+        await timed("VersionedChannel: await put(item, 0)", lambda: ch.put(0, 0), True),
+        await timed("VersionedChannel: await get(0)", lambda: ch.get(0), True),
+        await timed("VersionedChannel: put_nowait(item, 0)", lambda: ch.put_nowait(0, 0), False),
+        await timed("VersionedChannel: get_nowait(0)", lambda: ch.get_nowait(0), False),
+        await timed("anyio.lowlevel.checkpoint_if_cancelled() (in put and in get)", anyio.lowlevel.checkpoint_if_cancelled, True),
+        await timed("with anyio.fail_after(None): pass (in get_batch)", fail_after_none, False),
+    ]
+    return rows
+
+
+async def _bare_pair(q: asyncio.Queue[Any]) -> None:
+    await q.put(0)
+    await q.get()
 
 
 def _result(ctx: BenchContext, rate: dict[str, float], lats: dict[str, list[float]], ray: tuple[float, list[float]] | str) -> SuiteResult:
