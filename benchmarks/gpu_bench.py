@@ -130,7 +130,7 @@ class Bench:
         self.record("engine", vllm_start_s=round(self.gen.start_s, 1), vllm_gpus=gpus)
         return self.gen
 
-    async def start_trainer(self, gpus: list[int], mbs: int = 4) -> Any:
+    async def start_trainer(self, gpus: list[int], mbs: int = 16) -> Any:
         from asyncpolicy.engines import fsdp_worker as w
         from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
 
@@ -379,7 +379,7 @@ def main() -> None:
     ap.add_argument("--util", type=float, default=0.35, help="vLLM gpu_memory_utilization")
     ap.add_argument("--trainer-gpu", type=int, default=0)
     ap.add_argument("--eager", action="store_true")
-    ap.add_argument("--async-prompts", type=int, default=64)
+    ap.add_argument("--async-prompts", type=int, default=32)
     ap.add_argument("--async-len", type=int, default=512)
     ap.add_argument("--async-steps", type=int, default=3)
     ap.add_argument("--out", default="")

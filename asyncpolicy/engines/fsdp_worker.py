@@ -222,14 +222,16 @@ class _Policy:
         self.names = [n for n, _ in model.named_parameters()]  # HF names; tied weights appear once
         wrapper = _make_logprob_module()(model, init.temperature)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
-        kw: dict[str, Any] = {"mesh": mesh}
+        self.n_params = sum(p.numel() for p in model.parameters())
+        # Small models: keep layers gathered from forward to backward (ZeRO-2-like): the memory
+        # is small and it saves one all-gather per layer per micro-batch (two with recompute).
+        kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self.n_params > 2e9}
         if mp is not None:
             kw["mp_policy"] = mp
         for layer in model.model.layers:
             fully_shard(layer, **kw)
         fully_shard(wrapper, **kw)  # root: embeddings, final norm, lm_head
         self.module = wrapper
-        self.n_params = sum(p.numel() for p in model.parameters())
         self.cfg = model.config
         self.opt = torch.optim.AdamW(wrapper.parameters(), lr=init.lr, weight_decay=init.weight_decay, betas=(0.9, 0.999))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)

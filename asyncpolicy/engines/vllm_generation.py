@@ -96,6 +96,7 @@ class VLLMGenerationEngine:
         self._llm: Any = None
         self._abort: anyio.Event | None = None
         self._ids = itertools.count()
+        self._active: set[str] = set()  # vLLM request ids of running `generate` calls
         self._paused = False
         self.generated_tokens = 0
         self.start_s = 0.0
@@ -178,34 +179,31 @@ class VLLMGenerationEngine:
         logprobs: list[float] = []
         versions: list[int] = []
         finish = ""
-
-        async def abort_when_told() -> None:
-            await abort.wait()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await llm.abort(rid)  # the stream then ends with an "abort" output
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(abort_when_told)
+        # No helper task per request (it would double the tasks at hundreds of concurrent
+        # requests): abort_all aborts the vLLM ids in `_active` itself.
+        self._active.add(rid)
+        try:
             stream = llm.generate(prompt, self._sampling_params(request, remaining), request_id=rid)
             try:
                 async for out in stream:
                     c = out.outputs[0]
                     v = self._version
-                    new = list(c.token_ids)
+                    new = c.token_ids
                     tokens.extend(new)
-                    logprobs.extend(pos[t].logprob for t, pos in zip(new, c.logprobs or []))
+                    logprobs.extend([pos[t].logprob for t, pos in zip(new, c.logprobs or ())])
                     versions.extend([v] * len(new))
                     if out.finished:
                         finish = _FINISH.get(c.finish_reason or "", "stop")
                     elif abort.is_set():
-                        finish = "abort"  # aborted before vLLM knew the request: leave now
+                        finish = "abort"  # abort_all ran before vLLM knew this request: leave now
                         break
             finally:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    await stream.aclose()
+                    await stream.aclose()  # after a break: vLLM aborts the request itself
                     if not finish:  # cancelled by the caller: make sure vLLM stops this request
                         await llm.abort(rid)
-                tg.cancel_scope.cancel()
+        finally:
+            self._active.discard(rid)
         if len(logprobs) != len(tokens):
             raise RuntimeError(f"vLLM returned {len(tokens)} tokens but {len(logprobs)} logprobs for {rid}")
         self.generated_tokens += len(tokens)
@@ -221,6 +219,10 @@ class VLLMGenerationEngine:
         if self._abort is not None:
             self._abort.set()
         self._abort = anyio.Event()
+        ids = list(self._active)
+        if ids and self._llm is not None:
+            with anyio.fail_after(self.settings.rpc_timeout_s):
+                await self._llm.abort(ids)  # each stream then ends with an "abort" output
         await anyio.lowlevel.checkpoint()
 
     # ---- used by the weight transports ---------------------------------------------------

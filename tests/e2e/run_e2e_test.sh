@@ -46,7 +46,7 @@ echo "e2e: $MODEL_ID from $MODEL_PATH, rollout GPUs $ROLLOUT, trainer GPUs $TRAI
     trainer.total_training_steps="$STEPS" trainer.lr=1e-6 trainer.warmup_steps=0 trainer.micro_batch_size=16 \
     data.train_batch_size=16 rollout.n=4 data.max_prompt_length=64 data.max_response_length=128 \
     async_training.staleness_threshold=1 async_training.max_queue_size=64 \
-    output_dir="$OUT_DIR" progress=off seed=0 "$@"
+    output_dir="$OUT_DIR" seed=0 "$@"
 
 "$PY" - "$OUT_DIR/metrics.jsonl" "$STEPS" <<'PYEOF'
 import json, sys

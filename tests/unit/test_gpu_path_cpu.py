@@ -76,7 +76,7 @@ class FakeLLM:
         return stream()
 
     async def abort(self, request_id):
-        self.aborted.add(request_id)
+        self.aborted.update([request_id] if isinstance(request_id, str) else request_id)
 
 
 def _engine() -> VLLMGenerationEngine:
