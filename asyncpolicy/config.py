@@ -9,6 +9,7 @@ exit code 2.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -86,6 +87,8 @@ class SimulatedTrainerConfig(_Section):
     step_latency_s: Annotated[float, _doc("fixed time of one simulated training step, seconds", ge=0)] = 0.02
     sync_latency_s: Annotated[float, _doc("time of one simulated weight transfer, seconds", ge=0)] = 0.002
     sync_failures: Annotated[int, _doc("simulated transfers that fail before one succeeds, per sync", ge=0)] = 0
+    save_latency_s: Annotated[float, _doc("time a simulated checkpoint write takes (fault-injection window)", ge=0)] = 0.0
+    fail_at_step: Annotated[int, _doc("the simulated train step that raises (fault injection); 0 = never", ge=0)] = 0
 
 
 class TrainerConfig(_Section):
@@ -172,10 +175,27 @@ class Config(_Section):
 # loading
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false are booleans, so `progress: off` stays a string."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _parse_value(raw: str) -> Any:
     """A YAML scalar, so `x=3`, `x=0.5`, `x=true`, `x=[a.jsonl,b.jsonl]` and `x=hello` all work."""
     try:
-        return yaml.safe_load(raw) if raw != "" else ""
+        return _load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError:
         return raw
 
@@ -211,7 +231,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if p.suffix == ".toml":
             tree = tomllib.loads(text)
         else:
-            tree = yaml.safe_load(text)
+            tree = _load_yaml(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"config file {str(p)!r} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {first}", key=str(p)) from None

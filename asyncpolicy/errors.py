@@ -42,3 +42,17 @@ class GenerationFailed(RunFailed):
 
 class EngineTimeout(AsyncPolicyError, TimeoutError):
     """A wait on an engine passed its deadline."""
+
+
+def first_failure(group: BaseExceptionGroup) -> BaseException:
+    """The first RunFailed inside (possibly nested) task-group exception groups, else the group.
+
+    Task groups wrap a child's error; callers want the named failure itself, as the user sees it.
+    """
+    failures = group.subgroup(lambda e: isinstance(e, RunFailed))
+    if failures is None:
+        return group
+    leaf: BaseException = failures
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf

@@ -34,7 +34,7 @@ from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import Config, to_dict
 from asyncpolicy.engines.factory import build_engines
 from asyncpolicy.engines.protocols import EngineSet
-from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed, RunFailed
+from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed, RunFailed, first_failure
 from asyncpolicy.metrics import MetricsSink, StepMetrics, batch_reward_stats, rss_bytes
 from asyncpolicy.samples import Sample
 from asyncpolicy.tasks.base import TaskData
@@ -157,7 +157,7 @@ class Supervisor:
         try:
             return await self._outer.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
-            raise _first_failure(group) from None
+            raise first_failure(group) from None
         finally:
             self.sink.close()
 
@@ -182,7 +182,7 @@ class Supervisor:
                             resumed_from=str(self.resume_from) if self.resume_from else None,
                         )
                 except BaseExceptionGroup as group:
-                    raise _first_failure(group) from None
+                    raise first_failure(group) from None
             # Reached on a finished run or a graceful stop, never after a failure: a failed run
             # keeps its last good checkpoint untouched.
             finished = self.trainer.state.step >= self.cfg.trainer.total_training_steps
@@ -376,17 +376,6 @@ class Supervisor:
             elapsed_s=time.monotonic() - self._started_at,
             output_dir=str(self.output_dir),
         )
-
-
-def _first_failure(group: BaseExceptionGroup) -> BaseException:
-    """The actor failure inside a task group's exception group (else the group itself)."""
-    failures = group.subgroup(lambda e: isinstance(e, RunFailed))
-    if failures is not None:
-        leaf: BaseException = failures
-        while isinstance(leaf, BaseExceptionGroup):
-            leaf = leaf.exceptions[0]
-        return leaf
-    return group
 
 
 def _rng_state_list(state: tuple) -> list[object]:

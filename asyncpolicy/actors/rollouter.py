@@ -29,7 +29,7 @@ from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.channels.signal import StateSignal
 from asyncpolicy.config import Config
 from asyncpolicy.engines.protocols import GenerationEngine, GenerationRequest
-from asyncpolicy.errors import EngineTimeout, GenerationFailed
+from asyncpolicy.errors import EngineTimeout, GenerationFailed, first_failure
 from asyncpolicy.samples import Prompt, Sample, Trajectory, make_sample
 from asyncpolicy.tasks.base import PromptSource, Scorer
 
@@ -167,6 +167,12 @@ class Rollouter:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         self._started_at = time.monotonic()
         self._idle_since = self._started_at
+        try:
+            await self._admit_forever(task_status)
+        except BaseExceptionGroup as group:  # a group's task failed: surface the named failure
+            raise first_failure(group) from None
+
+    async def _admit_forever(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
             task_status.started()
             while True:

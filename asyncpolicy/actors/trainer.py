@@ -114,20 +114,22 @@ class Trainer:
                 self.state.staleness_max = max(self.state.staleness_max, *ages)
             train_s = time.monotonic() - started
             sync_latency = None
-            if self.state.step % cfg.async_training.trigger_parameter_sync_step == 0:
-                sync_latency = await self.synchronizer.sync(self.state.version)
-            self.on_step(
-                StepReport(
-                    step=self.state.step,
-                    version=self.state.version,
-                    batch=batch,
-                    ages=ages,
-                    engine_metrics=engine_metrics,
-                    sync_latency_s=sync_latency,
-                    wait_s=wait_s,
-                    train_s=train_s,
+            try:
+                if self.state.step % cfg.async_training.trigger_parameter_sync_step == 0:
+                    sync_latency = await self.synchronizer.sync(self.state.version)
+            finally:  # the step happened: its metrics line is written even if the sync is cancelled or fails
+                self.on_step(
+                    StepReport(
+                        step=self.state.step,
+                        version=self.state.version,
+                        batch=batch,
+                        ages=ages,
+                        engine_metrics=engine_metrics,
+                        sync_latency_s=sync_latency,
+                        wait_s=wait_s,
+                        train_s=train_s,
+                    )
                 )
-            )
             save_freq = cfg.trainer.save_freq
             if self.checkpoint is not None and save_freq and self.state.step % save_freq == 0 and self.state.step < total:
                 await self.checkpoint("save_freq")

@@ -115,14 +115,18 @@ class SimulatedTrainEngine:
         self.cfg = cfg
         self.steps = 0
         self.trained_versions: list[int] = []
+        self.trained_prompts: list[str] = []  # prompt uids, in training order: "trained twice" is checkable
 
     async def start(self) -> None:
         await anyio.lowlevel.checkpoint()
 
     async def train_step(self, batch: list[Sample], version: int) -> dict[str, float]:
         await anyio.sleep(self.cfg.step_latency_s)
+        if self.cfg.fail_at_step and self.steps + 1 == self.cfg.fail_at_step:
+            raise SimulatedEngineError(f"simulated training failure at step {self.cfg.fail_at_step}")
         self.steps += 1
         self.trained_versions.append(version)
+        self.trained_prompts.extend(s.prompt.uid for s in batch)
         rewards = [r for s in batch for r in s.rewards]
         tokens = sum(len(t.response_tokens) for s in batch for t in s.trajectories)
         return {"loss": -sum(rewards) / max(1, len(rewards)), "train_tokens": float(tokens)}
@@ -130,13 +134,15 @@ class SimulatedTrainEngine:
     async def save_state(self, directory: str) -> None:
         """A simulated 'model': its step count and the versions it trained at."""
         await anyio.Path(directory).mkdir(parents=True, exist_ok=True)
-        state = {"steps": self.steps, "trained_versions": self.trained_versions}
+        await anyio.sleep(self.cfg.save_latency_s)
+        state = {"steps": self.steps, "trained_versions": self.trained_versions, "trained_prompts": self.trained_prompts}
         await anyio.Path(directory, "simulated_trainer.json").write_bytes(msgspec.json.encode(state))
 
     async def load_state(self, directory: str) -> None:
         state = msgspec.json.decode(await anyio.Path(directory, "simulated_trainer.json").read_bytes())
         self.steps = state["steps"]
         self.trained_versions = state["trained_versions"]
+        self.trained_prompts = state["trained_prompts"]
 
     async def aclose(self) -> None:
         await anyio.lowlevel.checkpoint()

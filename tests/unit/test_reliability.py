@@ -1,0 +1,169 @@
+"""Fault handling with the simulated engines: each failure mode of issue 5 and what it must preserve.
+
+Every test checks the sample accounting (made = trained + dropped_stale + queued) besides the
+failure's own outcome, because a fault that is "handled" by losing samples is not handled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from asyncpolicy import checkpoint
+from asyncpolicy.config import load_config
+from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed
+from asyncpolicy.supervisor import RunResult, Supervisor
+
+pytestmark = pytest.mark.anyio
+
+FAST = [
+    "rollout.engine=simulated",
+    "trainer.engine=simulated",
+    "rollout.simulated.mean_latency_s=0.002",
+    "trainer.simulated.step_latency_s=0.002",
+    "trainer.simulated.sync_latency_s=0.0",
+    "data.train_batch_size=4",
+    "rollout.n=2",
+]
+
+
+def cfg_for(tmp_path: Path, *overrides: str):
+    return load_config(None, [*FAST, f"output_dir={tmp_path}", *overrides])
+
+
+async def run(cfg) -> RunResult:
+    async with Supervisor(cfg) as sup:
+        return await sup.wait()
+
+
+def assert_accounted(result: RunResult, steps: int, batch: int = 4) -> None:
+    assert result.made == result.trained + result.dropped_stale + result.queued
+    assert result.trained == steps * batch
+    assert result.steps == steps == result.param_version
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_transient_generation_errors_are_retried(tmp_path: Path) -> None:
+    """A generation that raises is retried; the run completes with every sample accounted for."""
+    cfg = cfg_for(tmp_path, "trainer.total_training_steps=15", "rollout.simulated.failure_rate=0.2", "rollout.max_retries=8")
+    result = await run(cfg)
+    assert result.generation_retries > 0
+    assert_accounted(result, 15)
+
+
+async def test_hung_generations_time_out_and_are_retried(tmp_path: Path) -> None:
+    """A generation that hangs past generation_timeout is abandoned and retried, never waited on forever."""
+    cfg = cfg_for(
+        tmp_path,
+        "trainer.total_training_steps=10",
+        "rollout.simulated.hang_rate=0.05",
+        "async_training.generation_timeout=0.2",
+        "rollout.max_retries=8",
+    )
+    async with Supervisor(cfg) as sup:
+        result = await sup.wait()
+        assert sup.rollouter.counters.timeouts > 0
+    assert_accounted(result, 10)
+
+
+async def test_dead_generation_engine_is_restarted_without_losing_queued_samples(tmp_path: Path) -> None:
+    """An engine that dies is restarted by the supervisor; queued samples survive, in-flight ones are regenerated."""
+    cfg = cfg_for(
+        tmp_path,
+        "trainer.total_training_steps=20",
+        "rollout.simulated.die_after_requests=40",
+        "rollout.max_retries=1",
+        "rollout.max_restarts=10",
+    )
+    async with Supervisor(cfg) as sup:
+        result = await sup.wait()
+        trained = sup.engines.trainer.trained_prompts
+    assert result.finished
+    assert_accounted(result, 20)
+    assert len(trained) == len(set(trained)), "a prompt was trained twice after a restart"
+
+
+async def test_engine_that_stays_dead_fails_the_run_naming_the_rollouter(tmp_path: Path) -> None:
+    cfg = cfg_for(
+        tmp_path,
+        "trainer.total_training_steps=50",
+        "rollout.simulated.die_after_requests=10",
+        "rollout.max_retries=0",
+        "rollout.max_restarts=0",
+    )
+    with pytest.raises(ActorFailed) as info:
+        await run(cfg)
+    assert info.value.actor == "rollouter"
+    assert isinstance(info.value.cause, GenerationFailed)
+    assert "restarted 0 time(s)" in str(info.value)
+
+
+async def test_trainer_failure_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    """A failing train step stops the run (no checkpoint of the failed state); resume continues from the last good one."""
+    cfg = cfg_for(tmp_path, "trainer.total_training_steps=20", "trainer.save_freq=5", "trainer.simulated.fail_at_step=12")
+    with pytest.raises(ActorFailed) as info:
+        await run(cfg)
+    assert info.value.actor == "trainer"
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-00000005", "step-00000010"]
+
+    resumed = cfg_for(tmp_path, "trainer.total_training_steps=20", "trainer.save_freq=5", "resume=auto")
+    async with Supervisor(resumed) as sup:
+        result = await sup.wait()
+        trained = sup.engines.trainer.trained_prompts
+    assert_accounted(result, 20)
+    assert len(trained) == len(set(trained)) == 20 * 4
+    rows = [msgspec.json.decode(line) for line in (tmp_path / "metrics.jsonl").read_bytes().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21))
+
+
+async def test_resume_restores_queue_in_flight_cursor_and_counters(tmp_path: Path) -> None:
+    """A stopped run's checkpoint holds queued samples and in-flight prompts; the resumed run loses none."""
+    cfg = cfg_for(tmp_path, "trainer.total_training_steps=8", "async_training.staleness_threshold=3", "async_training.max_queue_size=16")
+    first = await run(cfg)
+    state = checkpoint.load_state(checkpoint.latest_checkpoint(tmp_path))
+    assert state.trainer.step == 8
+    assert len(state.channel.items) == first.queued > 0
+    assert len(state.in_flight) == first.in_flight
+    drawn = state.cursor.epoch * cfg.task.num_prompts + state.cursor.position
+    assert drawn == state.rollout.completed + len(state.in_flight), "a drawn prompt is neither made nor in flight"
+
+    more = cfg_for(tmp_path, "trainer.total_training_steps=16", "async_training.staleness_threshold=3", "async_training.max_queue_size=16", "resume=auto")
+    async with Supervisor(more) as sup:
+        result = await sup.wait()
+        trained = sup.engines.trainer.trained_prompts
+    assert_accounted(result, 16)
+    assert len(trained) == len(set(trained)) == 16 * 4
+    queued_then = {q.sample.prompt.uid for q in state.channel.items}
+    assert queued_then <= set(trained[8 * 4 :]), "a queued sample of the checkpoint was never trained"
+
+
+async def test_fresh_run_refuses_to_overwrite_an_existing_run(tmp_path: Path) -> None:
+    await run(cfg_for(tmp_path, "trainer.total_training_steps=2"))
+    with pytest.raises(ConfigError, match="already holds a run; pass resume=auto"):
+        await run(cfg_for(tmp_path, "trainer.total_training_steps=2"))
+
+
+async def test_resume_from_a_missing_path_is_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config key 'resume'"):
+        await run(cfg_for(tmp_path, f"resume={tmp_path / 'nope'}"))
+
+
+async def test_stop_checkpoints_and_reports_unfinished(tmp_path: Path) -> None:
+    """Supervisor.stop() finishes the step in progress, writes a checkpoint, and says finished=False."""
+    cfg = cfg_for(tmp_path, "trainer.total_training_steps=100000")
+    async with Supervisor(cfg) as sup:
+        async for row in sup.events():
+            if row["step"] >= 5:
+                sup.stop()
+                break
+        result = await sup.wait()
+    assert not result.finished
+    assert result.made == result.trained + result.dropped_stale + result.queued
+    state = checkpoint.load_state(checkpoint.latest_checkpoint(tmp_path))
+    assert state.reason == "stop" and state.trainer.step == result.steps
