@@ -89,6 +89,9 @@ class SimulatedTrainerConfig(_Section):
     sync_failures: Annotated[int, _doc("simulated transfers that fail before one succeeds, per sync", ge=0)] = 0
     save_latency_s: Annotated[float, _doc("time a simulated checkpoint write takes (fault-injection window)", ge=0)] = 0.0
     fail_at_step: Annotated[int, _doc("the simulated train step that raises (fault injection); 0 = never", ge=0)] = 0
+    record_prompts: Annotated[
+        bool, _doc("keep every trained prompt's id (tests check none is trained twice); off for soak runs")
+    ] = True
 
 
 class TrainerConfig(_Section):

@@ -125,8 +125,9 @@ class SimulatedTrainEngine:
         if self.cfg.fail_at_step and self.steps + 1 == self.cfg.fail_at_step:
             raise SimulatedEngineError(f"simulated training failure at step {self.cfg.fail_at_step}")
         self.steps += 1
-        self.trained_versions.append(version)
-        self.trained_prompts.extend(s.prompt.uid for s in batch)
+        if self.cfg.record_prompts:
+            self.trained_versions.append(version)
+            self.trained_prompts.extend(s.prompt.uid for s in batch)
         rewards = [r for s in batch for r in s.rewards]
         tokens = sum(len(t.response_tokens) for s in batch for t in s.trajectories)
         return {"loss": -sum(rewards) / max(1, len(rewards)), "train_tokens": float(tokens)}
