@@ -31,7 +31,8 @@ if [[ "${QUICK:-0}" == 1 ]]; then quick=(--quick); fi
 
 echo "run_benchmark.sh: NUM_GPUS=$NUM_GPUS ACTOR_STRATEGY=$ACTOR_STRATEGY; CPU suites first" >&2
 status=0
-"$PYTHON" -m asyncpolicy bench "${quick[@]}" "$@" || status=$?
+# `--` lets options through the top-level parser (its REMAINDER argument stops at a leading option)
+"$PYTHON" -m asyncpolicy bench -- "${quick[@]}" "$@" || status=$?
 results="$(ls -td benchmark_results_*/ 2>/dev/null | head -n 1)"
 
 if [[ "$NUM_GPUS" -gt 0 ]]; then

@@ -9,6 +9,7 @@ fails is reported as failed (exit code 1) and the others still run; a suite that
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -83,6 +84,7 @@ async def _run_suites(ctx: BenchContext, names: list[str]) -> list[SuiteResult]:
 
 def bench_main(argv: list[str]) -> int:
     """Entry point of `python -m asyncpolicy bench`; returns the exit code."""
+    argv = [a for a in argv if a != "--"]  # `bench -- --quick` gets options past the top-level parser
     names, quick, overrides = _parse(argv)
     load_config(None, overrides)  # bad overrides fail now (ConfigError, exit 2), not after minutes of runs
     previous = structlog.get_config()
@@ -95,11 +97,13 @@ def bench_main(argv: list[str]) -> int:
 
 def _bench(names: list[str], quick: bool, overrides: list[str], argv: list[str]) -> int:
     out = _results_dir()
-    command = shlex.join(["python", "-m", "asyncpolicy", "bench", *argv])
+    typed = sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench", *argv]  # as typed, when run from the CLI
+    command = shlex.join(["python", "-m", "asyncpolicy", *typed])
     machine = detect_machine()
     ctx = BenchContext(out, quick=quick, overrides=overrides, machine=machine, command=command)
     log.info("bench_start", suites=names, out=str(out), machine=machine.describe())
     started = time.monotonic()
+    load_start = os.getloadavg()[0]
     results = anyio.run(_run_suites, ctx, names, backend="asyncio")
     run = BenchRun(
         date=now_iso(),
@@ -108,6 +112,7 @@ def _bench(names: list[str], quick: bool, overrides: list[str], argv: list[str])
         revision=git_revision(),
         quick=quick,
         wall_s=time.monotonic() - started,
+        load_avg=[load_start, os.getloadavg()[0]],
         suites=results,
     )
     report = write_report(out, run)

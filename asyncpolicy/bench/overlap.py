@@ -27,16 +27,16 @@ from asyncpolicy.bench.plots import new_figure, save
 
 log = structlog.get_logger("asyncpolicy.bench.overlap")
 
-# Long-tail generation: median full-length response 30 ms, lognormal sigma 1.0; enough
+# Long-tail generation: median full-length response 30 ms, lognormal sigma 0.75; enough
 # concurrency that a whole window of batches generates at once (generation is not slot-bound).
 BASE = (
     "rollout.simulated.mean_latency_s=0.03",
-    "rollout.simulated.latency_sigma=1.0",
+    "rollout.simulated.latency_sigma=0.75",
     "trainer.simulated.sync_latency_s=0.002",
-    "data.train_batch_size=8",
+    "data.train_batch_size=16",  # the seed's performance configuration
     "rollout.n=4",
-    "rollout.max_concurrency=256",
-    "async_training.max_queue_size=64",
+    "rollout.max_concurrency=512",
+    "async_training.max_queue_size=128",
 )
 ASYNC_STALENESS = (1, 2)
 WARMUP = 2
@@ -44,7 +44,7 @@ TARGET = 0.95
 
 
 def _sizes(ctx: BenchContext) -> dict[str, int]:
-    return {"steps": 12, "reps": 1, "calib_steps": 6} if ctx.quick else {"steps": 30, "reps": 2, "calib_steps": 10}
+    return {"steps": 14, "reps": 1, "calib_steps": 14} if ctx.quick else {"steps": 40, "reps": 2, "calib_steps": 30}
 
 
 def steady_step_s(run: ScenarioRun) -> float:
@@ -53,11 +53,15 @@ def steady_step_s(run: ScenarioRun) -> float:
     return (rows[-1]["elapsed_s"] - rows[WARMUP - 1]["elapsed_s"]) / (len(rows) - WARMUP)
 
 
+def step_waits_s(run: ScenarioRun) -> list[float]:
+    """The trainer's wait before each step after warm-up (idle ratio × elapsed is its cumulative wait)."""
+    waited = [r["trainer_idle_ratio"] * r["elapsed_s"] for r in run.rows]
+    return [b - a for a, b in zip(waited[WARMUP - 1 :], waited[WARMUP:], strict=False)]
+
+
 def steady_wait_s(run: ScenarioRun) -> float:
-    """Trainer wait per step after warm-up (idle ratio × elapsed is the trainer's cumulative wait)."""
-    rows = run.rows
-    waited = [r["trainer_idle_ratio"] * r["elapsed_s"] for r in rows]
-    return (waited[-1] - waited[WARMUP - 1]) / (len(rows) - WARMUP)
+    """Mean trainer wait per step after warm-up; in the synchronous schedule, the batch generation time."""
+    return statistics.fmean(step_waits_s(run))
 
 
 async def _sync_then_async(ctx: BenchContext, steps: int, t_train: float, rep: int) -> dict[str, ScenarioRun]:
@@ -93,7 +97,32 @@ async def run(ctx: BenchContext) -> SuiteResult:
     t_gen = statistics.median(steady_wait_s(r[0]) for r in reps)
     t_sync = statistics.median(r[0].sync_latency_mean_s for r in reps)
     ideal = (t_gen + t_train) / max(t_gen, t_train)
-    return _result(ctx, reps, step, t_gen, t_train, t_sync, ideal)
+    # With one batch of look-ahead (staleness 1) each batch must be generated within one training
+    # step: the trainer waits whenever a batch's own T_gen exceeds T_train, so the per-batch spread
+    # matters, not only the mean the ideal uses.
+    per_batch = [w for r in reps for w in step_waits_s(r[0])]
+    one_ahead = statistics.fmean(max(g, t_train) for g in per_batch) + t_sync
+    res = _result(ctx, reps, step, t_gen, t_train, t_sync, ideal)
+    res.tables.append(_breakdown(reps, step, t_train, one_ahead, per_batch))
+    return res
+
+
+def _breakdown(reps: list[dict[int, ScenarioRun]], step: dict[int, float], t_train: float, one_ahead: float, per_batch: list[float]) -> Table:
+    """Where each schedule's step time goes: training, weight sync, waiting for samples, the rest (runtime overhead)."""
+    rows: list[list[Any]] = []
+    for s in (0, *ASYNC_STALENESS):
+        wait = statistics.median(steady_wait_s(r[s]) for r in reps)
+        sync = statistics.median(r[s].sync_latency_mean_s for r in reps)
+        rows.append([f"staleness {s}", step[s] * 1e3, t_train * 1e3, sync * 1e3, wait * 1e3, (step[s] - t_train - sync - wait) * 1e3])
+    return Table(
+        title="Step time breakdown (ms per step, steady state)",
+        columns=["schedule", "step", "train", "weight sync", "trainer waits for samples", "rest (runtime overhead)"],
+        rows=rows,
+        note=f"Per-batch T_gen in the synchronous runs ranged {min(per_batch) * 1e3:.0f}–{max(per_batch) * 1e3:.0f} ms "
+        f"(sd {statistics.pstdev(per_batch) * 1e3:.0f} ms). If every batch had to be generated within one training step "
+        f"(staleness 1: one batch of look-ahead), a step would take mean(max(T_gen_i, T_train)) + T_sync = {one_ahead * 1e3:.1f} ms; "
+        "staleness 2 has two batches of look-ahead and absorbs the spread.",
+    )
 
 
 def _result(
@@ -123,8 +152,8 @@ def _result(
                     name=f"overlap efficiency, staleness {s}",
                     value=speedup / ideal,
                     unit="× ideal",
-                    target=f">= {TARGET}" if s == 1 else "",
-                    met=check(speedup / ideal, ">=", TARGET) if s == 1 else None,
+                    target=f">= {TARGET}",
+                    met=check(speedup / ideal, ">=", TARGET),
                     note=f"speedup {speedup:.3f} of ideal {ideal:.3f}",
                 )
             )
@@ -143,6 +172,11 @@ def _result(
         "policy version, so generation never overlaps training (see asyncpolicy/actors/rollouter.py, admission)."
     )
     res.notes.append(f"Simulated engines: {', '.join(BASE)}; training step {t_train * 1e3:.0f} ms, set equal to the calibrated T_gen.")
+    res.notes.append(
+        "The ideal assumes generation costs T_gen per batch in both schedules. Synchronously a batch waits for its slowest "
+        "response (the long tail); asynchronously the next batch's responses start while stragglers finish, so async can "
+        "beat the ideal (fraction > 1) — the synchronous schedule pays the tail, the asynchronous one hides part of it."
+    )
     res.plots.append(_plot(ctx, step, t_gen, t_train))
     return res
 

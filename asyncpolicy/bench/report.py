@@ -25,6 +25,7 @@ class BenchRun(msgspec.Struct, kw_only=True):
     revision: str
     quick: bool
     wall_s: float
+    load_avg: list[float]  # 1-minute load average at start and end: other work on the machine skews timings
     suites: list[SuiteResult]
 
 
@@ -73,6 +74,7 @@ def render_markdown(run: BenchRun) -> str:
         f"- machine: {m.describe()} (Python {m.python}, torch {m.torch}, {m.os})",
         f"- command: `{run.command}`",
         f"- revision: {run.revision}{' (quick sizes)' if run.quick else ''}; total wall time {run.wall_s:.0f} s",
+        f"- 1-minute load average at start / end: {' / '.join(f'{x:.2f}' for x in run.load_avg)} (on {m.cores} cores; above that, other work shared the CPU)",
         "",
         "## Summary: figures against targets",
         "",
@@ -94,7 +96,12 @@ def render_markdown(run: BenchRun) -> str:
 
 
 def render_summary(run: BenchRun) -> str:
-    lines = [f"date: {run.date}", f"machine: {run.machine.describe()}", f"command: {run.command}"]
+    lines = [
+        f"date: {run.date}",
+        f"machine: {run.machine.describe()}",
+        f"command: {run.command}",
+        f"load average (start/end): {' / '.join(f'{x:.2f}' for x in run.load_avg)}",
+    ]
     for f in _figures(run):
         target = f" (target {f.target}: {verdict(f)})" if f.target else ""
         lines.append(f"{f.suite}.{f.name.replace(' ', '_')} = {fmt(f.value)} {f.unit}{target}".replace("  ", " "))

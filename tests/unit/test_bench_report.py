@@ -27,7 +27,7 @@ def _run() -> BenchRun:
         notes=["a note"],
     )
     skipped = SuiteResult(suite="learning", title="Learning", skipped="no HF engine")
-    return BenchRun(date="2026-01-01", machine=MACHINE, command="python -m asyncpolicy bench channel", revision="abc", quick=True, wall_s=1.0, suites=[suite, skipped])
+    return BenchRun(date="2026-01-01", machine=MACHINE, command="python -m asyncpolicy bench channel", revision="abc", quick=True, wall_s=1.0, load_avg=[0.5, 0.7], suites=[suite, skipped])
 
 
 def test_markdown_opens_with_the_summary_and_names_machine_and_command() -> None:
