@@ -91,6 +91,12 @@ class RecordingTrainEngine:
         )
         return await self.inner.train_step(batch, version)
 
+    async def save_state(self, directory: str) -> None:
+        await self.inner.save_state(directory)
+
+    async def load_state(self, directory: str) -> None:
+        await self.inner.load_state(directory)
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 
