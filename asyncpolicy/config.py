@@ -30,9 +30,9 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class DataConfig(_Section):
-    train_batch_size: Annotated[int, _doc("prompts per training step (each with rollout.n responses)", ge=1)] = 8
+    train_batch_size: Annotated[int, _doc("prompts per training step (each with rollout.n responses)", ge=1)] = 16
     max_prompt_length: Annotated[int, _doc("longest prompt in tokens; longer ones follow data.truncation", ge=1)] = 64
-    max_response_length: Annotated[int, _doc("most tokens generated per response", ge=1)] = 12
+    max_response_length: Annotated[int, _doc("most tokens generated per response", ge=1)] = 6
     train_files: Annotated[list[str], _doc("JSONL/Parquet files with prompts; empty = the task's built-in data")] = []
     val_files: Annotated[list[str], _doc("held-out JSONL/Parquet files; empty = the task's held-out split")] = []
     prompt_key: Annotated[str, _doc("column holding the prompt text in data files")] = "prompt"
@@ -63,7 +63,7 @@ class SimulatedRolloutConfig(_Section):
 
 class RolloutConfig(_Section):
     engine: Annotated[Literal["simulated", "hf", "vllm"], _doc("generation engine")] = "hf"
-    n: Annotated[int, _doc("responses per prompt (GRPO group size)", ge=1)] = 4
+    n: Annotated[int, _doc("responses per prompt (GRPO group size)", ge=1)] = 8
     n_gpus_per_node: Annotated[int, _doc("GPUs for generation (vllm engine)", ge=0)] = 1
     max_concurrency: Annotated[int, _doc("most responses generated at once", ge=1)] = 64
     temperature: Annotated[float, _doc("sampling temperature", gt=0)] = 1.0
@@ -96,9 +96,9 @@ class SimulatedTrainerConfig(_Section):
 
 class TrainerConfig(_Section):
     engine: Annotated[Literal["simulated", "torch", "fsdp"], _doc("training engine")] = "torch"
-    total_training_steps: Annotated[int, _doc("optimizer steps of the whole run", ge=1)] = 60
+    total_training_steps: Annotated[int, _doc("optimizer steps of the whole run", ge=1)] = 400
     n_gpus_per_node: Annotated[int, _doc("GPUs for training (fsdp engine)", ge=0)] = 1
-    lr: Annotated[float, _doc("peak learning rate of AdamW", gt=0)] = 3e-3
+    lr: Annotated[float, _doc("peak learning rate of AdamW", gt=0)] = 1e-3
     warmup_steps: Annotated[int, _doc("linear LR warm-up steps", ge=0)] = 3
     lr_schedule: Annotated[Literal["constant", "cosine"], _doc("LR after warm-up")] = "constant"
     weight_decay: Annotated[float, _doc("AdamW weight decay", ge=0)] = 0.0
@@ -107,7 +107,9 @@ class TrainerConfig(_Section):
     save_freq: Annotated[int, _doc("checkpoint every N steps; 0 = only at the end", ge=0)] = 0
     keep_checkpoints: Annotated[int, _doc("complete checkpoints kept", ge=1)] = 2
     test_freq: Annotated[int, _doc("validate every N steps; 0 = never", ge=0)] = 0
-    threads: Annotated[int, _doc("torch CPU threads for training; 0 = torch's default", ge=0)] = 0
+    threads: Annotated[
+        int, _doc("torch CPU threads (hf/torch engines); 1 suits the tiny default model on 2 cores, 0 = torch's default", ge=0)
+    ] = 1
     worker_timeout_s: Annotated[
         float, _doc("fsdp: seconds any trainer worker may take to answer one command before the run fails", gt=0)
     ] = 900.0
