@@ -15,10 +15,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, register_random, settings
 
+from asyncpolicy.actors.rollouter import Rollouter
+from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import Config, load_config
 from asyncpolicy.engines.protocols import EngineSet
 from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTrainEngine, SimulatedTransport
 from asyncpolicy.samples import Sample
+from asyncpolicy.tasks.registry import simulated_task
 
 settings.register_profile(
     "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
@@ -152,3 +155,17 @@ def engines_for() -> Callable[..., tuple[EngineSet, RecordingTrainEngine]]:
 def hypothesis_random() -> random.Random:
     """The Random registered with Hypothesis: pass it to simulated engines inside @given tests."""
     return HYPOTHESIS_RNG
+
+
+@pytest.fixture(scope="session")
+def rollouter_for() -> Callable[..., tuple[Rollouter, Any, VersionedChannel[Sample]]]:
+    """`rollouter_for(cfg, engine=None, scorer=None)`: a Rollouter on the simulated task and engine."""
+
+    def make(cfg: Config, engine: Any = None, scorer: Any = None) -> tuple[Rollouter, Any, VersionedChannel[Sample]]:
+        engine = engine if engine is not None else SimulatedGenerationEngine(cfg.rollout.simulated, random.Random(cfg.seed))
+        at = cfg.async_training
+        channel: VersionedChannel[Sample] = VersionedChannel(at.max_queue_size, at.staleness_threshold)
+        task = simulated_task(cfg)
+        return Rollouter(cfg, engine, channel, task.train, scorer or task.scorer), engine, channel
+
+    return make

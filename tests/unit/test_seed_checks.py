@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import pytest
 
-from asyncpolicy.actors.rollouter import Rollouter
 from asyncpolicy.actors.synchronizer import ParameterSynchronizer
 from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import Config
-from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTransport
-from asyncpolicy.samples import Sample
-from asyncpolicy.tasks.registry import simulated_task
+from asyncpolicy.engines.simulated import SimulatedTransport
 
 pytestmark = pytest.mark.anyio
 
 
-def make_rollouter(cfg: Config) -> tuple[Rollouter, SimulatedGenerationEngine, VersionedChannel[Sample]]:
-    engine = SimulatedGenerationEngine(cfg.rollout.simulated, random.Random(cfg.seed))
-    channel: VersionedChannel[Sample] = VersionedChannel(cfg.async_training.max_queue_size, cfg.async_training.staleness_threshold)
-    task = simulated_task(cfg)
-    return Rollouter(cfg, engine, channel, task.train, task.scorer), engine, channel
-
-
-async def test_rollouter_pause_and_resume_return_true(sim_config: Callable[..., Config]) -> None:
+async def test_rollouter_pause_and_resume_return_true(sim_config: Callable[..., Config], rollouter_for: Callable[..., Any]) -> None:
     """Seed: `assert pause_rollout() == True; assert resume_rollout() == True` on a running rollouter."""
-    rollouter, engine, _ = make_rollouter(sim_config())
+    rollouter, engine, _ = rollouter_for(sim_config())
     await engine.start()
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
@@ -47,10 +37,10 @@ def test_stale_get_returns_none() -> None:
     assert (stats.dropped_stale, stats.consumed, stats.size) == (1, 0, 0)
 
 
-async def test_sync_weights_returns_true(sim_config: Callable[..., Config]) -> None:
+async def test_sync_weights_returns_true(sim_config: Callable[..., Config], rollouter_for: Callable[..., Any]) -> None:
     """Seed: `assert sync.sync_weights() == True`, and the rollout then serves that version."""
     cfg = sim_config()
-    rollouter, engine, _ = make_rollouter(cfg)
+    rollouter, engine, _ = rollouter_for(cfg)
     transport = SimulatedTransport(engine, cfg.trainer.simulated)
     sync = ParameterSynchronizer(cfg.async_training, rollouter, transport)
     await engine.start()
