@@ -60,10 +60,11 @@ def sampling_distribution(logits: torch.Tensor, temperature: torch.Tensor, top_p
 class HFGenerationEngine:
     """`GenerationEngine` over a transformers causal LM; see the module docstring."""
 
-    def __init__(self, model_path: str, dtype: str = "float32", threads: int = 0) -> None:
+    def __init__(self, model_path: str, dtype: str = "float32", threads: int = 0, ignore_eos: bool = False) -> None:
         self.model_path = model_path
         self.dtype = dtype
         self.threads = threads
+        self.ignore_eos = ignore_eos  # generate to max_tokens regardless (fixed-length benchmarks, tests)
         self._model: Any = None
         self._eos: set[int] = set()
         self._pad = 0
@@ -231,7 +232,7 @@ class HFGenerationEngine:
                     logprobs[i].append(float(nxt_logp[i]))
                     versions[i].append(version)
                     self.generated_tokens += 1
-                    if tok in self._eos:
+                    if tok in self._eos and not self.ignore_eos:
                         finish[i] = "stop"
                     elif len(tokens[i]) >= r.max_tokens:
                         finish[i] = "length"

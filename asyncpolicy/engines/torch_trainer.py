@@ -71,7 +71,9 @@ class TorchTrainEngine:
         torch.manual_seed(cfg.seed)
         model = load_model(self.model_path, cfg.model.dtype)
         if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            # transformers 5 renamed it; older versions only have the first name
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
             model.config.use_cache = False
         model.train()
         self.model = model

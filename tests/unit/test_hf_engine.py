@@ -33,8 +33,8 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield tiny.resolve_model_path(load_config())
 
 
-async def started(path: str) -> HFGenerationEngine:
-    engine = HFGenerationEngine(path, threads=1)
+async def started(path: str, ignore_eos: bool = False) -> HFGenerationEngine:
+    engine = HFGenerationEngine(path, threads=1, ignore_eos=ignore_eos)
     await engine.start()
     return engine
 
@@ -124,8 +124,7 @@ async def test_tiny_top_p_is_greedy_with_logprob_zero(model_path: str) -> None:
 
 
 async def test_abort_returns_partial_tokens_and_continuation_extends_them(model_path: str) -> None:
-    engine = await started(model_path)
-    engine._eos = set()  # never stop early: this test needs a long response to interrupt
+    engine = await started(model_path, ignore_eos=True)  # this test needs a long response to interrupt
     request = GenerationRequest(request_id="long", prompt_tokens=prompt_tokens(0), max_tokens=200, seed=7)
     holder: list[GenerationResult] = []
 
@@ -192,8 +191,7 @@ async def test_requests_at_max_tokens_finish_with_length(model_path: str) -> Non
 
 
 async def test_requests_arriving_during_a_batch_form_the_next_batch(model_path: str) -> None:
-    engine = await started(model_path)
-    engine._eos = set()
+    engine = await started(model_path, ignore_eos=True)
 
     async def late_arrivals() -> None:
         while not engine.batch_sizes:
@@ -208,8 +206,7 @@ async def test_requests_arriving_during_a_batch_form_the_next_batch(model_path: 
 
 
 async def test_event_loop_stays_responsive_while_generating(model_path: str) -> None:
-    engine = await started(model_path)
-    engine._eos = set()
+    engine = await started(model_path, ignore_eos=True)
     gaps: list[float] = []
     finished = anyio.Event()
 
@@ -238,8 +235,7 @@ async def test_event_loop_stays_responsive_while_generating(model_path: str) -> 
 
 
 async def test_cancelled_caller_does_not_disturb_others_in_its_batch(model_path: str) -> None:
-    engine = await started(model_path)
-    engine._eos = set()
+    engine = await started(model_path, ignore_eos=True)
     results: list[GenerationResult] = []
 
     async def survivor() -> None:
