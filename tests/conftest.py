@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, register_random, settings
 
 from asyncpolicy.actors.rollouter import Rollouter
@@ -30,6 +31,19 @@ settings.register_profile(
     "thorough", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Plain tracebacks in log lines: structlog's default rich renderer prints every local of every frame
+# (whole batches of samples), which costs seconds per failing-run test and buries the message.
+structlog.configure(
+    processors=[
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.StackInfoRenderer(),
+        structlog.dev.set_exc_info,
+        structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+        structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback),
+    ]
+)
 
 # Simulated engines with tiny latencies: a run of a few steps takes tens of milliseconds.
 FAST_SIMULATED = (
