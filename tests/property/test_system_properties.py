@@ -3,7 +3,8 @@
 The simulated generation engine draws its latencies and token counts from a Random registered
 with Hypothesis (`st.random_module()` seeds it per example, together with trio's scheduler), so
 completion orders are explored and a failure replays. For any staleness threshold 0..3, batch,
-queue, group size, concurrency, sync period and partial-rollout setting, a run must:
+queue, group size, concurrency, sync period and partial-rollout setting, and any sequence of user
+pause()/resume() calls at random moments, a run must:
 
 * train every batch within the staleness bound (metrics.jsonl and the batches themselves);
 * account for every sample: made == trained + dropped_stale + queued; trained == steps × batch;
@@ -74,35 +75,53 @@ def admission_checker(sup_box: list[Supervisor], cfg: Config, violations: list[s
     return check
 
 
-async def run_supervised(cfg: Config, engines: Any, sup_box: list[Supervisor]) -> tuple[RunResult, list[dict[str, Any]]]:
+controls = st.lists(st.tuples(st.sampled_from([0.0, 0.001, 0.004]), st.sampled_from(["pause", "resume"])), max_size=6)
+
+
+async def drive(sup: Supervisor, script: list[tuple[float, str]], answers: list[object]) -> None:
+    """A user pausing and resuming at random moments; always resumed at the end so the run can finish."""
+    for delay, action in script:
+        await anyio.sleep(delay)
+        answers.append(await (sup.pause() if action == "pause" else sup.resume()))
+    answers.append(await sup.resume())
+
+
+async def run_supervised(
+    cfg: Config, engines: Any, sup_box: list[Supervisor], script: list[tuple[float, str]], answers: list[object]
+) -> tuple[RunResult, list[dict[str, Any]]]:
     with anyio.fail_after(RUN_DEADLINE_S):
         sup = Supervisor(cfg, engines=engines)
         sup_box.append(sup)  # before entering: generations start inside __aenter__
-        async with sup:
+        async with sup, anyio.create_task_group() as tg:
+            tg.start_soon(drive, sup, script, answers)
             result = await sup.wait()
     rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     return result, rows
 
 
 @pytest.mark.anyio
-@given(overrides=small_configs(), _seed=st.random_module())
+@given(overrides=small_configs(), script=controls, _seed=st.random_module())
 async def test_any_small_run_keeps_staleness_accounting_and_admission(
     overrides: list[str],
+    script: list[tuple[float, str]],
     _seed: object,
     sim_config: Callable[..., Config],
     engines_for: Callable[..., Any],
     hypothesis_random: random.Random,
 ) -> None:
-    """Every trained sample within the bound; conservation; one version per step; admission rule."""
+    """Every trained sample within the bound; conservation; one version per step; admission rule —
+    with a user pausing and resuming at random moments (each call returns True)."""
     with tempfile.TemporaryDirectory() as out:
         cfg = sim_config(*overrides, output_dir=out)
         violations: list[str] = []
         sup_box: list[Supervisor] = []
         engines, recorder = engines_for(cfg, hypothesis_random, on_generate=admission_checker(sup_box, cfg, violations))
-        result, rows = await run_supervised(cfg, engines, sup_box)
+        answers: list[object] = []
+        result, rows = await run_supervised(cfg, engines, sup_box, script, answers)
 
     at, steps, batch = cfg.async_training, cfg.trainer.total_training_steps, cfg.data.train_batch_size
     assert not violations, violations[:3]
+    assert answers == [True] * (len(script) + 1), "pause()/resume() must return True"
     # the staleness bound, as the metrics report it ...
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     assert [r["param_version"] for r in rows] == list(range(1, steps + 1))
