@@ -74,6 +74,8 @@ def collate(samples: list[Sample], version: int, algo: AlgorithmConfig, pad_id: 
     adv = torch.zeros((n_rows, T - 1))
     for i, (prompt, traj) in enumerate(rows):
         P, R = len(prompt), len(traj.response_tokens)
+        if P == 0:  # the first response token would have no position to be predicted from
+            raise ValueError("a prompt needs at least one token (tokenizers add <bos> or a chat header)")
         input_ids[i, : P + R] = torch.tensor(prompt + traj.response_tokens, dtype=torch.long)
         attention_mask[i, : P + R] = 1
         # response token j sits at position P+j and is predicted at position P+j-1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from asyncpolicy.config import load_config
 from asyncpolicy.errors import ConfigError
 from asyncpolicy.models import tiny
 from asyncpolicy.tasks import builtin
-from asyncpolicy.tasks.loading import build_real_task
+from asyncpolicy.tasks.loading import build_real_task, encode_prompt
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +163,10 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path, tokenizer:
     cfg = load_config(overrides=[f"data.train_files=[{path}]", f"task.reward_fn={reward_module}"])
     with pytest.raises(ConfigError, match=r"pip install asyncpolicy\[parquet\]"):
         build_real_task(cfg, tokenizer)
+
+
+def test_prompts_go_through_the_chat_template_when_there_is_one(tokenizer: Any) -> None:
+    assert encode_prompt(tokenizer, "abc") == tokenizer("abc")["input_ids"]  # no template: plain, with <bos>
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{{ bos_token }}{{ messages[0]['content'] }}{% if add_generation_prompt %}>{% endif %}"
+    assert chat.decode(encode_prompt(chat, "abc")) == "<bos>abc>"
