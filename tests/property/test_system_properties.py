@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncpolicy.config import Config
@@ -100,6 +100,7 @@ async def run_supervised(
 
 
 @pytest.mark.anyio
+@settings(max_examples=2 * settings.default.max_examples)  # 50 runs of ~0.1-0.3 s
 @given(overrides=small_configs(), script=controls, _seed=st.random_module())
 async def test_any_small_run_keeps_staleness_accounting_and_admission(
     overrides: list[str],
