@@ -60,7 +60,7 @@ def make_model_dir(path: str, tokenizer: bool = True) -> str:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         corpus = [" ".join(str(i) for i in range(k, k + 50)) + " reverse copy add the = + - ?" for k in range(0, 2000, 50)]
-        tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>")
         fast.save_pretrained(path)
         # the ids of the tokenizer's specials replace Qwen's in the config, so EOS means the same to both

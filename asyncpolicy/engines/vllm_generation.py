@@ -97,9 +97,11 @@ class VLLMGenerationEngine:
         self._abort: anyio.Event | None = None
         self._ids = itertools.count()
         self._active: set[str] = set()  # vLLM request ids of running `generate` calls
+        self._ready = anyio.Event()  # set once started; a transport waits on it during a restart
         self._paused = False
         self.generated_tokens = 0
         self.start_s = 0.0
+        self.incarnation = 0  # +1 per start: transports redo their set-up after a restart
 
     @property
     def version(self) -> int:
@@ -143,6 +145,8 @@ class VLLMGenerationEngine:
             self._llm = AsyncLLM.from_engine_args(args)
         self.start_s = time.perf_counter() - t0
         self._abort = anyio.Event()
+        self.incarnation += 1
+        self._ready.set()
         log.info("vllm_started", gpus=s.gpus, start_s=round(self.start_s, 1), dummy_weights=s.dummy_weights)
 
     def _sampling_params(self, request: GenerationRequest, max_tokens: int) -> Any:
@@ -227,8 +231,14 @@ class VLLMGenerationEngine:
 
     # ---- used by the weight transports ---------------------------------------------------
 
+    async def wait_ready(self) -> None:
+        """Wait for `start` to finish (the supervisor may be restarting the engine right now)."""
+        with anyio.fail_after(self.settings.start_timeout_s):
+            await self._ready.wait()
+
     async def pause(self) -> None:
         """Stop scheduling; requests still queued keep their state and resume later."""
+        await self.wait_ready()
         core = getattr(self.llm, "engine_core", None)
         with anyio.fail_after(self.settings.rpc_timeout_s):
             if core is not None and hasattr(core, "pause_scheduler_async"):
@@ -270,6 +280,7 @@ class VLLMGenerationEngine:
 
     async def aclose(self) -> None:
         await self.abort_all()
+        self._ready = anyio.Event()
         if self._llm is not None:
             llm, self._llm = self._llm, None
             await anyio.to_thread.run_sync(llm.shutdown)

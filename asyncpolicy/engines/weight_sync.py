@@ -57,6 +57,7 @@ class _FlatTransport:
     async def push(self, version: int) -> None:
         t0 = time.perf_counter()
         meta = await self.trainer.pack()
+        await self.generation.wait_ready()  # a restart in progress: push once it is back
         await self._prepare()
         t1 = time.perf_counter()
         gen = self.generation
@@ -92,7 +93,7 @@ class IPCTransport(_FlatTransport):
         self._handle: bytes = b""
 
     async def _prepare(self) -> None:
-        if not self._handle:  # the buffer is allocated once, so is its handle
+        if not self._handle:  # the buffer is allocated once, so is its handle (vLLM caches it open)
             self._handle = (await self.trainer.call(w.IpcHandle()))[0].blob
 
     async def _transfer(self, meta: list[tuple[str, list[int], int, int]]) -> None:
@@ -107,19 +108,19 @@ class NCCLTransport(_FlatTransport):
     def __init__(self, generation: VLLMGenerationEngine, trainer: FSDPTrainEngine, host: str = "127.0.0.1") -> None:
         super().__init__(generation, trainer)
         self.host = host
-        self._ready = False
+        self._group_of = -1  # the engine incarnation the NCCL group was made with
         self.init_s = 0.0
 
     async def _prepare(self) -> None:
-        if self._ready:
-            return
+        if self._group_of == self.generation.incarnation:
+            return  # a restarted vLLM has new worker processes: they need a new group
         t0 = time.perf_counter()
         port = w.free_port()
         world = 1 + len(self.generation.settings.gpus)  # trainer rank 0 + one rank per vLLM worker
         async with anyio.create_task_group() as tg:  # both sides must join the rendezvous together
             tg.start_soon(self.trainer.call, w.NcclInit(host=self.host, port=port, world_size=world))
             tg.start_soon(self.generation.rpc, "ap_nccl_init", self.host, port, 1, world)
-        self._ready = True
+        self._group_of = self.generation.incarnation
         self.init_s = time.perf_counter() - t0
         log.info("nccl_group_ready", world_size=world, init_s=round(self.init_s, 3))
 
