@@ -161,7 +161,7 @@ class VLLMGenerationEngine:
             detokenize=False,
             ignore_eos=self.settings.ignore_eos,
             stop_token_ids=[] if self.settings.ignore_eos else list(self.settings.stop_token_ids),
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.CUMULATIVE,
         )
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -179,23 +179,24 @@ class VLLMGenerationEngine:
         abort = self._abort
         rid = f"{request.request_id}#{next(self._ids)}"  # unique: retries and continuations reuse ids
         prompt = {"prompt_token_ids": list(request.prompt_tokens) + list(request.response_tokens)}  # a TokensPrompt
-        tokens: list[int] = []
-        logprobs: list[float] = []
-        versions: list[int] = []
         finish = ""
-        # No helper task per request (it would double the tasks at hundreds of concurrent
-        # requests): abort_all aborts the vLLM ids in `_active` itself.
+        best: Any = None  # latest output; CUMULATIVE outputs share vLLM's growing token/logprob lists
+        seen = 0  # tokens observed so far
+        spans = [(0, self._version)]  # (index of first token, version loaded when it was observed)
+        # The loop body stays as cheap as a bare vLLM client's (no per-token work, no helper task
+        # per request): tokens and logprobs are read once at the end. abort_all aborts the vLLM
+        # ids in `_active` itself.
         self._active.add(rid)
         try:
             stream = llm.generate(prompt, self._sampling_params(request, remaining), request_id=rid)
             try:
                 async for out in stream:
                     c = out.outputs[0]
-                    v = self._version
-                    new = c.token_ids
-                    tokens.extend(new)
-                    logprobs.extend([pos[t].logprob for t, pos in zip(new, c.logprobs or ())])
-                    versions.extend([v] * len(new))
+                    if self._version != spans[-1][1]:
+                        spans.append((seen, self._version))
+                    if best is None or len(c.token_ids) >= len(best.token_ids):
+                        best = c
+                    seen = len(best.token_ids)
                     if out.finished:
                         finish = _FINISH.get(c.finish_reason or "", "stop")
                     elif abort.is_set():
@@ -208,6 +209,12 @@ class VLLMGenerationEngine:
                         await llm.abort(rid)
         finally:
             self._active.discard(rid)
+        tokens: list[int] = list(best.token_ids) if best is not None else []
+        logprobs = [pos[t].logprob for t, pos in zip(tokens, best.logprobs or ())] if best is not None else []
+        versions: list[int] = []
+        for k, (first, v) in enumerate(spans):
+            upto = spans[k + 1][0] if k + 1 < len(spans) else len(tokens)
+            versions.extend([v] * (upto - first))
         if len(logprobs) != len(tokens):
             raise RuntimeError(f"vLLM returned {len(tokens)} tokens but {len(logprobs)} logprobs for {rid}")
         self.generated_tokens += len(tokens)

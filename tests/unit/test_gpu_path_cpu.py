@@ -53,25 +53,28 @@ def test_missing_vllm_is_a_config_error() -> None:
 
 class _Out:
     def __init__(self, toks: list[int], finished: bool, reason: str | None) -> None:
-        lp = [{t: types.SimpleNamespace(logprob=-0.5)} for t in toks]
+        lp = [{t: types.SimpleNamespace(logprob=-0.5)} for t in toks]  # a copy; fine for the test
         self.outputs = [types.SimpleNamespace(token_ids=toks, logprobs=lp, finish_reason=reason)]
         self.finished = finished
 
 
 class FakeLLM:
-    """Streams one token per 10 ms (DELTA outputs) until max_tokens; `abort` ends a stream with 'abort'."""
+    """Streams one token per 10 ms (CUMULATIVE outputs, as vLLM: one growing list) until max_tokens;
+    `abort` ends a stream with an 'abort' output holding every token so far."""
 
     def __init__(self) -> None:
         self.aborted: set[str] = set()
 
     def generate(self, prompt, n_tokens, request_id):
         async def stream():
+            toks: list[int] = []
             for i in range(n_tokens):
                 await anyio.sleep(0.01)
                 if request_id in self.aborted:
-                    yield _Out([], True, "abort")
+                    yield _Out(toks, True, "abort")
                     return
-                yield _Out([100 + i], i == n_tokens - 1, "length" if i == n_tokens - 1 else None)
+                toks.append(100 + i)
+                yield _Out(toks, i == n_tokens - 1, "length" if i == n_tokens - 1 else None)
 
         return stream()
 
@@ -114,6 +117,24 @@ async def test_generate_labels_versions_and_abort_returns_partial() -> None:
     )
     assert cont.finish_reason == "length"
     assert cont.token_versions == part.token_versions + [3] * 4
+
+
+@pytest.mark.anyio
+async def test_tokens_observed_after_a_version_change_carry_the_new_version() -> None:
+    eng = _engine()
+    results = []
+
+    async def run() -> None:
+        results.append(await eng.generate(GenerationRequest(request_id="c", prompt_tokens=[1], max_tokens=40)))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await anyio.sleep(0.15)
+        eng.set_version(1)
+    res = results[0]
+    assert res.finish_reason == "length" and len(res.token_versions) == 40
+    first_new = res.token_versions.index(1)
+    assert 0 < first_new < 40 and res.token_versions == [0] * first_new + [1] * (40 - first_new)
 
 
 def _batch(seed: int) -> list:
