@@ -175,7 +175,9 @@ class HFGenerationEngine:
 
     # -- the worker thread ----------------------------------------------------------------------
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
         kwargs = {self._cache_kw: cache} if cache is not None else {}
         out = self._model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         new_cache = getattr(out, "cache", None) if self._cache_kw == "cache" else out.past_key_values

@@ -90,7 +90,9 @@ def collate(samples: list[Sample], version: int, algo: AlgorithmConfig, pad_id: 
         behaviour_logprobs=behaviour,
         advantages=adv,
         rewards=torch.tensor([t.reward for t in trajs], dtype=torch.float32),
-        staleness=torch.tensor([version - t.min_version if t.token_versions else 0 for t in trajs], dtype=torch.float32),
+        staleness=torch.tensor(
+            [version - t.min_version if t.token_versions else 0 for t in trajs], dtype=torch.float32
+        ),
     )
 
 
@@ -133,7 +135,9 @@ def micro_batch_loss(
     """The micro-batch's share of the mini-batch loss, and token-summed statistics for metrics."""
     logprobs, entropy = token_logprobs(model, mb, temperature, with_entropy=True)  # (N, T-1)
     mask = mb.response_mask
-    old_logprobs, weights = anchor_and_weights(algo.staleness_correction, mb.behaviour_logprobs, mb.prox_logprobs, algo.tis_cap)
+    old_logprobs, weights = anchor_and_weights(
+        algo.staleness_correction, mb.behaviour_logprobs, mb.prox_logprobs, algo.tis_cap
+    )
     pg_loss, ratio, clipped = ppo_clip_token_loss(logprobs, old_logprobs, mb.advantages, algo.clip_ratio)
     token_loss = weights * pg_loss  # (N, T-1)
     stats: dict[str, float] = {}

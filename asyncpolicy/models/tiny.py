@@ -67,7 +67,7 @@ def embedded_dir() -> Path:
 
 def build_tokenizer() -> Any:
     """A character-level `PreTrainedTokenizerFast`: one token per alphabet character plus pad/bos/eos."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, *ALPHABET])}
@@ -165,4 +165,3 @@ def load_model(path: str, dtype: str = "float32") -> Any:
     _quiet_transformers()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
-

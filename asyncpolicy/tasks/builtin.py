@@ -33,7 +33,9 @@ def _word(rng: random.Random) -> str:
 
 def reverse_example(rng: random.Random) -> Example:
     w = _word(rng)
-    return Example(prompt=f"{w}>", instruction=f"Reverse the string {w}. Reply with the reversed string only.", answer=w[::-1])
+    return Example(
+        prompt=f"{w}>", instruction=f"Reverse the string {w}. Reply with the reversed string only.", answer=w[::-1]
+    )
 
 
 def copy_example(rng: random.Random) -> Example:
@@ -63,7 +65,7 @@ def position_credit(response: str, answer: str) -> float:
     longest = max(len(answer), len(response))
     if longest == 0:
         return 1.0
-    return sum(r == a for r, a in zip(response, answer)) / longest
+    return sum(r == a for r, a in zip(response, answer, strict=False)) / longest
 
 
 def make_splits(name: str, num_train: int, num_val: int, seed: int) -> tuple[list[Example], list[Example]]:

@@ -28,7 +28,9 @@ log = structlog.get_logger(__name__)
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a prompt: through the chat template when the tokenizer has one, else plain."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
         if not isinstance(ids, list):  # newer transformers return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
@@ -63,14 +65,20 @@ def import_reward_fn(path: str) -> Callable[[str, str, str], float]:
     """`pkg.module:function` → the function; a ConfigError naming task.reward_fn otherwise."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"config key 'task.reward_fn': {path!r} is not of the form 'pkg.module:function'", key="task.reward_fn")
+        raise ConfigError(
+            f"config key 'task.reward_fn': {path!r} is not of the form 'pkg.module:function'", key="task.reward_fn"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"config key 'task.reward_fn': cannot import module {module_name!r}: {e}", key="task.reward_fn") from None
+        raise ConfigError(
+            f"config key 'task.reward_fn': cannot import module {module_name!r}: {e}", key="task.reward_fn"
+        ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ConfigError(f"config key 'task.reward_fn': {module_name!r} has no function {attr!r}", key="task.reward_fn")
+        raise ConfigError(
+            f"config key 'task.reward_fn': {module_name!r} has no function {attr!r}", key="task.reward_fn"
+        )
     return fn
 
 
@@ -84,7 +92,8 @@ def _read_rows(path: str, key: str) -> Iterator[tuple[int, dict[str, Any]]]:
             import pyarrow.parquet as pq
         except ImportError:
             raise ConfigError(
-                f"config key {key!r}: {path!r} is Parquet, which needs pyarrow: pip install asyncpolicy[parquet]", key=key
+                f"config key {key!r}: {path!r} is Parquet, which needs pyarrow: pip install asyncpolicy[parquet]",
+                key=key,
             ) from None
         yield from enumerate(pq.read_table(p).to_pylist(), start=1)
         return
@@ -115,7 +124,10 @@ def load_records(cfg: Config, files: list[str], key: str, tokenizer: Any) -> lis
                     raise ConfigError(f"config key {column_key!r}: {where} has no column {column!r}", key=column_key)
             text = row[data.prompt_key]
             if not isinstance(text, str):
-                raise ConfigError(f"config key 'data.prompt_key': {where}: prompt is {type(text).__name__}, not a string", key="data.prompt_key")
+                raise ConfigError(
+                    f"config key 'data.prompt_key': {where}: prompt is {type(text).__name__}, not a string",
+                    key="data.prompt_key",
+                )
             tokens = encode_prompt(tokenizer, text)
             if len(tokens) > data.max_prompt_length:
                 if data.truncation == "error":
@@ -132,9 +144,13 @@ def load_records(cfg: Config, files: list[str], key: str, tokenizer: Any) -> lis
         if len(records) == before and skipped == skipped_before:
             raise ConfigError(f"config key {key!r}: file {path!r} holds no prompts", key=key)
     if skipped:
-        log.warning("prompts_skipped", reason="longer than data.max_prompt_length", skipped=skipped, kept=len(records), key=key)
+        log.warning(
+            "prompts_skipped", reason="longer than data.max_prompt_length", skipped=skipped, kept=len(records), key=key
+        )
     if not records:
-        raise ConfigError(f"config key {key!r}: every prompt is longer than data.max_prompt_length={data.max_prompt_length}", key=key)
+        raise ConfigError(
+            f"config key {key!r}: every prompt is longer than data.max_prompt_length={data.max_prompt_length}", key=key
+        )
     return records
 
 
@@ -175,12 +191,18 @@ def build_real_task(cfg: Config, tokenizer: Any) -> TaskData:
     if cfg.task.reward_fn:
         scorer: Any = UserScorer(cfg.task.reward_fn, import_reward_fn(cfg.task.reward_fn), decode)
     elif cfg.data.train_files:
-        raise ConfigError("config key 'task.reward_fn' is required with data.train_files (a built-in reward only fits its own task)", key="task.reward_fn")
+        raise ConfigError(
+            "config key 'task.reward_fn' is required with data.train_files (a built-in reward only fits its own task)",
+            key="task.reward_fn",
+        )
     else:
         scorer = BuiltinScorer(decode)
     return TaskData(
         train=PromptSource(train, seed=cfg.seed, shuffle=cfg.data.shuffle),
-        val=[Prompt(index=i, epoch=0, text=r.text, tokens=r.tokens, ground_truth=r.ground_truth) for i, r in enumerate(val)],
+        val=[
+            Prompt(index=i, epoch=0, text=r.text, tokens=r.tokens, ground_truth=r.ground_truth)
+            for i, r in enumerate(val)
+        ],
         scorer=scorer,
         decode=decode,
     )

@@ -68,7 +68,9 @@ def test_loss_aggregation_modes(mode: str, expected: float) -> None:
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_micro_batch_shares_sum_to_the_whole(mode: str) -> None:
     whole = aggregate_loss(TOKEN_LOSS, MASK, mode, total_tokens=4, total_seqs=2)
-    parts = sum(aggregate_loss(TOKEN_LOSS[i : i + 1], MASK[i : i + 1], mode, total_tokens=4, total_seqs=2) for i in range(2))
+    parts = sum(
+        aggregate_loss(TOKEN_LOSS[i : i + 1], MASK[i : i + 1], mode, total_tokens=4, total_seqs=2) for i in range(2)
+    )
     assert float(parts) == pytest.approx(float(whole))
 
 

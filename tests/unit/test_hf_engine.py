@@ -43,11 +43,20 @@ def prompt_tokens(i: int) -> list[int]:
     return [1] + [3 + (i * 7 + j) % 8 for j in range(2 + i % 3)] + [43]  # <bos>, letters, '>'
 
 
-def trainer_logprobs(model: Any, pairs: list[tuple[list[int], GenerationResult]], temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def trainer_logprobs(
+    model: Any, pairs: list[tuple[list[int], GenerationResult]], temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     samples = [
         make_sample(
             Prompt(index=i, epoch=0, text="", tokens=p),
-            [Trajectory(response_tokens=r.response_tokens, behaviour_logprobs=r.behaviour_logprobs, token_versions=r.token_versions, finish_reason=r.finish_reason)],
+            [
+                Trajectory(
+                    response_tokens=r.response_tokens,
+                    behaviour_logprobs=r.behaviour_logprobs,
+                    token_versions=r.token_versions,
+                    finish_reason=r.finish_reason,
+                )
+            ],
             0,
             0.0,
         )
@@ -85,7 +94,9 @@ async def test_behaviour_logprobs_equal_the_trainers_recomputation(model_path: s
     ]
     results = await generate_all(engine, requests)
     assert engine.batch_sizes == [12]  # left-padded prompts of different lengths in one batch
-    logprobs, behaviour, mask = trainer_logprobs(tiny.load_model(model_path), [(r.prompt_tokens, res) for r, res in zip(requests, results)], 0.7)
+    logprobs, behaviour, mask = trainer_logprobs(
+        tiny.load_model(model_path), [(r.prompt_tokens, res) for r, res in zip(requests, results, strict=True)], 0.7
+    )
     assert mask.sum() == sum(len(r.response_tokens) for r in results) > 12
     assert float(((logprobs - behaviour).abs() * mask).max()) < 1e-4
     assert all(v == [0] * len(r.response_tokens) for r in results for v in [r.token_versions])
@@ -96,7 +107,9 @@ async def test_seeded_sampling_is_reproducible(model_path: str) -> None:
     engine = await started(model_path)
     request = GenerationRequest(request_id="a", prompt_tokens=prompt_tokens(1), max_tokens=12, seed=42)
     first, second = await engine.generate(request), await engine.generate(request)
-    other = await engine.generate(GenerationRequest(request_id="b", prompt_tokens=prompt_tokens(1), max_tokens=12, seed=43))
+    other = await engine.generate(
+        GenerationRequest(request_id="b", prompt_tokens=prompt_tokens(1), max_tokens=12, seed=43)
+    )
     assert first.response_tokens == second.response_tokens
     assert other.response_tokens != first.response_tokens
     await engine.aclose()
@@ -113,7 +126,9 @@ def test_top_p_keeps_the_nucleus_and_renormalises() -> None:
 
 async def test_tiny_top_p_is_greedy_with_logprob_zero(model_path: str) -> None:
     engine = await started(model_path)
-    result = await engine.generate(GenerationRequest(request_id="g", prompt_tokens=prompt_tokens(2), max_tokens=8, top_p=1e-6, seed=1))
+    result = await engine.generate(
+        GenerationRequest(request_id="g", prompt_tokens=prompt_tokens(2), max_tokens=8, top_p=1e-6, seed=1)
+    )
     assert result.behaviour_logprobs == [0.0] * len(result.response_tokens)
     model = tiny.load_model(model_path)
     ids = torch.tensor([prompt_tokens(2) + result.response_tokens])
@@ -167,7 +182,14 @@ async def test_abort_returns_partial_tokens_and_continuation_extends_them(model_
 
 async def test_a_request_submitted_before_abort_returns_abort_with_its_tokens(model_path: str) -> None:
     engine = await started(model_path)
-    done = GenerationRequest(request_id="x", prompt_tokens=prompt_tokens(0), max_tokens=4, response_tokens=[3, 4], behaviour_logprobs=[-1.0, -2.0], token_versions=[0, 0])
+    done = GenerationRequest(
+        request_id="x",
+        prompt_tokens=prompt_tokens(0),
+        max_tokens=4,
+        response_tokens=[3, 4],
+        behaviour_logprobs=[-1.0, -2.0],
+        token_versions=[0, 0],
+    )
     results: list[GenerationResult] = []
 
     async def run() -> None:
@@ -184,7 +206,14 @@ async def test_a_request_submitted_before_abort_returns_abort_with_its_tokens(mo
 
 async def test_requests_at_max_tokens_finish_with_length(model_path: str) -> None:
     engine = await started(model_path)
-    full = GenerationRequest(request_id="f", prompt_tokens=prompt_tokens(0), max_tokens=2, response_tokens=[3, 4], behaviour_logprobs=[-1.0, -2.0], token_versions=[0, 0])
+    full = GenerationRequest(
+        request_id="f",
+        prompt_tokens=prompt_tokens(0),
+        max_tokens=2,
+        response_tokens=[3, 4],
+        behaviour_logprobs=[-1.0, -2.0],
+        token_versions=[0, 0],
+    )
     result = await engine.generate(full)
     assert (result.finish_reason, result.response_tokens) == ("length", [3, 4])
     await engine.aclose()
@@ -196,10 +225,23 @@ async def test_requests_arriving_during_a_batch_form_the_next_batch(model_path: 
     async def late_arrivals() -> None:
         while not engine.batch_sizes:
             await anyio.sleep(0.001)
-        await generate_all(engine, [GenerationRequest(request_id=f"late{i}", prompt_tokens=prompt_tokens(i), max_tokens=5, seed=i) for i in range(5)])
+        await generate_all(
+            engine,
+            [
+                GenerationRequest(request_id=f"late{i}", prompt_tokens=prompt_tokens(i), max_tokens=5, seed=i)
+                for i in range(5)
+            ],
+        )
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(generate_all, engine, [GenerationRequest(request_id=f"early{i}", prompt_tokens=prompt_tokens(i), max_tokens=60, seed=i) for i in range(3)])
+        tg.start_soon(
+            generate_all,
+            engine,
+            [
+                GenerationRequest(request_id=f"early{i}", prompt_tokens=prompt_tokens(i), max_tokens=60, seed=i)
+                for i in range(3)
+            ],
+        )
         tg.start_soon(late_arrivals)
     assert engine.batch_sizes == [3, 5]
     await engine.aclose()
@@ -219,7 +261,13 @@ async def test_event_loop_stays_responsive_while_generating(model_path: str) -> 
             last = now
 
     async def work() -> None:
-        await generate_all(engine, [GenerationRequest(request_id=str(i), prompt_tokens=prompt_tokens(i), max_tokens=240, seed=i) for i in range(32)])
+        await generate_all(
+            engine,
+            [
+                GenerationRequest(request_id=str(i), prompt_tokens=prompt_tokens(i), max_tokens=240, seed=i)
+                for i in range(32)
+            ],
+        )
         finished.set()
 
     gc.collect()  # earlier tests' garbage: a full collection (GIL held) is not the engine's stall
@@ -229,7 +277,9 @@ async def test_event_loop_stays_responsive_while_generating(model_path: str) -> 
         tg.start_soon(work)
     elapsed = time.monotonic() - t0
     assert elapsed > 0.3  # long enough that a blocked loop would show as one gap this long
-    assert max(gaps) < min(0.15, elapsed / 3), f"event loop stalled {max(gaps):.3f}s during {elapsed:.2f}s of generation"
+    assert max(gaps) < min(0.15, elapsed / 3), (
+        f"event loop stalled {max(gaps):.3f}s during {elapsed:.2f}s of generation"
+    )
     assert len(gaps) > elapsed / 0.05
     await engine.aclose()
 
@@ -239,12 +289,18 @@ async def test_cancelled_caller_does_not_disturb_others_in_its_batch(model_path:
     results: list[GenerationResult] = []
 
     async def survivor() -> None:
-        results.append(await engine.generate(GenerationRequest(request_id="s", prompt_tokens=prompt_tokens(1), max_tokens=30, seed=1)))
+        results.append(
+            await engine.generate(
+                GenerationRequest(request_id="s", prompt_tokens=prompt_tokens(1), max_tokens=30, seed=1)
+            )
+        )
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(survivor)
         with anyio.move_on_after(0.05):
-            await engine.generate(GenerationRequest(request_id="c", prompt_tokens=prompt_tokens(2), max_tokens=200, seed=2))
+            await engine.generate(
+                GenerationRequest(request_id="c", prompt_tokens=prompt_tokens(2), max_tokens=200, seed=2)
+            )
     assert results[0].finish_reason == "length"
     assert len(results[0].response_tokens) == 30
     await engine.aclose()

@@ -27,7 +27,14 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.mark.parametrize(
     ("response", "answer", "credit"),
-    [("cba", "cba", 1.0), ("cb", "cba", 2 / 3), ("cbax", "cba", 3 / 4), ("xba", "cba", 2 / 3), ("", "", 1.0), ("a", "", 0.0)],
+    [
+        ("cba", "cba", 1.0),
+        ("cb", "cba", 2 / 3),
+        ("cbax", "cba", 3 / 4),
+        ("xba", "cba", 2 / 3),
+        ("", "", 1.0),
+        ("a", "", 0.0),
+    ],
 )
 def test_position_credit(response: str, answer: str, credit: float) -> None:
     assert builtin.position_credit(response, answer) == pytest.approx(credit)
@@ -82,8 +89,12 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
 
 
 def test_jsonl_data_with_user_reward(tmp_path: Path, tokenizer: Any, reward_module: str) -> None:
-    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "ab>", "ground_truth": "ba"}, {"prompt": "abc>", "ground_truth": "cba"}])
-    cfg = load_config(overrides=[f"data.train_files=[{train}]", f"task.reward_fn={reward_module}", "data.shuffle=false"])
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{"prompt": "ab>", "ground_truth": "ba"}, {"prompt": "abc>", "ground_truth": "cba"}]
+    )
+    cfg = load_config(
+        overrides=[f"data.train_files=[{train}]", f"task.reward_fn={reward_module}", "data.shuffle=false"]
+    )
     task = build_real_task(cfg, tokenizer)
     prompt = task.train.next()
     assert (prompt.text, prompt.ground_truth) == ("ab>", "ba")
@@ -118,10 +129,19 @@ def test_missing_column_names_key_file_and_line(tmp_path: Path, tokenizer: Any, 
 
 
 @pytest.mark.parametrize(("mode", "kept"), [("skip", 1), ("truncate", 2)])
-def test_long_prompts_follow_truncation(tmp_path: Path, tokenizer: Any, reward_module: str, mode: str, kept: int) -> None:
-    train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "ab>", "ground_truth": "ba"}, {"prompt": "abcdefgh>", "ground_truth": "x"}])
+def test_long_prompts_follow_truncation(
+    tmp_path: Path, tokenizer: Any, reward_module: str, mode: str, kept: int
+) -> None:
+    train = write_jsonl(
+        tmp_path / "t.jsonl", [{"prompt": "ab>", "ground_truth": "ba"}, {"prompt": "abcdefgh>", "ground_truth": "x"}]
+    )
     cfg = load_config(
-        overrides=[f"data.train_files=[{train}]", f"task.reward_fn={reward_module}", "data.max_prompt_length=5", f"data.truncation={mode}"]
+        overrides=[
+            f"data.train_files=[{train}]",
+            f"task.reward_fn={reward_module}",
+            "data.max_prompt_length=5",
+            f"data.truncation={mode}",
+        ]
     )
     task = build_real_task(cfg, tokenizer)
     assert len(task.train.records) == kept
@@ -130,10 +150,19 @@ def test_long_prompts_follow_truncation(tmp_path: Path, tokenizer: Any, reward_m
         assert task.train.records[1].tokens == tokenizer("abcdefgh>")["input_ids"][-5:]
 
 
-def test_long_prompt_with_truncation_error_names_file_and_line(tmp_path: Path, tokenizer: Any, reward_module: str) -> None:
-    train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "ab>", "ground_truth": "ba"}, {"prompt": "abcdefgh>", "ground_truth": "x"}])
+def test_long_prompt_with_truncation_error_names_file_and_line(
+    tmp_path: Path, tokenizer: Any, reward_module: str
+) -> None:
+    train = write_jsonl(
+        tmp_path / "t.jsonl", [{"prompt": "ab>", "ground_truth": "ba"}, {"prompt": "abcdefgh>", "ground_truth": "x"}]
+    )
     cfg = load_config(
-        overrides=[f"data.train_files=[{train}]", f"task.reward_fn={reward_module}", "data.max_prompt_length=5", "data.truncation=error"]
+        overrides=[
+            f"data.train_files=[{train}]",
+            f"task.reward_fn={reward_module}",
+            "data.max_prompt_length=5",
+            "data.truncation=error",
+        ]
     )
     with pytest.raises(ConfigError, match=r"t\.jsonl:2: prompt has 10 tokens, more than 5"):
         build_real_task(cfg, tokenizer)
@@ -141,7 +170,11 @@ def test_long_prompt_with_truncation_error_names_file_and_line(tmp_path: Path, t
 
 @pytest.mark.parametrize(
     ("reward_fn", "message"),
-    [("no_colon", "not of the form"), ("no_such_module_xyz:score", "cannot import"), ("json:no_such_fn", "has no function")],
+    [
+        ("no_colon", "not of the form"),
+        ("no_such_module_xyz:score", "cannot import"),
+        ("json:no_such_fn", "has no function"),
+    ],
 )
 def test_bad_reward_fn_names_task_reward_fn(tmp_path: Path, tokenizer: Any, reward_fn: str, message: str) -> None:
     train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "ab>", "ground_truth": "ba"}])

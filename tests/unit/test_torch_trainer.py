@@ -48,9 +48,16 @@ async def rollout_batch(cfg: Config, seed: int = 0) -> list[Sample]:
         trajectories = []
         for i in range(cfg.rollout.n):
             r = await engines.generation.generate(
-                GenerationRequest(request_id=f"{g}/{i}", prompt_tokens=prompt.tokens, max_tokens=6, seed=seed * 100 + g * 10 + i)
+                GenerationRequest(
+                    request_id=f"{g}/{i}", prompt_tokens=prompt.tokens, max_tokens=6, seed=seed * 100 + g * 10 + i
+                )
             )
-            t = Trajectory(response_tokens=r.response_tokens, behaviour_logprobs=r.behaviour_logprobs, token_versions=r.token_versions, finish_reason=r.finish_reason)
+            t = Trajectory(
+                response_tokens=r.response_tokens,
+                behaviour_logprobs=r.behaviour_logprobs,
+                token_versions=r.token_versions,
+                finish_reason=r.finish_reason,
+            )
             t.reward = float(i % 2)  # half of each group is "good": a fixed, learnable preference
             trajectories.append(t)
         samples.append(make_sample(prompt, trajectories, 0, 0.0))
@@ -118,7 +125,12 @@ def test_lr_schedule_counts_updates() -> None:
 
 
 async def test_require_batches_makes_several_updates_per_step(cache: None) -> None:
-    cfg = config("async_training.require_batches=2", "trainer.total_training_steps=4", "trainer.warmup_steps=1", "trainer.lr=1e-3")
+    cfg = config(
+        "async_training.require_batches=2",
+        "trainer.total_training_steps=4",
+        "trainer.warmup_steps=1",
+        "trainer.lr=1e-3",
+    )
     batch = await rollout_batch(cfg)
     trainer = await started_trainer(cfg)
     m = await trainer.train_step(batch, version=0)
@@ -128,7 +140,12 @@ async def test_require_batches_makes_several_updates_per_step(cache: None) -> No
 
 
 async def test_resume_continues_weights_optimizer_and_schedule(cache: None, tmp_path: Path) -> None:
-    cfg = config("trainer.lr_schedule=cosine", "trainer.total_training_steps=6", "trainer.warmup_steps=2", "trainer.micro_batch_size=5")
+    cfg = config(
+        "trainer.lr_schedule=cosine",
+        "trainer.total_training_steps=6",
+        "trainer.warmup_steps=2",
+        "trainer.micro_batch_size=5",
+    )
     batch = await rollout_batch(cfg)
     original = await started_trainer(cfg)
     for _ in range(3):
