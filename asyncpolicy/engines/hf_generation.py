@@ -16,6 +16,7 @@ token boundary and returns the tokens so far with finish_reason "abort".
 from __future__ import annotations
 
 import inspect
+from collections import deque
 from typing import Any
 
 import anyio
@@ -75,7 +76,7 @@ class HFGenerationEngine:
         self._busy = False
         self._batch_done = anyio.Event()
         self._abort_epoch = 0
-        self.batch_sizes: list[int] = []  # rows of every batch run, for metrics and tests
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # rows of the latest batches, for metrics and tests
         self.generated_tokens = 0
 
     @property
@@ -111,7 +112,7 @@ class HFGenerationEngine:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         if self._model is None:
-            raise RuntimeError("HFGenerationEngine.generate called before start()")
+            raise RuntimeError("HFGenerationEngine.generate called before start() or after aclose()")
         slot = _Slot(request, self._abort_epoch)
         self._pending.append(slot)
         try:
@@ -170,8 +171,10 @@ class HFGenerationEngine:
         await anyio.to_thread.run_sync(copy, limiter=self._limiter)
 
     async def aclose(self) -> None:
+        """Abort what runs, wait for the worker thread to let go, then drop the model."""
         await self.abort_all()
-        self._model = None
+        async with self._limiter:
+            self._model = None
 
     # -- the worker thread ----------------------------------------------------------------------
 

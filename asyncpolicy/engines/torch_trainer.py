@@ -228,6 +228,7 @@ class TorchTrainEngine:
         log.info("trainer_state_loaded", directory=str(d), updates=self.updates)
 
     async def aclose(self) -> None:
-        await anyio.lowlevel.checkpoint()
-        self.model = None
+        async with self.limiter:  # never drop the model under a running step or weight copy
+            self.model = None
+            self.ref_model = None
         self.ref_model = None

@@ -93,7 +93,7 @@ async def test_behaviour_logprobs_equal_the_trainers_recomputation(model_path: s
         for i in range(12)
     ]
     results = await generate_all(engine, requests)
-    assert engine.batch_sizes == [12]  # left-padded prompts of different lengths in one batch
+    assert list(engine.batch_sizes) == [12]  # left-padded prompts of different lengths in one batch
     logprobs, behaviour, mask = trainer_logprobs(
         tiny.load_model(model_path), [(r.prompt_tokens, res) for r, res in zip(requests, results, strict=True)], 0.7
     )
@@ -243,7 +243,7 @@ async def test_requests_arriving_during_a_batch_form_the_next_batch(model_path: 
             ],
         )
         tg.start_soon(late_arrivals)
-    assert engine.batch_sizes == [3, 5]
+    assert list(engine.batch_sizes) == [3, 5]
     await engine.aclose()
 
 
@@ -304,3 +304,24 @@ async def test_cancelled_caller_does_not_disturb_others_in_its_batch(model_path:
     assert results[0].finish_reason == "length"
     assert len(results[0].response_tokens) == 30
     await engine.aclose()
+
+
+async def test_aclose_aborts_running_generations_then_releases_the_model(model_path: str) -> None:
+    engine = await started(model_path, ignore_eos=True)
+    results: list[GenerationResult] = []
+
+    async def run() -> None:
+        request = GenerationRequest(request_id="a", prompt_tokens=prompt_tokens(0), max_tokens=200, seed=3)
+        results.append(await engine.generate(request))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        with anyio.fail_after(10):
+            while engine.generated_tokens == 0:
+                await anyio.sleep(0.001)
+            await engine.aclose()
+    assert results[0].finish_reason == "abort"
+    assert 0 < len(results[0].response_tokens) < 200
+    assert engine.model is None
+    with pytest.raises(RuntimeError, match="after aclose"):
+        await engine.generate(GenerationRequest(request_id="b", prompt_tokens=prompt_tokens(0), max_tokens=2))
