@@ -104,6 +104,11 @@ async def run(ctx: BenchContext) -> SuiteResult:
     one_ahead = statistics.fmean(max(g, t_train) for g in per_batch) + t_sync
     res = _result(ctx, reps, step, t_gen, t_train, t_sync, ideal)
     res.tables.append(_breakdown(reps, step, t_train, one_ahead, per_batch))
+    if ctx.quick:
+        res.notes.append(
+            "Quick sizes: one repetition of a few steps. Batch generation times spread widely, so the calibrated T_train "
+            "and the measured T_gen can differ by 20 % and the fraction of ideal by ±0.1; use the default sizes for the record."
+        )
     return res
 
 
