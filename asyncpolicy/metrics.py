@@ -98,12 +98,15 @@ class MetricsSink:
         return receive
 
     def close(self) -> None:
+        """End every subscriber's stream (their `async for` loops finish) and close the files. Idempotent."""
         for stream in self._subscribers:
             stream.close()
         self._subscribers.clear()
-        self._file.close()
+        if not self._file.closed:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 def _tensorboard_writer(directory: Path) -> Any:

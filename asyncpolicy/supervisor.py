@@ -191,6 +191,7 @@ class Supervisor:
         finally:
             self.channel.close()
             self.result = self._result()
+            self.sink.close()  # the run is over: events() iterators end
             self._done.set()
             with anyio.CancelScope(shield=True), anyio.move_on_after(ENGINE_CLOSE_TIMEOUT_S):
                 await self._close_engines()
@@ -312,7 +313,7 @@ class Supervisor:
             self._actors.cancel()
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Every later step's metrics line, until the run ends."""
+        """Every later step's metrics line; the iteration ends when the run does."""
         with self.sink.subscribe() as stream:
             async for row in stream:
                 yield row

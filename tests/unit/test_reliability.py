@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import msgspec
 import pytest
 
@@ -167,3 +168,13 @@ async def test_stop_checkpoints_and_reports_unfinished(tmp_path: Path) -> None:
     assert result.made == result.trained + result.dropped_stale + result.queued
     state = checkpoint.load_state(checkpoint.latest_checkpoint(tmp_path))
     assert state.reason == "stop" and state.trainer.step == result.steps
+
+
+async def test_events_iteration_ends_when_the_run_ends(tmp_path: Path) -> None:
+    """A host that follows every event to the end is not left waiting after the last step."""
+    cfg = cfg_for(tmp_path, "trainer.total_training_steps=6")
+    with anyio.fail_after(30):
+        async with Supervisor(cfg) as sup:
+            steps = [row["step"] async for row in sup.events()]
+            result = await sup.wait()
+    assert steps == list(range(1, 7)) and result.steps == 6
