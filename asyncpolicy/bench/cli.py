@@ -20,7 +20,13 @@ import anyio
 import structlog
 
 from asyncpolicy.bench import channel, learning, overlap, responsiveness, sweep
-from asyncpolicy.bench.common import BenchContext, SuiteResult, configure_bench_logging, detect_machine, git_revision
+from asyncpolicy.bench.common import (
+    BenchContext,
+    SuiteResult,
+    configure_bench_logging,
+    detect_machine,
+    git_revision,
+)
 from asyncpolicy.bench.report import BenchRun, now_iso, write_report
 from asyncpolicy.config import load_config
 

@@ -14,7 +14,14 @@ from typing import Any
 
 import structlog
 
-from asyncpolicy.bench.common import BenchContext, Figure, ScenarioRun, SuiteResult, Table, run_supervised
+from asyncpolicy.bench.common import (
+    BenchContext,
+    Figure,
+    ScenarioRun,
+    SuiteResult,
+    Table,
+    run_supervised,
+)
 from asyncpolicy.bench.plots import new_figure, save
 from asyncpolicy.bench.responsiveness import default_engines_available
 from asyncpolicy.supervisor import Supervisor

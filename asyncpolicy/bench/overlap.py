@@ -22,7 +22,16 @@ from typing import Any
 
 import structlog
 
-from asyncpolicy.bench.common import SIMULATED, BenchContext, Figure, ScenarioRun, SuiteResult, Table, check, run_supervised
+from asyncpolicy.bench.common import (
+    SIMULATED,
+    BenchContext,
+    Figure,
+    ScenarioRun,
+    SuiteResult,
+    Table,
+    check,
+    run_supervised,
+)
 from asyncpolicy.bench.plots import new_figure, save
 
 log = structlog.get_logger("asyncpolicy.bench.overlap")

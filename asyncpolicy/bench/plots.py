@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import matplotlib.pyplot as plt
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, *, width: float = 6.0, height: float = 4.0) -> tuple[Any, Any]:

@@ -10,7 +10,11 @@ from __future__ import annotations
 import time
 
 from asyncpolicy.channels.signal import StateSignal
-from asyncpolicy.engines.protocols import GenerationEngine, GenerationRequest, GenerationResult
+from asyncpolicy.engines.protocols import (
+    GenerationEngine,
+    GenerationRequest,
+    GenerationResult,
+)
 
 
 class ProbedGeneration:

@@ -88,7 +88,7 @@ def render_markdown(run: BenchRun) -> str:
         if s.error:
             out += [f"**Failed:** `{s.error}` (see the suite's .log files)", ""]
         for t in s.tables:
-            out += [f"### {t.title}", ""] + _table(t.columns, t.rows) + ([f"", t.note] if t.note else []) + [""]
+            out += [f"### {t.title}", ""] + _table(t.columns, t.rows) + (["", t.note] if t.note else []) + [""]
         for p in s.plots:
             out += [f"![{p}]({p})", ""]
         out += [f"- {n}" for n in s.notes]

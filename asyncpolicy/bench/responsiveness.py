@@ -14,7 +14,17 @@ import time
 import anyio
 import structlog
 
-from asyncpolicy.bench.common import BenchContext, Figure, SuiteResult, Table, check, percentile, run_supervised, scenario_log, write_log_record
+from asyncpolicy.bench.common import (
+    BenchContext,
+    Figure,
+    SuiteResult,
+    Table,
+    check,
+    percentile,
+    run_supervised,
+    scenario_log,
+    write_log_record,
+)
 from asyncpolicy.bench.plots import new_figure, save
 from asyncpolicy.supervisor import Supervisor
 

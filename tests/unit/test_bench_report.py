@@ -7,8 +7,21 @@ from pathlib import Path
 
 import msgspec
 
-from asyncpolicy.bench.common import Figure, Machine, SuiteResult, Table, check, percentile
-from asyncpolicy.bench.report import BenchRun, fmt, render_markdown, render_summary, write_report
+from asyncpolicy.bench.common import (
+    Figure,
+    Machine,
+    SuiteResult,
+    Table,
+    check,
+    percentile,
+)
+from asyncpolicy.bench.report import (
+    BenchRun,
+    fmt,
+    render_markdown,
+    render_summary,
+    write_report,
+)
 
 MACHINE = Machine(cores=2, cpu_model="Test CPU", gpu="none", python="3.11", torch="2.x", os="Linux")
 
