@@ -277,7 +277,7 @@ async def test_event_loop_stays_responsive_while_generating(model_path: str) -> 
         tg.start_soon(work)
     elapsed = time.monotonic() - t0
     assert elapsed > 0.3  # long enough that a blocked loop would show as one gap this long
-    assert max(gaps) < min(0.15, elapsed / 3), (
+    assert max(gaps) < min(0.25, elapsed / 4), (
         f"event loop stalled {max(gaps):.3f}s during {elapsed:.2f}s of generation"
     )
     assert len(gaps) > elapsed / 0.05
