@@ -318,4 +318,4 @@ def _plot(ctx: BenchContext, rows: list[list[Any]]) -> str:
     ax.set_xscale("log")
     ax.set_xlabel("items/s (log scale)")
     ax.set_title("channel throughput, one process")
-    return save(fig, ctx.out_dir, "channel", ctx.machine.describe())
+    return save(fig, ctx.out_dir, "channel", ctx.caption())

@@ -129,6 +129,10 @@ class BenchContext:
         run_dir = self.out_dir / "runs" / name
         return load_config(None, [*base, *self.overrides, *scenario, f"output_dir={run_dir}"])
 
+    def caption(self) -> str:
+        """What every plot is stamped with: the machine and the command."""
+        return f"{self.machine.describe()} | {self.command}"
+
     def log_path(self, name: str) -> Path:
         return self.out_dir / f"{name}.log"
 

@@ -119,4 +119,4 @@ def _plot(ctx: BenchContext, runs: dict[int, ScenarioRun]) -> str:
     ax.set_ylabel("training reward (batch mean)")
     ax.legend()
     ax.set_title("learning curves, default task")
-    return save(fig, ctx.out_dir, "learning", ctx.machine.describe())
+    return save(fig, ctx.out_dir, "learning", ctx.caption())

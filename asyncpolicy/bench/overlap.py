@@ -203,4 +203,4 @@ def _plot(ctx: BenchContext, step: dict[int, float], t_gen: float, t_train: floa
     ax.bar(labels, values, color=["tab:red", *["tab:blue"] * len(ASYNC_STALENESS), "tab:grey", "tab:grey"])
     ax.set_ylabel("ms per training step (steady state)")
     ax.set_title("overlap: synchronous vs asynchronous")
-    return save(fig, ctx.out_dir, "overlap", ctx.machine.describe())
+    return save(fig, ctx.out_dir, "overlap", ctx.caption())

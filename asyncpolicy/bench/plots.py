@@ -15,9 +15,9 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, width: float = 6.0, height: fl
     return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
 
 
-def save(fig: Any, out_dir: Path, name: str, machine: str) -> str:
-    """Write `<name>.png` with the machine in its caption; returns the file name for the report."""
-    fig.text(0.99, 0.005, machine, ha="right", va="bottom", fontsize=7, color="grey")
+def save(fig: Any, out_dir: Path, name: str, caption: str) -> str:
+    """Write `<name>.png` with the machine and command in its caption; returns the file name for the report."""
+    fig.text(0.99, 0.005, caption, ha="right", va="bottom", fontsize=7, color="grey")
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     path = out_dir / f"{name}.png"
     fig.savefig(path, dpi=100)

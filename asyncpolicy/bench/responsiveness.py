@@ -114,4 +114,4 @@ def _plot(ctx: BenchContext, baseline: list[float], lags: list[float]) -> str:
     ax.set_ylabel("beats")
     ax.legend()
     ax.set_title("host-task heartbeat lag")
-    return save(fig, ctx.out_dir, "responsiveness", ctx.machine.describe())
+    return save(fig, ctx.out_dir, "responsiveness", ctx.caption())

@@ -239,4 +239,4 @@ def _plot(ctx: BenchContext, groups: dict[str, list[tuple[Any, ScenarioRun]]]) -
         if key == "queue":
             ax.set_xscale("log")
         ax.set_title(f"throughput vs {labels[key]}")
-    return save(fig, ctx.out_dir, "sweep", ctx.machine.describe())
+    return save(fig, ctx.out_dir, "sweep", ctx.caption())
