@@ -110,6 +110,22 @@ def _read_rows(path: str, key: str) -> Iterator[tuple[int, dict[str, Any]]]:
             yield number, row
 
 
+def fit_prompt(tokens: list[int], cfg: Config, where: str) -> list[int] | None:
+    """A prompt within `data.max_prompt_length` as `data.truncation` says; None = skip it."""
+    limit = cfg.data.max_prompt_length
+    if len(tokens) <= limit:
+        return tokens
+    if cfg.data.truncation == "error":
+        raise ConfigError(
+            f"config key 'data.max_prompt_length': {where}: prompt has {len(tokens)} tokens, more than "
+            f"{limit} (data.truncation=error)",
+            key="data.max_prompt_length",
+        )
+    if cfg.data.truncation == "skip":
+        return None
+    return tokens[-limit:]  # keep the end: the question and the assistant header
+
+
 def load_records(cfg: Config, files: list[str], key: str, tokenizer: Any) -> list[PromptRecord]:
     """Tokenised prompts of data files; over-long prompts follow `data.truncation`."""
     data = cfg.data
@@ -128,18 +144,10 @@ def load_records(cfg: Config, files: list[str], key: str, tokenizer: Any) -> lis
                     f"config key 'data.prompt_key': {where}: prompt is {type(text).__name__}, not a string",
                     key="data.prompt_key",
                 )
-            tokens = encode_prompt(tokenizer, text)
-            if len(tokens) > data.max_prompt_length:
-                if data.truncation == "error":
-                    raise ConfigError(
-                        f"config key 'data.max_prompt_length': {where}: prompt has {len(tokens)} tokens, more than "
-                        f"{data.max_prompt_length} (data.truncation=error)",
-                        key="data.max_prompt_length",
-                    )
-                if data.truncation == "skip":
-                    skipped += 1
-                    continue
-                tokens = tokens[-data.max_prompt_length :]  # keep the end: the question and the assistant header
+            tokens = fit_prompt(encode_prompt(tokenizer, text), cfg, where)
+            if tokens is None:
+                skipped += 1
+                continue
             records.append(PromptRecord(text=text, tokens=tokens, ground_truth=str(row[data.answer_key])))
         if len(records) == before and skipped == skipped_before:
             raise ConfigError(f"config key {key!r}: file {path!r} holds no prompts", key=key)
@@ -165,14 +173,29 @@ def builtin_records(cfg: Config, tokenizer: Any) -> tuple[list[PromptRecord], li
     chat = bool(getattr(tokenizer, "chat_template", None))
     train, val = builtin.make_splits(cfg.task.name, cfg.task.num_prompts, cfg.task.num_val_prompts, cfg.seed)
 
-    def records(examples: list[builtin.Example]) -> list[PromptRecord]:
+    def records(examples: list[builtin.Example], split: str) -> list[PromptRecord]:
         out = []
-        for ex in examples:
+        for i, ex in enumerate(examples):
             text = ex.instruction if chat else ex.prompt
-            out.append(PromptRecord(text=text, tokens=encode_prompt(tokenizer, text), ground_truth=ex.answer))
+            tokens = fit_prompt(encode_prompt(tokenizer, text), cfg, f"task {cfg.task.name!r} {split} prompt {i}")
+            if tokens is not None:
+                out.append(PromptRecord(text=text, tokens=tokens, ground_truth=ex.answer))
+        if len(out) < len(examples):
+            log.warning(
+                "prompts_skipped",
+                reason="longer than data.max_prompt_length",
+                skipped=len(examples) - len(out),
+                split=split,
+            )
+        if not out and split == "train":  # an empty val split only means no validation
+            raise ConfigError(
+                f"config key 'data.max_prompt_length': every {split} prompt of task {cfg.task.name!r} is longer "
+                f"than {cfg.data.max_prompt_length} tokens",
+                key="data.max_prompt_length",
+            )
         return out
 
-    return records(train), records(val)
+    return records(train, "train"), records(val, "val")
 
 
 def build_real_task(cfg: Config, tokenizer: Any) -> TaskData:

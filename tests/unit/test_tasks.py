@@ -203,3 +203,15 @@ def test_prompts_go_through_the_chat_template_when_there_is_one(tokenizer: Any) 
     chat = copy.deepcopy(tokenizer)
     chat.chat_template = "{{ bos_token }}{{ messages[0]['content'] }}{% if add_generation_prompt %}>{% endif %}"
     assert chat.decode(encode_prompt(chat, "abc")) == "<bos>abc>"
+
+
+def test_builtin_prompts_follow_truncation_too(tokenizer: Any) -> None:
+    base = ["task.name=add", "task.num_prompts=50", "task.num_val_prompts=5", "data.max_prompt_length=5"]
+    truncated = build_real_task(load_config(overrides=[*base, "data.truncation=truncate"]), tokenizer)
+    assert max(len(r.tokens) for r in truncated.train.records) == 5
+    kept = build_real_task(load_config(overrides=[*base, "data.truncation=skip"]), tokenizer)
+    assert 0 < len(kept.train.records) < 50  # "1+2=" fits in 5 tokens with <bos>; "12+34=" does not
+    with pytest.raises(ConfigError, match="task 'add' train prompt 0: prompt has"):
+        build_real_task(
+            load_config(overrides=["task.name=add", "data.max_prompt_length=3", "data.truncation=error"]), tokenizer
+        )
