@@ -297,6 +297,7 @@ class Bench:
             return await asyncio.gather(*[group(p) for p in prompts]), time.perf_counter() - t
 
         version = 100
+        await tr.push(version)  # one-time set-up (NCCL group, first pack) must not land in either arm
         # synchronous: generate → train → sync, one after the other
         t0 = time.perf_counter()
         gtimes, ttimes, stimes = [], [], []
