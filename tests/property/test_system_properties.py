@@ -11,7 +11,8 @@ pause()/resume() calls at random moments, a run must:
 * bump the version once per step and sync weights every trigger_parameter_sync_step steps;
 * never admit more than AReaL's capacity rule allows:
   in flight + queued + consumed <= (staleness_threshold + 1 + version) × batch;
-* never train a prompt twice.
+* lose no prompt: each one drawn is trained, queued, in flight or counted as dropped — once;
+* keep all of that when the generation engine keeps dying and is restarted (fault injection).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 
 from asyncpolicy.config import Config
 from asyncpolicy.supervisor import RunResult, Supervisor
+from asyncpolicy.tasks.registry import simulated_task
 
 RUN_DEADLINE_S = 20.0
 
@@ -57,6 +59,7 @@ def small_configs(draw: st.DrawFn) -> list[str]:
         f"trainer.simulated.step_latency_s={draw(st.sampled_from([0.0, 0.001, 0.004]))}",
         f"data.max_response_length={draw(st.integers(1, 8))}",
         f"seed={draw(st.integers(0, 3))}",
+        f"trainer.test_freq={draw(st.sampled_from([0, 0, 1, 3]))}",
     ]
 
 
@@ -73,6 +76,20 @@ def admission_checker(sup_box: list[Supervisor], cfg: Config, violations: list[s
             violations.append(f"{request.request_id}: in flight + queued + consumed = {live} > {limit} at version {version}")
 
     return check
+
+
+def prompts_accounted_for(sup: Supervisor, cfg: Config, trained: list[tuple[int, int]]) -> None:
+    """No data loss, by identity: every prompt drawn from the source is trained, queued, still in
+    flight, or (exactly result.dropped_stale of them) dropped as stale; none is in two places."""
+    cursor = sup.task.train.state()
+    source = simulated_task(cfg).train
+    drawn = [(p.epoch, p.index) for p in (source.next() for _ in range(cursor.epoch * cfg.task.num_prompts + cursor.position))]
+    queued = [(s.prompt.epoch, s.prompt.index) for s, _ in sup.channel.snapshot().items]
+    in_flight = [(g.prompt.epoch, g.prompt.index) for g in sup.rollouter.in_flight_prompts()]
+    seen = trained + queued + in_flight
+    assert len(set(seen)) == len(seen), "a prompt is in two places (trained, queued, in flight)"
+    assert set(seen) <= set(drawn), "a prompt appeared that was never drawn"
+    assert len(set(drawn) - set(seen)) == sup.channel.statistics().dropped_stale, "a drawn prompt was lost"
 
 
 controls = st.lists(st.tuples(st.sampled_from([0.0, 0.001, 0.004]), st.sampled_from(["pause", "resume"])), max_size=6)
@@ -97,6 +114,10 @@ async def run_supervised(
             result = await sup.wait()
     rows = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     return result, rows
+
+
+def trained_prompts(recorder: Any) -> list[tuple[int, int]]:
+    return [(e, i) for _, b in recorder.steps for e, i, *_ in b]
 
 
 @pytest.mark.anyio
@@ -136,11 +157,56 @@ async def test_any_small_run_keeps_staleness_accounting_and_admission(
             assert min_v <= oldest_token and min_v <= max_v
             assert version - min_v <= at.staleness_threshold
             assert version - oldest_token <= at.staleness_threshold
-    trained_prompts = [(e, i) for _, b in recorder.steps for e, i, *_ in b]
-    assert len(set(trained_prompts)) == len(trained_prompts), "a prompt was trained twice"
+    prompts_accounted_for(sup_box[0], cfg, trained_prompts(recorder))
     # accounting
     assert result.finished and result.steps == steps
     assert result.made == result.trained + result.dropped_stale + result.queued
     assert result.trained == steps * batch
     assert result.param_version == steps
     assert result.rollout_version == steps - steps % at.trigger_parameter_sync_step
+
+
+@pytest.mark.anyio
+@settings(max_examples=settings.default.max_examples)
+@given(
+    overrides=small_configs(),
+    die_after=st.integers(12, 30),
+    failure_rate=st.sampled_from([0.0, 0.1]),
+    _seed=st.random_module(),
+)
+async def test_engine_failures_and_restarts_lose_no_prompt(
+    overrides: list[str],
+    die_after: int,
+    failure_rate: float,
+    _seed: object,
+    sim_config: Callable[..., Config],
+    engines_for: Callable[..., Any],
+    hypothesis_random: random.Random,
+) -> None:
+    """A generation engine that fails requests and dies every few requests is retried and restarted;
+    the run still finishes with every prompt accounted for and every batch within the bound."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = sim_config(
+            *overrides,
+            # Progress needs some group to finish within one engine lifetime: at most 4 + n - 1
+            # trajectories run at once, each tried at most twice, so >= 12 requests per lifetime.
+            "rollout.max_concurrency=4",
+            f"rollout.simulated.die_after_requests={die_after}",
+            f"rollout.simulated.failure_rate={failure_rate}",
+            "rollout.max_retries=1",
+            "rollout.max_restarts=10000",
+            "trainer.test_freq=0",  # validation under a dying engine: tests/unit/test_supervisor.py
+            output_dir=out,
+        )
+        violations: list[str] = []
+        sup_box: list[Supervisor] = []
+        engines, recorder = engines_for(cfg, hypothesis_random, on_generate=admission_checker(sup_box, cfg, violations))
+        result, rows = await run_supervised(cfg, engines, sup_box, [], [])
+
+    at, steps = cfg.async_training, cfg.trainer.total_training_steps
+    assert not violations, violations[:3]
+    assert result.finished and result.trained == steps * cfg.data.train_batch_size
+    assert result.made == result.trained + result.dropped_stale + result.queued
+    assert all(version - min_v <= at.staleness_threshold for version, b in recorder.steps for _, _, min_v, _, _ in b)
+    assert len(rows) == steps
+    prompts_accounted_for(sup_box[0], cfg, trained_prompts(recorder))

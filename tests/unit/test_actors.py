@@ -370,3 +370,20 @@ async def test_trainer_fails_clearly_when_the_channel_closes_early(sim_config: M
     channel.close()
     with anyio.fail_after(5), pytest.raises(RunFailed, match=r"^the sample channel closed after step 0 of 3; the rollouter stopped early$"):
         await trainer.run()
+
+
+# -- validator ----------------------------------------------------------------------------------
+
+
+async def test_a_failed_validation_raises_the_named_generation_failure(sim_config: Make, rollouter_for: Make) -> None:
+    """Like the rollouter, the validator surfaces GenerationFailed itself, not a bare task-group
+    ExceptionGroup (which would make the run's message 'ExceptionGroup: unhandled errors ...')."""
+    from asyncpolicy.actors.validator import Validator
+    from asyncpolicy.tasks.registry import simulated_task
+
+    cfg = sim_config("rollout.simulated.failure_rate=1.0", "rollout.max_retries=0")
+    rollouter, engine, _ = rollouter_for(cfg)
+    validator = Validator(rollouter, simulated_task(cfg).val, concurrency=2)
+    await engine.start()
+    with anyio.fail_after(5), pytest.raises(GenerationFailed, match=r"^generation val/"):
+        await validator.validate(1)

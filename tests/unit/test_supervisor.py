@@ -175,3 +175,16 @@ async def test_stop_ends_the_run_early_and_gracefully(sim_config: Make, tmp_path
     assert not result.finished and 2 <= result.steps < 1000
     assert result.made == result.trained + result.dropped_stale + result.queued
     assert result.trained == result.steps * cfg.data.train_batch_size
+
+
+async def test_validation_survives_a_generation_engine_restart(sim_config: Make, tmp_path: Path) -> None:
+    """An engine death during validation is restarted like one during training; the run finishes.
+
+    BUG: the validator's GenerationFailed is not routed to the engine restart: the run fails as
+    actor 'validator' although rollout.max_restarts allows thousands of restarts.
+    """
+    cfg = sim_config("trainer.total_training_steps=2", "trainer.test_freq=1", "rollout.simulated.die_after_requests=1",
+                     "rollout.n=1", "rollout.max_concurrency=1", "data.train_batch_size=1", "async_training.max_queue_size=1",
+                     "rollout.max_restarts=1000", output_dir=tmp_path)
+    result = await run(cfg)
+    assert result.finished and result.steps == 2
