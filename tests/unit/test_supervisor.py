@@ -83,11 +83,14 @@ async def test_a_generation_hang_fails_the_run_as_the_rollouter(sim_config: Make
     assert "timeout after 0.05s" in str(info.value)
 
 
-async def test_a_failing_actor_cancels_the_others_and_the_run_names_it(sim_config: Make, tmp_path: Path) -> None:
+async def test_a_failing_actor_cancels_the_others_and_the_run_names_it(
+    sim_config: Make, engines_for: Make, tmp_path: Path
+) -> None:
     """The trainer fails at step 2: the rollouter is cancelled, engines closed, the error names the trainer."""
     cfg = sim_config("trainer.total_training_steps=5", "trainer.simulated.fail_at_step=2",
                      "rollout.simulated.mean_latency_s=0.05", output_dir=tmp_path)
-    sup = Supervisor(cfg)
+    engines, _ = engines_for(cfg)
+    sup = Supervisor(cfg, engines=engines)
     with anyio.fail_after(10), pytest.raises(ActorFailed) as info:
         async with sup:
             await sup.wait()
@@ -96,6 +99,9 @@ async def test_a_failing_actor_cancels_the_others_and_the_run_names_it(sim_confi
     assert sup.result is not None and sup.result.steps == 1 and not sup.result.finished
     assert sup.channel.closed
     assert [r["step"] for r in rows_of(cfg)] == [1]
+    requests = engines.generation.requests
+    await anyio.sleep(0.1)
+    assert engines.generation.requests == requests, "the rollouter kept generating after the trainer failed"
 
 
 class RaisingScorer:
@@ -111,6 +117,31 @@ class RaisingScorer:
         if self.calls % 2:
             return math.nan if self.calls % 4 == 1 else float("x")  # the second raises ValueError
         return 1.0
+
+
+async def test_admission_rule_holds_with_a_slow_trainer(sim_config: Make, engines_for: Make, tmp_path: Path) -> None:
+    """Fast generation, slow training: in flight + queued + consumed <= (threshold + 1 + version) × batch
+    whenever a generation starts, and the rollouter does fill that window."""
+    cfg = sim_config("trainer.total_training_steps=4", "trainer.simulated.step_latency_s=0.05", "data.train_batch_size=2",
+                     "async_training.staleness_threshold=2", "async_training.max_queue_size=32", "rollout.n=1",
+                     output_dir=tmp_path)
+    sup_box: list[Supervisor] = []
+    seen: list[tuple[int, int]] = []
+
+    def check(request: Any) -> None:
+        chan = sup_box[0].channel.statistics()
+        live = len(sup_box[0].rollouter.in_flight_prompts()) + chan.size + chan.consumed
+        seen.append((live, (2 + 1 + sup_box[0].rollouter.version) * 2))
+
+    engines, _ = engines_for(cfg, on_generate=check)
+    sup = Supervisor(cfg, engines=engines)
+    sup_box.append(sup)
+    with anyio.fail_after(30):
+        async with sup:
+            result = await sup.wait()
+    assert result.finished
+    assert all(live <= limit for live, limit in seen), [s for s in seen if s[0] > s[1]]
+    assert any(live == limit for live, limit in seen), "the window was never filled: the test would prove nothing"
 
 
 async def test_reward_errors_are_counted_and_never_crash_the_run(sim_config: Make, tmp_path: Path) -> None:
