@@ -138,7 +138,7 @@ def micro_batch_loss(
     old_logprobs, weights = anchor_and_weights(
         algo.staleness_correction, mb.behaviour_logprobs, mb.prox_logprobs, algo.tis_cap
     )
-    pg_loss, ratio, clipped = ppo_clip_token_loss(logprobs, old_logprobs, mb.advantages, algo.clip_ratio)
+    pg_loss, _ratio, clipped = ppo_clip_token_loss(logprobs, old_logprobs, mb.advantages, algo.clip_ratio)
     token_loss = weights * pg_loss  # (N, T-1)
     stats: dict[str, float] = {}
     if algo.kl_coef > 0:
@@ -159,7 +159,6 @@ def micro_batch_loss(
             entropy=float((entropy * mask).sum()) if entropy is not None else 0.0,
             weight_sum=float(masked_weights.sum()),
             weight_max=float(masked_weights.max()) if mask.any() else 0.0,
-            ratio_max=float(ratio.masked_fill(mask == 0, 0.0).max()) if mask.any() else 0.0,
             tokens=float(mask.sum()),
         )
     return loss, stats

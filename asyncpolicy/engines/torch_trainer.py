@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import msgspec
 import structlog
 import torch
 
@@ -43,6 +44,15 @@ def lr_lambda(update: int, warmup: int, total: int, schedule: str) -> float:
         return 1.0
     progress = min(1.0, (update - warmup) / max(1, total - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class UpdateStats(msgspec.Struct, frozen=True, kw_only=True):
+    """What one optimizer update reports."""
+
+    loss: float
+    grad_norm: float
+    weight_max: float  # largest importance weight of its tokens
+    lr: float  # the LR it was taken with (0 when skipped)
 
 
 class TorchTrainEngine:
@@ -114,67 +124,28 @@ class TorchTrainEngine:
         return out
 
     def _train_step(self, batch: list[Sample], version: int) -> dict[str, float]:
-        cfg, algo = self.cfg, self.cfg.algorithm
-        assert self.optimizer is not None and self.scheduler is not None
+        algo = self.cfg.algorithm
         t0 = time.perf_counter()
         pb = collate(batch, version, algo, self.tokenizer.pad_token_id)
         if algo.staleness_correction == "decoupled":
             pb.prox_logprobs = self._no_grad_logprobs(self.model, pb)  # π_prox: current weights, before any update
         ref_all = self._no_grad_logprobs(self.ref_model, pb) if self.ref_model is not None else None
-
-        # mini-batches: consecutive whole groups, so every update sees complete GRPO groups
-        rows_per_sample = [len(s.trajectories) for s in batch]
-        k = cfg.async_training.require_batches
-        per_mini = math.ceil(len(batch) / k)
-        bounds, row = [], 0
-        for lo in range(0, len(batch), per_mini):
-            n_rows = sum(rows_per_sample[lo : lo + per_mini])
-            bounds.append((row, row + n_rows))
-            row += n_rows
-
         sums: dict[str, float] = {}
-        grad_norms, losses, weight_max, lrs = [], [], 0.0, []
-        mbs = cfg.trainer.micro_batch_size
-        for lo, hi in bounds:
-            mini = pb.select(slice(lo, hi))
-            totals = LossTotals(tokens=mini.num_tokens, seqs=float(hi - lo))
-            self.optimizer.zero_grad(set_to_none=True)
-            mini_loss = 0.0
-            for mlo in range(lo, hi, mbs):
-                rows = slice(mlo, min(mlo + mbs, hi))
-                mb = pb.select(rows)
-                ref = ref_all[rows, : mb.response_mask.shape[1]] if ref_all is not None else None
-                loss, stats = micro_batch_loss(self.model, mb, algo, cfg.rollout.temperature, totals, ref)
-                loss.backward()
-                mini_loss += float(loss.detach())
-                weight_max = max(weight_max, stats.pop("weight_max"))
-                stats.pop("ratio_max")
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip))
-            if math.isfinite(grad_norm):
-                lrs.append(self.scheduler.get_last_lr()[0])
-                self.optimizer.step()
-            else:  # one poisoned mini-batch must not destroy the weights; the metric shows it
-                log.warning("non_finite_grad_norm_skipped_update", version=version, grad_norm=grad_norm)
-            self.scheduler.step()  # the schedule advances either way: it counts updates planned, not taken
-            self.updates += 1
-            grad_norms.append(grad_norm)
-            losses.append(mini_loss)
+        updates = [self._update(pb, rows, ref_all, sums, version) for rows in self._mini_batches(batch)]
 
-        tokens = max(sums.get("tokens", 0.0), 1.0)
+        tokens = max(sums["tokens"], 1.0)
         metrics = {
-            "losses/loss": sum(losses) / len(losses),
+            "losses/loss": sum(u.loss for u in updates) / len(updates),
             "losses/policy_loss": sums["pg_loss"] / tokens,
             "losses/approx_kl": sums["approx_kl_k1"] / tokens,
             "losses/approx_kl_k3": sums["approx_kl_k3"] / tokens,
             "losses/clipfrac": sums["clipped"] / tokens,
             "is/weight_mean": sums["weight_sum"] / tokens,
-            "is/weight_max": weight_max,
+            "is/weight_max": max(u.weight_max for u in updates),
             "actor/entropy": sums["entropy"] / tokens,
-            "train/grad_norm": sum(grad_norms) / len(grad_norms),
-            "train/lr": lrs[-1] if lrs else 0.0,
-            "train/tokens": sums.get("tokens", 0.0),
+            "train/grad_norm": sum(u.grad_norm for u in updates) / len(updates),
+            "train/lr": updates[-1].lr,
+            "train/tokens": sums["tokens"],
             "train/updates": float(self.updates),
             "train/reward_mean": float(pb.rewards.mean()),
             "staleness/mean": float(pb.staleness.mean()),
@@ -184,6 +155,47 @@ class TorchTrainEngine:
         if "kl_ref" in sums:
             metrics["losses/kl_ref"] = sums["kl_ref"] / tokens
         return metrics
+
+    def _mini_batches(self, batch: list[Sample]) -> list[slice]:
+        """Row ranges of `require_batches` mini-batches of consecutive whole groups (complete GRPO groups)."""
+        per_mini = math.ceil(len(batch) / self.cfg.async_training.require_batches)
+        slices, row = [], 0
+        for lo in range(0, len(batch), per_mini):
+            n_rows = sum(len(s.trajectories) for s in batch[lo : lo + per_mini])
+            slices.append(slice(row, row + n_rows))
+            row += n_rows
+        return slices
+
+    def _update(
+        self, pb: PolicyBatch, rows: slice, ref_all: torch.Tensor | None, sums: dict[str, float], version: int
+    ) -> UpdateStats:
+        """One optimizer update over `rows`, accumulated micro-batch by micro-batch; adds token sums to `sums`."""
+        assert self.optimizer is not None and self.scheduler is not None
+        cfg = self.cfg
+        mini = pb.select(rows)
+        totals = LossTotals(tokens=mini.num_tokens, seqs=float(rows.stop - rows.start))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total, weight_max = 0.0, 0.0
+        for lo in range(rows.start, rows.stop, cfg.trainer.micro_batch_size):
+            micro = slice(lo, min(lo + cfg.trainer.micro_batch_size, rows.stop))
+            mb = pb.select(micro)
+            ref = ref_all[micro, : mb.response_mask.shape[1]] if ref_all is not None else None
+            loss, stats = micro_batch_loss(self.model, mb, cfg.algorithm, cfg.rollout.temperature, totals, ref)
+            loss.backward()
+            loss_total += float(loss.detach())
+            weight_max = max(weight_max, stats.pop("weight_max"))
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip))
+        lr = self.scheduler.get_last_lr()[0]
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:  # one poisoned mini-batch must not destroy the weights; the metric shows it
+            log.warning("non_finite_grad_norm_skipped_update", version=version, grad_norm=grad_norm)
+            lr = 0.0
+        self.scheduler.step()  # the schedule advances either way: it counts updates planned, not taken
+        self.updates += 1
+        return UpdateStats(loss=loss_total, grad_norm=grad_norm, weight_max=weight_max, lr=lr)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
