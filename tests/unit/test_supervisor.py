@@ -216,6 +216,6 @@ async def test_validation_survives_a_generation_engine_restart(sim_config: Make,
     """
     cfg = sim_config("trainer.total_training_steps=2", "trainer.test_freq=1", "rollout.simulated.die_after_requests=1",
                      "rollout.n=1", "rollout.max_concurrency=1", "data.train_batch_size=1", "async_training.max_queue_size=1",
-                     "rollout.max_restarts=1000", output_dir=tmp_path)
+                     "rollout.max_restarts=1000", "rollout.max_retries=0", "task.num_val_prompts=4", output_dir=tmp_path)
     result = await run(cfg)
     assert result.finished and result.steps == 2
