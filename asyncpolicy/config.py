@@ -205,8 +205,14 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
+class RawOverride(msgspec.Struct, frozen=True):
+    """An override's text, typed only once the schema says what the key holds."""
+
+    text: str
+
+
 def apply_override(tree: dict[str, Any], override: str) -> None:
-    """Apply one dotted `key=value` word to a nested dict."""
+    """Apply one dotted `key=value` word to a nested dict (the value is typed later, by the schema)."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form key=value", key=override)
     key, raw = override.split("=", 1)
@@ -220,7 +226,33 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"config key {key!r}: {part!r} is a value, not a section", key=key)
         node = child
-    node[parts[-1]] = _parse_value(raw)
+    node[parts[-1]] = RawOverride(raw)
+
+
+def _wants_text(hint: Any) -> bool:
+    """True for `str` and Literal-of-strings fields: their override text is taken as typed."""
+    base = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+    if base is str:
+        return True
+    return typing.get_origin(base) is Literal and all(isinstance(a, str) for a in typing.get_args(base))
+
+
+def _resolve_overrides(tree: dict[str, Any], struct: type[msgspec.Struct]) -> dict[str, Any]:
+    """Type each RawOverride by its field: text for string fields, a YAML scalar or list otherwise."""
+    hints = typing.get_type_hints(struct, include_extras=True)
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        hint = hints.get(key) if isinstance(key, str) else None
+        base = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+        if isinstance(value, dict) and isinstance(base, type) and issubclass(base, msgspec.Struct):
+            out[key] = _resolve_overrides(value, base)
+        elif isinstance(value, RawOverride):
+            out[key] = value.text if hint is not None and _wants_text(hint) else _parse_value(value.text)
+        elif isinstance(value, dict):
+            out[key] = {k: _parse_value(v.text) if isinstance(v, RawOverride) else v for k, v in value.items()}
+        else:
+            out[key] = value
+    return out
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -255,7 +287,10 @@ def _dotted(msgspec_path: str) -> str:
 def _explain(err: msgspec.ValidationError) -> ConfigError:
     text = str(err)
     message, _, where = text.partition(" - at `")
-    where = _dotted(where.rstrip("`")) if where else ""
+    where = where.rstrip("`")
+    if "` in `" in where:  # "Expected `str` - at `key` in `$.data`": a bad key inside a section
+        where = where.split("` in `")[-1]
+    where = _dotted(where) if where else ""
     if message.startswith("Object contains unknown field"):
         field = message.split("`")[1]
         key = f"{where}.{field}" if where else field
@@ -267,7 +302,7 @@ def _explain(err: msgspec.ValidationError) -> ConfigError:
 def build_config(tree: dict[str, Any]) -> Config:
     """Turn a nested dict into a checked Config."""
     try:
-        cfg = msgspec.convert(tree, Config, strict=False)
+        cfg = msgspec.convert(_resolve_overrides(tree, Config), Config, strict=False)
     except msgspec.ValidationError as e:
         raise _explain(e) from None
     check_consistency(cfg)

@@ -33,7 +33,10 @@ def configure_logging(level: str = "info", events_file: Path | None = None) -> N
     ]
     if events_file is not None:
         processors.append(_TeeJSON(open(events_file, "ab")))
-    processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    # Plain tracebacks: rich's default shows every local (whole sample batches) and takes seconds.
+    processors.append(
+        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback)
+    )
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

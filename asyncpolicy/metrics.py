@@ -55,6 +55,7 @@ class StepMetrics(msgspec.Struct, kw_only=True, omit_defaults=False):
     rss_bytes: int
     val_reward_mean: float | None = None  # latest validation score, when validation has run
     val_step: int | None = None
+    val_failures_total: int = 0  # validations abandoned because their generations failed
 
 
 def batch_reward_stats(rewards: list[float]) -> tuple[float, float]:

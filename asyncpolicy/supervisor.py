@@ -351,6 +351,7 @@ class Supervisor:
             rss_bytes=rss_bytes(),
             val_reward_mean=self.validator.latest.reward_mean if self.validator.latest else None,
             val_step=self.validator.latest.step if self.validator.latest else None,
+            val_failures_total=self.validator.failures,
         )
         row = msgspec.to_builtins(metrics)
         row.update(report.engine_metrics)

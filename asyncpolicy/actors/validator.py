@@ -3,6 +3,9 @@
 It runs beside training, never in its way: its generations go through the rollouter's guarded
 path (so weight syncs pause them like any other) but their results never enter the channel.
 Requests that arrive while a validation runs are coalesced into one for the latest step.
+A validation whose generations fail is logged as an error and counted (`failures`), and the
+next one is tried; it does not stop training, whose own generations fail the run (after engine
+restarts) if the engine is really gone.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import structlog
 
 from asyncpolicy.actors.rollouter import Rollouter
 from asyncpolicy.channels.signal import StateSignal
+from asyncpolicy.errors import GenerationFailed, first_failure
 from asyncpolicy.samples import Prompt
 
 log = structlog.get_logger("asyncpolicy.validator")
@@ -38,6 +42,7 @@ class Validator:
         self.prompts = prompts
         self.limiter = anyio.CapacityLimiter(max(1, concurrency))
         self.latest: ValidationResult | None = None
+        self.failures = 0
         self._requested_step: int | None = None
         self._changed = StateSignal()
 
@@ -52,7 +57,12 @@ class Validator:
             await self._changed.wait_until(lambda: self._requested_step is not None)
             step, self._requested_step = self._requested_step, None
             assert step is not None
-            self.latest = await self.validate(step)
+            try:
+                self.latest = await self.validate(step)
+            except GenerationFailed as exc:
+                self.failures += 1
+                log.error("validation_failed", step=step, error=str(exc), validation_failures=self.failures)
+                continue
             log.info("validation", step=step, val_reward_mean=round(self.latest.reward_mean, 4), version=self.latest.rollout_version)
 
     async def validate(self, step: int) -> ValidationResult:
@@ -63,9 +73,12 @@ class Validator:
             async with self.limiter:
                 rewards[i] = await self.rollouter.evaluate(prompt)
 
-        async with anyio.create_task_group() as tg:
-            for i, prompt in enumerate(self.prompts):
-                tg.start_soon(one, i, prompt)
+        try:
+            async with anyio.create_task_group() as tg:
+                for i, prompt in enumerate(self.prompts):
+                    tg.start_soon(one, i, prompt)
+        except BaseExceptionGroup as group:  # surface the named failure, not the task group's wrapper
+            raise first_failure(group) from None
         return ValidationResult(
             step=step, rollout_version=version, reward_mean=sum(rewards) / max(1, len(rewards)), prompts=len(rewards)
         )
