@@ -132,6 +132,10 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
         raise ConfigError(
             "config key 'algorithm.kl_coef': the fsdp trainer keeps no reference model yet; use 0", key="algorithm.kl_coef"
         )
+    if cfg.rollout.top_p < 1.0:
+        # vLLM's processed logprobs are renormalised over the nucleus; the trainer's are not
+        log.warning("top_p_logprob_mismatch", top_p=cfg.rollout.top_p,
+                    note="behaviour logprobs come from the truncated distribution; PPO ratios will be biased")
     rollout_gpus, trainer_gpus = place(cfg, _visible_gpus())
     from transformers import AutoTokenizer
 

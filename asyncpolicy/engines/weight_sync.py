@@ -13,6 +13,7 @@ new weights are fully loaded.
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import anyio
 import msgspec
@@ -42,7 +43,7 @@ class _FlatTransport:
     def __init__(self, generation: VLLMGenerationEngine, trainer: FSDPTrainEngine) -> None:
         self.generation = generation
         self.trainer = trainer
-        self.history: list[SyncTiming] = []
+        self.history: deque[SyncTiming] = deque(maxlen=1000)  # recent pushes, for metrics and benchmarks
 
     @property
     def last(self) -> SyncTiming | None:
