@@ -35,35 +35,6 @@ STATE_FILE = "state.msgpack"
 COMPLETE_MARKER = "COMPLETE"
 
 
-class QueuedSample(msgspec.Struct):
-    sample: Sample
-    version: int
-
-
-class ChannelState(msgspec.Struct, kw_only=True):
-    """ChannelSnapshot with typed items, so it round-trips through msgpack."""
-
-    items: list[QueuedSample]
-    produced: int
-    consumed: int
-    dropped_stale: int
-    consumer_version: int
-    age_sum: float
-    age_min: float
-    age_max: float
-
-    @classmethod
-    def of(cls, snap: ChannelSnapshot) -> ChannelState:
-        fields = msgspec.structs.asdict(snap)
-        fields["items"] = [QueuedSample(item, v) for item, v in snap.items]  # type: ignore[arg-type]
-        return cls(**fields)
-
-    def snapshot(self) -> ChannelSnapshot:
-        fields = msgspec.structs.asdict(self)
-        fields["items"] = [(q.sample, q.version) for q in self.items]
-        return ChannelSnapshot(**fields)
-
-
 class RunState(msgspec.Struct, kw_only=True):
     """The non-tensor part of a checkpoint."""
 
@@ -72,7 +43,7 @@ class RunState(msgspec.Struct, kw_only=True):
     rollout: RolloutCounters
     sync: SyncCounters
     cursor: CursorState
-    channel: ChannelState
+    channel: ChannelSnapshot[Sample]
     in_flight: list[InFlight]
     rng_state: list[object]  # the supervisor's random.Random state
     reason: str  # "save_freq", "finished" or "stop"

@@ -253,7 +253,7 @@ class Supervisor:
         self.rollouter.replay(state.in_flight)
         self.synchronizer.counters = state.sync
         self.task.train.restore(state.cursor)
-        self.channel.restore(state.channel.snapshot())
+        self.channel.restore(state.channel)
         self.rng.setstate(_rng_state(state.rng_state))
         await self.synchronizer.sync(self.trainer.version)
         log.info("resumed", path=str(self.resume_from), step=state.trainer.step, queued=len(state.channel.items), in_flight=len(state.in_flight))
@@ -266,7 +266,7 @@ class Supervisor:
             rollout=msgspec.structs.replace(self.rollouter.counters),
             sync=msgspec.structs.replace(self.synchronizer.counters),
             cursor=self.task.train.state(),
-            channel=checkpoint.ChannelState.of(self.channel.snapshot()),
+            channel=self.channel.snapshot(),
             in_flight=self.rollouter.in_flight_prompts(),
             rng_state=list(_rng_state_list(self.rng.getstate())),
             reason=reason,

@@ -65,10 +65,14 @@ class ChannelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     closed: bool
 
 
-class ChannelSnapshot(msgspec.Struct, kw_only=True):
-    """Contents and counters, for checkpoints: restoring it reproduces the channel exactly."""
+class ChannelSnapshot(msgspec.Struct, Generic[T], kw_only=True):
+    """Contents and counters, for checkpoints: restoring it reproduces the channel exactly.
 
-    items: list[tuple[object, int]]
+    Generic in the item type, so `msgspec.msgpack.decode(data, type=ChannelSnapshot[Sample])`
+    gives back typed items.
+    """
+
+    items: list[tuple[T, int]]  # (item, version), oldest first
     produced: int
     consumed: int
     dropped_stale: int
@@ -269,7 +273,7 @@ class VersionedChannel(Generic[T]):
             closed=self._closed,
         )
 
-    def snapshot(self) -> ChannelSnapshot:
+    def snapshot(self) -> ChannelSnapshot[T]:
         """Everything needed to rebuild this channel after a restart (items are not copied)."""
         return ChannelSnapshot(
             items=list(self._items),
@@ -282,7 +286,7 @@ class VersionedChannel(Generic[T]):
             age_max=self._age_max,
         )
 
-    def restore(self, snap: ChannelSnapshot) -> None:
+    def restore(self, snap: ChannelSnapshot[T]) -> None:
         """Load a snapshot into this fresh, empty channel."""
         if self._items or self._produced:
             raise RuntimeError(f"channel {self.name!r}: restore() needs a fresh channel")
@@ -291,7 +295,7 @@ class VersionedChannel(Generic[T]):
                 f"channel {self.name!r}: the snapshot holds {len(snap.items)} items but capacity is "
                 f"{self.capacity}; raise async_training.max_queue_size to at least {len(snap.items)}"
             )
-        self._items = deque((item, int(v)) for item, v in snap.items)  # type: ignore[misc]
+        self._items = deque((item, int(v)) for item, v in snap.items)
         self._versions = Counter(v for _, v in self._items)
         self._produced = snap.produced
         self._consumed = snap.consumed

@@ -140,7 +140,7 @@ async def test_resume_restores_queue_in_flight_cursor_and_counters(tmp_path: Pat
         trained = sup.engines.trainer.trained_prompts
     assert_accounted(result, 16)
     assert len(trained) == len(set(trained)) == 16 * 4
-    queued_then = {q.sample.prompt.uid for q in state.channel.items}
+    queued_then = {sample.prompt.uid for sample, _ in state.channel.items}
     assert queued_then <= set(trained[8 * 4 :]), "a queued sample of the checkpoint was never trained"
 
 
