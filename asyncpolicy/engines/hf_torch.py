@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import structlog
+
 from asyncpolicy.config import Config
 from asyncpolicy.engines.hf_generation import HFGenerationEngine
 from asyncpolicy.engines.memory_transport import InMemoryTransport
@@ -9,9 +11,18 @@ from asyncpolicy.engines.protocols import EngineSet
 from asyncpolicy.engines.torch_trainer import TorchTrainEngine
 from asyncpolicy.models.tiny import load_tokenizer, resolve_model_path
 
+log = structlog.get_logger(__name__)
+
 
 def build_hf_torch_engines(cfg: Config) -> EngineSet:
     """Resolve `model.path` (building the embedded model if asked) and wire the three engines."""
+    if cfg.rollout.top_p < 1.0:
+        # behaviour logprobs are under the renormalised nucleus, the trainer's under the full softmax
+        log.warning(
+            "top_p_logprob_mismatch",
+            top_p=cfg.rollout.top_p,
+            effect="behaviour logprobs exceed the trainer's: importance weights and PPO ratios are biased low",
+        )
     path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(path)
     generation = HFGenerationEngine(path, cfg.model.dtype, threads=cfg.trainer.threads)
