@@ -31,7 +31,8 @@ PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 # pre-tokenizer, which maps these characters to themselves but a space to 'Ġ' (not in the vocab).
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789+-=<>?:."
 
-# A few hundred thousand parameters: learns the built-in tasks in minutes on two CPU cores.
+# About 126 thousand parameters. A 300k version (hidden 128) collapsed onto a shortcut sooner and
+# scored lower on `reverse` in the same 400 steps; this one learns it in about a minute on two cores.
 TINY_ARCH: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 256,
