@@ -32,7 +32,8 @@ PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789+-=<>?:."
 
 # About 126 thousand parameters. A 300k version (hidden 128) collapsed onto a shortcut sooner and
-# scored lower on `reverse` in the same 400 steps; this one learns it in about a minute on two cores.
+# scored lower on `reverse` in the same 400 steps; this one lifts its reward from ~0.03 to ~0.6 in
+# about a minute on two cores (it does not master the task: middle characters stay hard).
 TINY_ARCH: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 256,
