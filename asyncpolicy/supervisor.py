@@ -127,6 +127,9 @@ class Supervisor:
             cfg, self.engines.trainer, self.channel, self.synchronizer, self._on_step, self.save_checkpoint
         )
         self.validator = Validator(self.rollouter, self.task.val, concurrency=max(1, cfg.rollout.max_concurrency // 4))
+        self._validating = bool(cfg.trainer.test_freq and self.task.val)
+        if cfg.trainer.test_freq and not self.task.val:
+            log.warning("validation_off", reason="no held-out prompts (all too long for data.max_prompt_length?)")
         self.sink = MetricsSink(self.output_dir, append=self.resume_state is not None)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -172,7 +175,7 @@ class Supervisor:
                     async with anyio.create_task_group() as actors:
                         await actors.start(self._run_actor, self.rollouter.name, self._rollout_with_restarts)
                         await actors.start(self._run_actor, self.trainer.name, self._train_then_stop)
-                        if self.cfg.trainer.test_freq:
+                        if self._validating:
                             await actors.start(self._run_actor, self.validator.name, self.validator.run)
                         task_status.started()
                         log.info(
@@ -356,7 +359,7 @@ class Supervisor:
         row = msgspec.to_builtins(metrics)
         row.update(report.engine_metrics)
         self.sink.write(row)
-        if self.cfg.trainer.test_freq and report.step % self.cfg.trainer.test_freq == 0:
+        if self._validating and report.step % self.cfg.trainer.test_freq == 0:
             self.validator.request(report.step)
         log.debug("step", step=report.step, reward_mean=round(reward_mean, 4), age_max=max(report.ages))
 
