@@ -16,6 +16,7 @@ Only anyio primitives are used, so it runs under asyncio and trio alike.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter, deque
 from collections.abc import Callable
@@ -112,6 +113,7 @@ class VersionedChannel(Generic[T]):
         self._consumed = 0
         self._dropped = 0
         self._consumer_version = -1  # highest version a consumer has presented
+        self._fresh_for = -1  # the version the queued items were last checked against
         self._age_sum = 0.0
         self._age_min = math.inf
         self._age_max = -math.inf
@@ -170,6 +172,9 @@ class VersionedChannel(Generic[T]):
 
     def _present(self, current_version: int) -> None:
         """Record the consumer's version and discard everything it may no longer train on."""
+        if current_version == self._fresh_for:
+            return  # scanned at this version; later puts were checked against a version >= it
+        self._fresh_for = current_version
         if current_version > self._consumer_version:
             self._consumer_version = current_version
         if not self._versions or not self._is_stale(min(self._versions), current_version):
@@ -196,8 +201,10 @@ class VersionedChannel(Generic[T]):
             self._forget_version(v)
             age = current_version - v
             self._age_sum += age
-            self._age_min = min(self._age_min, age)
-            self._age_max = max(self._age_max, age)
+            if age < self._age_min:
+                self._age_min = age
+            if age > self._age_max:
+                self._age_max = age
             out.append(item)
         self._consumed += n
         self._changed.notify()
@@ -212,6 +219,10 @@ class VersionedChannel(Generic[T]):
 
     async def get(self, current_version: int) -> T:
         """The oldest fresh item, waiting for one. Raises EndOfStream once closed and drained."""
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        self._present(current_version)
+        if self._items:  # fast path: no wait, no cancel scope
+            return self._take(1, current_version)[0]
         return (await self.get_batch(1, current_version))[0]
 
     async def get_batch(self, n: int, current_version: int, *, timeout: float | None = None) -> list[T]:
@@ -224,7 +235,10 @@ class VersionedChannel(Generic[T]):
         if n < 1 or n > self.capacity:
             raise ValueError(f"channel {self.name!r}: batch of {n} cannot be served by capacity {self.capacity}")
         await anyio.lowlevel.checkpoint_if_cancelled()
-        with anyio.fail_after(timeout):
+        self._present(current_version)
+        if len(self._items) >= n:  # fast path: no wait, no cancel scope
+            return self._take(n, current_version)
+        with anyio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
             while True:
                 self._present(current_version)
                 if len(self._items) >= n:
@@ -301,6 +315,7 @@ class VersionedChannel(Generic[T]):
         self._consumed = snap.consumed
         self._dropped = snap.dropped_stale
         self._consumer_version = snap.consumer_version
+        self._fresh_for = -1
         self._age_sum = snap.age_sum
         self._age_min = snap.age_min
         self._age_max = snap.age_max
