@@ -40,8 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print every config key with its default and meaning")
     cfg.add_argument("--config", metavar="FILE", help="show the values resolved from this file")
     cfg.add_argument("overrides", nargs="*", metavar="key=value")
-    bench = sub.add_parser("bench", help="run benchmark suites and write benchmark_results_<time>/")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="run benchmark suites and write benchmark_results_<time>/ (bench --help)", add_help=False)
     return p
 
 
@@ -80,14 +79,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the suites parse their own options (`bench --quick` included)
+        from asyncpolicy.bench.cli import bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "config":
             return _print_config(args)
-        if args.command == "bench":
-            from asyncpolicy.bench.cli import bench_main
-
-            return bench_main(args.args)
         return _run(args)
     except ConfigError as e:
         print(f"asyncpolicy: error: {e}", file=sys.stderr)

@@ -47,7 +47,8 @@ def _parse(argv: list[str]) -> tuple[list[str], bool, list[str]]:
     p = argparse.ArgumentParser(
         prog="python -m asyncpolicy bench",
         description="Run benchmark suites and write benchmark_results_<time>/ in the current directory. "
-        f"Suites: {', '.join(SUITES)} (default: all). key=value words are config overrides passed to every run.",
+        f"Suites: {', '.join(SUITES)} (default: all). key=value words are config overrides passed to every run. "
+        "`bench gpu [--sections ...]` runs the GPU experiments instead (benchmarks/gpu_bench.py --help).",
     )
     p.add_argument("words", nargs="*", metavar="SUITE|key=value")
     p.add_argument("--quick", action="store_true", help="small sizes: all suites in under 3 minutes on 2 cores")
@@ -88,9 +89,32 @@ async def _run_suites(ctx: BenchContext, names: list[str]) -> list[SuiteResult]:
     return results
 
 
+def _gpu_bench(argv: list[str]) -> int:
+    """`bench gpu [options]`: the GPU experiment script (vLLM + FSDP2), run as it is on a GPU machine."""
+    import runpy
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("asyncpolicy bench gpu: no CUDA GPU on this machine: skipped", file=sys.stderr)
+        return EXIT_OK
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_bench.py"
+    if not script.exists():
+        print(f"asyncpolicy bench gpu: {script} not found: run it from a source checkout", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    sys.argv = [str(script), *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as done:
+        return int(done.code or 0)
+    return EXIT_OK
+
+
 def bench_main(argv: list[str]) -> int:
     """Entry point of `python -m asyncpolicy bench`; returns the exit code."""
     argv = [a for a in argv if a != "--"]  # `bench -- --quick` gets options past the top-level parser
+    if argv[:1] == ["gpu"]:
+        return _gpu_bench(argv[1:])
     names, quick, overrides = _parse(argv)
     load_config(None, overrides)  # bad overrides fail now (ConfigError, exit 2), not after minutes of runs
     previous = structlog.get_config()
