@@ -135,13 +135,13 @@ def test_override_into_a_value_is_refused() -> None:
 
 
 def test_string_key_keeps_numeric_looking_override_text() -> None:
-    """`output_dir=2024` is a directory named 2024, not an int (BUG: YAML-parsed into int, refused)."""
+    """`output_dir=2024` is a directory named 2024: a str-typed key keeps the override's text."""
     cfg = load_config(None, ["output_dir=2024", "data.prompt_key=1"])
     assert (cfg.output_dir, cfg.data.prompt_key) == ("2024", "1")
 
 
 def test_non_string_key_in_a_section_names_the_section() -> None:
-    """BUG: the message names 'key in $.data' instead of the section."""
+    """A mapping with a non-string key inside `data` is reported under 'data', not msgspec's path text."""
     assert error_of("data={1: 2}").key == "data"
 
 

@@ -209,13 +209,13 @@ async def test_stop_ends_the_run_early_and_gracefully(sim_config: Make, tmp_path
 
 
 async def test_validation_survives_a_generation_engine_restart(sim_config: Make, tmp_path: Path) -> None:
-    """An engine death during validation is restarted like one during training; the run finishes.
-
-    BUG: the validator's GenerationFailed is not routed to the engine restart: the run fails as
-    actor 'validator' although rollout.max_restarts allows thousands of restarts.
-    """
+    """An engine that dies during validation does not fail the run: validation's failure is not
+    fatal, and training generations restart the engine as always; the run finishes."""
     cfg = sim_config("trainer.total_training_steps=2", "trainer.test_freq=1", "rollout.simulated.die_after_requests=1",
                      "rollout.n=1", "rollout.max_concurrency=1", "data.train_batch_size=1", "async_training.max_queue_size=1",
                      "rollout.max_restarts=1000", "rollout.max_retries=0", "task.num_val_prompts=4", output_dir=tmp_path)
-    result = await run(cfg)
+    with anyio.fail_after(30):
+        async with Supervisor(cfg) as sup:
+            result = await sup.wait()
     assert result.finished and result.steps == 2
+    assert sup.validator.failures >= 1, "no validation met the dead engine: the test proved nothing"
