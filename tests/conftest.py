@@ -45,10 +45,19 @@ structlog.configure(
     ]
 )
 
-# Simulated engines with tiny latencies: a run of a few steps takes tens of milliseconds.
+# Simulated engines with tiny latencies: a run of a few steps takes tens of milliseconds. Sizes are
+# pinned here, so retuning the defaults for real runs does not change what these tests exercise.
 FAST_SIMULATED = (
     "rollout.engine=simulated",
     "trainer.engine=simulated",
+    "data.train_batch_size=4",
+    "data.max_response_length=12",
+    "rollout.n=2",
+    "rollout.max_concurrency=16",
+    "async_training.max_queue_size=16",
+    "async_training.staleness_threshold=1",
+    "trainer.total_training_steps=4",
+    "trainer.test_freq=0",
     "rollout.simulated.mean_latency_s=0.002",
     "trainer.simulated.step_latency_s=0.001",
     "trainer.simulated.sync_latency_s=0.0005",

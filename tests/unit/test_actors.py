@@ -169,6 +169,7 @@ async def test_without_partial_rollout_an_interrupted_generation_restarts_under_
         "rollout.simulated.mean_latency_s=0.2",
         "rollout.simulated.latency_sigma=0",
     )
+    assert cfg.async_training.partial_rollout is False
     engine = counting_engine(cfg)
     rollouter, _, channel = rollouter_for(cfg, engine)
     await engine.start()
