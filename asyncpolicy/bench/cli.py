@@ -19,7 +19,13 @@ from pathlib import Path
 import anyio
 import structlog
 
-from asyncpolicy.bench import channel, learning, overlap, responsiveness, sweep
+try:
+    from asyncpolicy.bench import channel, learning, overlap, responsiveness, sweep
+except ModuleNotFoundError as missing:  # the plots need the `bench` extra
+    if missing.name != "matplotlib":
+        raise
+    print("asyncpolicy bench: matplotlib is missing: pip install -e '.[bench]'", file=sys.stderr)
+    raise SystemExit(2) from None
 from asyncpolicy.bench.common import (
     BenchContext,
     SuiteResult,
