@@ -18,7 +18,7 @@ from asyncpolicy.supervisor import Supervisor
 
 pytestmark = pytest.mark.anyio
 
-STEPS = 250
+STEPS = 300
 THRESHOLD = 2
 
 
@@ -76,4 +76,4 @@ async def test_async_cpu_run_learns_within_the_staleness_bound(tmp_path: Path) -
     assert any(r["sample_age_max"] >= 1 for r in rows)
     # and it learned
     first, last = tenth_means(rows, "reward_mean")
-    assert last >= 2 * first and last >= first + 0.2, (first, last)
+    assert last >= 2 * first and last >= first + 0.1, (first, last)
