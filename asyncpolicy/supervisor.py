@@ -245,7 +245,7 @@ class Supervisor:
             await gen.aclose()
             await gen.start()
             async with self.trainer.weights_lock:  # weights must not change while they are read
-                await self.synchronizer.sync(self.trainer.version)
+                await self.synchronizer.sync(self.trainer.version, force=True)
 
     async def _restore(self, state: checkpoint.RunState) -> None:
         """Put every piece back as the checkpoint holds it, then serve the trainer's weights."""
@@ -258,7 +258,7 @@ class Supervisor:
         self.task.train.restore(state.cursor)
         self.channel.restore(state.channel)
         self.rng.setstate(_rng_state(state.rng_state))
-        await self.synchronizer.sync(self.trainer.version)
+        await self.synchronizer.sync(self.trainer.version, force=True)
         log.info("resumed", path=str(self.resume_from), step=state.trainer.step, queued=len(state.channel.items), in_flight=len(state.in_flight))
 
     async def save_checkpoint(self, reason: str) -> None:

@@ -131,12 +131,9 @@ class Rollouter:
         return list(self._in_flight.values()) + list(self._replay)
 
     def replay(self, groups: list[InFlight]) -> None:
-        """Before `run`: prompts from a checkpoint's in-flight list, generated before new ones.
-
-        They were counted as admitted when first started; they are counted again on restart.
-        """
+        """Prompts to generate again before new ones (a checkpoint's or a failed engine's in-flight
+        groups). They stay counted in `admitted` from their first start: admitted = made + in flight."""
         self._replay = list(groups) + self._replay
-        self.counters.admitted -= len(groups)
 
     def requeue_in_flight(self) -> int:
         """After `run` failed: abandoned groups go back to the front, to be generated again."""
@@ -160,7 +157,8 @@ class Rollouter:
     def _may_admit(self) -> bool:
         n = self.cfg.rollout.n
         slots_ok = self._active_trajectories == 0 or self._active_trajectories + n <= self.cfg.rollout.max_concurrency
-        return not self.paused and slots_ok and self._capacity_left() > 0
+        # A replayed group is inside the capacity count already: only new prompts wait for room.
+        return not self.paused and slots_ok and (bool(self._replay) or self._capacity_left() > 0)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -177,9 +175,12 @@ class Rollouter:
             task_status.started()
             while True:
                 await self._changed.wait_until(self._may_admit)
-                group = self._replay.pop(0) if self._replay else InFlight(prompt=self.prompts.next(), start_version=self.version)
+                if self._replay:
+                    group = self._replay.pop(0)  # admitted already, when it first started
+                else:
+                    group = InFlight(prompt=self.prompts.next(), start_version=self.version)
+                    self.counters.admitted += 1
                 group.start_version = self.version
-                self.counters.admitted += 1
                 self._active_trajectories += self.cfg.rollout.n
                 self._in_flight[group.prompt.uid] = group
                 tg.start_soon(self._rollout_group, group)

@@ -3,7 +3,9 @@
 A sync either completes (the generation engine now serves the trainer's `version`) or raises
 `SyncFailed` naming the cause after `sync_retries` retries, each attempt bounded by
 `sync_timeout`. Rollout is resumed on every path out, so a failed sync never leaves a paused,
-idle engine behind a run that looks alive.
+idle engine behind a run that looks alive. Syncs are serialised: one that arrives while another
+runs waits for it, and a push the engine has already overtaken is skipped, so the engine never
+goes back to an older version.
 """
 
 from __future__ import annotations
@@ -39,18 +41,26 @@ class ParameterSynchronizer:
         self.rollouter = rollouter
         self.transport = transport
         self.counters = SyncCounters()
+        self._lock = anyio.Lock()  # one sync at a time: the trainer's, or an engine restart's
 
-    async def sync(self, version: int) -> float:
-        """Make the rollout serve `version`; returns the latency, pause to resume included."""
-        start = time.monotonic()
-        # Partial rollout interrupts generations (they continue under the new weights);
-        # otherwise in-flight generations finish under the weights that started them.
-        await self.rollouter.pause("sync", drain=not self.cfg.partial_rollout)
-        try:
-            await self._push_with_retries(version)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.rollouter.resume("sync")
+    async def sync(self, version: int, *, force: bool = False) -> float:
+        """Make the rollout serve `version`; returns the latency, pause to resume included.
+
+        `force` pushes even when the engine reports that version already (a restarted engine
+        holds its initial weights, whatever it reports).
+        """
+        async with self._lock:
+            start = time.monotonic()
+            if not force and self.rollouter.version >= version:
+                return 0.0  # a newer push already happened while this one waited
+            try:
+                # Partial rollout interrupts generations (they continue under the new weights);
+                # otherwise in-flight generations finish under the weights that started them.
+                await self.rollouter.pause("sync", drain=not self.cfg.partial_rollout)
+                await self._push_with_retries(version)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.rollouter.resume("sync")
         latency = time.monotonic() - start
         self.counters.syncs += 1
         self.counters.last_latency_s = latency

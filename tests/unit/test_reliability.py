@@ -178,3 +178,57 @@ async def test_events_iteration_ends_when_the_run_ends(tmp_path: Path) -> None:
             steps = [row["step"] async for row in sup.events()]
             result = await sup.wait()
     assert steps == list(range(1, 7)) and result.steps == 6
+
+
+async def test_every_admitted_group_is_made_or_in_flight_across_restarts_and_resume(tmp_path: Path) -> None:
+    """admitted = made + in flight, through engine restarts, a checkpoint with requeued groups, and a resume."""
+    cfg = cfg_for(
+        tmp_path,
+        "trainer.total_training_steps=12",
+        "rollout.simulated.die_after_requests=30",
+        "rollout.max_retries=0",
+        "rollout.max_restarts=50",
+        "trainer.save_freq=3",
+    )
+    async with Supervisor(cfg) as sup:
+        result = await sup.wait()
+        counters = sup.rollouter.counters
+        assert counters.admitted == result.made + len(sup.rollouter.in_flight_prompts())
+    state = checkpoint.load_state(checkpoint.latest_checkpoint(tmp_path))
+    assert state.rollout.admitted == state.channel.produced + len(state.in_flight)
+
+    more = cfg_for(tmp_path, "trainer.total_training_steps=20", "rollout.simulated.die_after_requests=30",
+                   "rollout.max_retries=0", "rollout.max_restarts=50", "resume=auto")
+    async with Supervisor(more) as sup:
+        result = await sup.wait()
+        assert sup.rollouter.counters.admitted == result.made + len(sup.rollouter.in_flight_prompts())
+    assert_accounted(result, 20)
+
+
+async def test_concurrent_syncs_end_on_the_newest_version_and_resume_generation(tmp_path: Path) -> None:
+    """Two syncs at once (the trainer's and an engine restart's) are serialised: the engine ends on
+    the newer version, never an older one, and generation is not resumed in the middle of a push."""
+    cfg = cfg_for(tmp_path, "trainer.simulated.sync_latency_s=0.05")
+    async with Supervisor(cfg) as sup:
+        sup.stop()
+        await sup.wait()
+    from asyncpolicy.actors.synchronizer import ParameterSynchronizer
+    from asyncpolicy.engines.simulated import SimulatedTransport
+
+    rollouter = sup.rollouter
+    paused_during_push: list[bool] = []
+
+    class WatchedTransport(SimulatedTransport):  # the real simulated transport, recording pause state
+        async def push(self, version: int) -> None:
+            await super().push(version)
+            paused_during_push.append(rollouter.paused)
+
+    sync = ParameterSynchronizer(cfg.async_training, rollouter, WatchedTransport(sup.engines.generation, cfg.trainer.simulated))
+    base = rollouter.version
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sync.sync, base + 2)
+        await anyio.sleep(0.01)
+        tg.start_soon(sync.sync, base + 1)
+    assert rollouter.version == base + 2
+    assert paused_during_push == [True]  # the older push was skipped; the newer one ran paused
+    assert not rollouter.paused
