@@ -94,8 +94,12 @@ class MetricsSink:
                 self._subscribers.remove(stream)
 
     def subscribe(self, buffer: int = 1024) -> MemoryObjectReceiveStream[dict[str, Any]]:
+        """A stream of later lines; already ended when the run is over."""
         send, receive = anyio.create_memory_object_stream[dict[str, Any]](buffer)
-        self._subscribers.append(send)
+        if self._file.closed:
+            send.close()
+        else:
+            self._subscribers.append(send)
         return receive
 
     def close(self) -> None:

@@ -55,21 +55,19 @@ class Sample(msgspec.Struct, kw_only=True):
     start_version: int  # rollout version when the first token of the group was started
     min_version: int  # oldest version that produced any token: staleness is measured from here
     max_version: int
-    created_at: float = 0.0  # monotonic time the sample was completed
 
     @property
     def rewards(self) -> list[float]:
         return [t.reward for t in self.trajectories]
 
 
-def make_sample(prompt: Prompt, trajectories: list[Trajectory], start_version: int, created_at: float) -> Sample:
-    """Build a Sample, deriving its version range from its tokens (or the start version if all empty)."""
+def make_sample(prompt: Prompt, trajectories: list[Trajectory], start_version: int) -> Sample:
+    """Build a Sample whose version range is that of its tokens (the start version if it has none)."""
     versions = [v for t in trajectories for v in t.token_versions] or [start_version]
     return Sample(
         prompt=prompt,
         trajectories=trajectories,
         start_version=start_version,
-        min_version=min(min(versions), start_version),
+        min_version=min(versions),
         max_version=max(versions),
-        created_at=created_at,
     )

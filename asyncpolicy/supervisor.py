@@ -88,7 +88,6 @@ class Supervisor:
         self._outer: anyio.abc.TaskGroup | None = None
         self._actors: anyio.CancelScope | None = None
         self._done = anyio.Event()
-        self._stopped = False
         self._started_at = time.monotonic()
         self.output_dir: Path | None = None
         self.result: RunResult | None = None
@@ -311,7 +310,6 @@ class Supervisor:
     def stop(self) -> None:
         """End the run early and gracefully: the current step completes, a checkpoint is written,
         then `wait()` returns with finished=False."""
-        self._stopped = True
         if self._actors is not None:
             self._actors.cancel()
 

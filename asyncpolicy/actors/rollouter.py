@@ -203,7 +203,7 @@ class Rollouter:
         trajectories = [t for t in results if t is not None]
         for t in trajectories:
             t.reward = self._score(prompt, t)
-        sample = make_sample(prompt, trajectories, group.start_version, time.monotonic())
+        sample = make_sample(prompt, trajectories, group.start_version)
         await self.channel.put(sample, sample.min_version)  # backpressure: waits while the queue is full
         del self._in_flight[prompt.uid]
         self.counters.completed += 1

@@ -1,6 +1,6 @@
 """A bounded channel whose items carry the policy version that made them.
 
-Invariants (checked by tests/property/test_channel_properties.py):
+Invariants (checked by tests/property/test_channel_state_machine.py and test_channel_concurrency.py):
 
 * it never holds more than `capacity` items: `put` waits while it is full (backpressure, no drop);
 * it never hands out an item with `current_version - item_version > max_staleness`: such an item

@@ -147,7 +147,7 @@ def _batch(seed: int) -> list:
             n = rng.randint(1, 6)
             trajs.append(Trajectory(response_tokens=[rng.randrange(200) for _ in range(n)], behaviour_logprobs=[-5.3] * n,
                                     token_versions=[0] * n, finish_reason="stop", reward=rng.random()))
-        out.append(make_sample(p, trajs, 0, 0.0))
+        out.append(make_sample(p, trajs, 0))
     return out
 
 

@@ -58,7 +58,6 @@ def trainer_logprobs(
                 )
             ],
             0,
-            0.0,
         )
         for i, (p, r) in enumerate(pairs)
     ]

@@ -177,7 +177,8 @@ async def test_events_iteration_ends_when_the_run_ends(tmp_path: Path) -> None:
         async with Supervisor(cfg) as sup:
             steps = [row["step"] async for row in sup.events()]
             result = await sup.wait()
-    assert steps == list(range(1, 7)) and result.steps == 6
+            late = [row async for row in sup.events()]  # subscribing after the end ends at once
+    assert steps == list(range(1, 7)) and result.steps == 6 and late == []
 
 
 async def test_every_admitted_group_is_made_or_in_flight_across_restarts_and_resume(tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ async def rollout_batch(cfg: Config, seed: int = 0) -> list[Sample]:
             )
             t.reward = float(i % 2)  # half of each group is "good": a fixed, learnable preference
             trajectories.append(t)
-        samples.append(make_sample(prompt, trajectories, 0, 0.0))
+        samples.append(make_sample(prompt, trajectories, 0))
     await engines.generation.aclose()
     return samples
 
