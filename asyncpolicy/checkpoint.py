@@ -88,10 +88,14 @@ def commit(output_dir: Path, tmp: Path, state_bytes: bytes, step: int, keep: int
     (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
     _fsync_tree(tmp)
     final = checkpoint_root(output_dir) / _name(step)
-    if final.exists():  # the same step saved again (e.g. stop right after a save_freq checkpoint)
-        shutil.rmtree(final)
+    old = None
+    if final.exists():  # the same step saved again (a stop right after a save_freq checkpoint):
+        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")  # set aside, never deleted first
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     for old in complete_checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     log.info("checkpoint_saved", path=str(final), step=step)
@@ -99,12 +103,23 @@ def commit(output_dir: Path, tmp: Path, state_bytes: bytes, step: int, keep: int
 
 
 def remove_stale_temporaries(output_dir: Path) -> None:
-    """Half-written checkpoints of a run that died mid-write: never complete, safe to delete."""
+    """Clean up after a run that died while writing a checkpoint.
+
+    Half-written ones are never complete: deleted. A complete checkpoint set aside to be replaced
+    (`.tmp-old-step-N-PID`) whose replacement never landed is put back first: it is the last good one.
+    """
     root = checkpoint_root(output_dir)
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(".tmp-"):
-                shutil.rmtree(p, ignore_errors=True)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith(".tmp-old-"):
+            name = p.name.removeprefix(".tmp-old-").rsplit("-", 1)[0]  # step-NNNNNNNN
+            if not (root / name).exists() and (p / COMPLETE_MARKER).exists():
+                os.replace(p, root / name)
+                log.warning("checkpoint_restored_after_interrupted_replace", path=str(root / name))
+    for p in root.iterdir():
+        if p.name.startswith(".tmp-"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def encode_state(state: RunState) -> bytes:

@@ -104,6 +104,9 @@ class TrainerConfig(_Section):
     weight_decay: Annotated[float, _doc("AdamW weight decay", ge=0)] = 0.0
     grad_clip: Annotated[float, _doc("max global gradient norm", gt=0)] = 1.0
     micro_batch_size: Annotated[int, _doc("responses per forward/backward (gradient accumulation)", ge=1)] = 32
+    step_timeout_s: Annotated[
+        float, _doc("seconds one training step or checkpoint write may take before the run fails", gt=0)
+    ] = 900.0
     save_freq: Annotated[int, _doc("checkpoint every N steps; 0 = only at the end", ge=0)] = 0
     keep_checkpoints: Annotated[int, _doc("complete checkpoints kept", ge=1)] = 2
     test_freq: Annotated[int, _doc("validate every N steps; 0 = never", ge=0)] = 0

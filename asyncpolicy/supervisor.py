@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import msgspec
 import structlog
 
@@ -276,9 +277,17 @@ class Supervisor:
         encoded = checkpoint.encode_state(state)  # serialised before any await: a consistent cut
         step = state.trainer.step
         tmp = checkpoint.begin(self.output_dir, step)
-        async with self.trainer.weights_lock:
-            await self.engines.trainer.save_state(str(tmp / "engine"))
-        checkpoint.commit(self.output_dir, tmp, encoded, step, self.cfg.trainer.keep_checkpoints)
+        limit = self.cfg.trainer.step_timeout_s
+        try:
+            with anyio.fail_after(limit):
+                async with self.trainer.weights_lock:
+                    await self.engines.trainer.save_state(str(tmp / "engine"))
+                # fsync and rename off the event loop: seconds for a real model
+                await anyio.to_thread.run_sync(
+                    checkpoint.commit, self.output_dir, tmp, encoded, step, self.cfg.trainer.keep_checkpoints
+                )
+        except TimeoutError:
+            raise RunFailed(f"checkpoint of step {step} took longer than trainer.step_timeout_s={limit}s") from None
 
     async def _start_engines(self) -> None:
         with anyio.fail_after(self.cfg.async_training.generation_timeout * 10):

@@ -78,6 +78,16 @@ class Trainer:
     def version(self) -> int:
         return self.state.version
 
+    async def _bounded_step(self, batch: list[Sample]) -> dict[str, float]:
+        limit = self.cfg.trainer.step_timeout_s
+        try:
+            with anyio.fail_after(limit):
+                return await self.engine.train_step(batch, self.state.version)
+        except TimeoutError:
+            raise RunFailed(
+                f"training step {self.state.step + 1} took longer than trainer.step_timeout_s={limit}s"
+            ) from None
+
     def idle_ratio(self) -> float:
         return self.state.idle_s / max(1e-9, time.monotonic() - self._started_at)
 
@@ -108,7 +118,7 @@ class Trainer:
             # a stop request waits for the step instead of losing the batch half-way.
             with anyio.CancelScope(shield=True):
                 async with self.weights_lock:
-                    engine_metrics = await self.engine.train_step(batch, self.state.version)
+                    engine_metrics = await self._bounded_step(batch)
                 self.state.step += 1
                 self.state.version += 1
                 self.state.staleness_max = max(self.state.staleness_max, *ages)

@@ -107,7 +107,11 @@ class TorchTrainEngine:
     async def train_step(self, batch: list[Sample], version: int) -> dict[str, float]:
         if self.model is None:
             raise RuntimeError("TorchTrainEngine.train_step called before start()")
-        return await anyio.to_thread.run_sync(self._train_step, batch, version, limiter=self.limiter)
+        # Abandonable: when the trainer's step deadline passes, the run fails at once instead of
+        # waiting on a hung thread (the failed run keeps its last good checkpoint, not this state).
+        return await anyio.to_thread.run_sync(
+            self._train_step, batch, version, limiter=self.limiter, abandon_on_cancel=True
+        )
 
     # -- the worker thread ----------------------------------------------------------------------
 

@@ -233,3 +233,25 @@ async def test_concurrent_syncs_end_on_the_newest_version_and_resume_generation(
     assert rollouter.version == base + 2
     assert paused_during_push == [True]  # the older push was skipped; the newer one ran paused
     assert not rollouter.paused
+
+
+async def test_a_training_step_past_its_deadline_fails_the_run(tmp_path: Path) -> None:
+    """A hung train step is not waited on forever: the run fails naming trainer.step_timeout_s."""
+    cfg = cfg_for(tmp_path, "trainer.simulated.step_latency_s=30", "trainer.step_timeout_s=0.3")
+    with anyio.fail_after(20):
+        with pytest.raises(ActorFailed, match="trainer.step_timeout_s=0.3s") as info:
+            await run(cfg)
+    assert info.value.actor == "trainer"
+
+
+def test_a_checkpoint_set_aside_for_replacement_survives_a_kill_between_the_renames(tmp_path: Path) -> None:
+    """Killed after the old step-N was renamed aside but before the new one landed: it is put back."""
+    root = checkpoint.checkpoint_root(tmp_path)
+    aside = root / ".tmp-old-step-00000010-4242"
+    aside.mkdir(parents=True)
+    (aside / checkpoint.COMPLETE_MARKER).write_text("10\n")
+    half = root / ".tmp-step-00000010-4242"
+    half.mkdir()
+    checkpoint.remove_stale_temporaries(tmp_path)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-00000010"]
+    assert not half.exists()
