@@ -320,8 +320,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return build_config(tree)
 
 
+ENGINE_PAIRS = {("simulated", "simulated"), ("hf", "torch"), ("vllm", "fsdp")}  # (rollout.engine, trainer.engine)
+
+
 def check_consistency(cfg: Config) -> None:
     """Values each fine alone but impossible together: each would deadlock or silently misbehave."""
+    pair = (cfg.rollout.engine, cfg.trainer.engine)
+    if pair not in ENGINE_PAIRS:
+        pairs = ", ".join(f"rollout.engine={g} with trainer.engine={t}" for g, t in sorted(ENGINE_PAIRS))
+        raise ConfigError(
+            f"config keys 'rollout.engine'={pair[0]!r} and 'trainer.engine'={pair[1]!r} do not go together; "
+            f"supported: {pairs}",
+            key="rollout.engine",
+        )
     at = cfg.async_training
     if at.max_queue_size < cfg.data.train_batch_size:
         raise ConfigError(

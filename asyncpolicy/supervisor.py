@@ -90,6 +90,7 @@ class Supervisor:
         self._actors: anyio.CancelScope | None = None
         self._done = anyio.Event()
         self._started_at = time.monotonic()
+        self._rate_base = (0, 0, 0)  # (produced, consumed, step) restored from a checkpoint: rates count this process's work
         self.output_dir: Path | None = None
         self.result: RunResult | None = None
 
@@ -101,20 +102,24 @@ class Supervisor:
         self.resume_from = checkpoint.resolve_resume(self.output_dir, cfg.resume)
         self.resume_state = checkpoint.load_state(self.resume_from) if self.resume_from else None
         metrics_file = self.output_dir / "metrics.jsonl"
-        if self.resume_state is None and metrics_file.exists() and metrics_file.stat().st_size:
-            if cfg.resume != "auto":
-                raise ConfigError(
-                    f"config key 'output_dir': {str(self.output_dir)!r} already holds a run; "
-                    "pass resume=auto to continue it, or choose another output_dir",
-                    key="output_dir",
-                )
-            metrics_file.unlink()  # resume=auto with no complete checkpoint: nothing of it can be continued
+        earlier_run = self.resume_state is None and metrics_file.exists() and metrics_file.stat().st_size > 0
+        if earlier_run and cfg.resume != "auto":
+            raise ConfigError(
+                f"config key 'output_dir': {str(self.output_dir)!r} already holds a run; "
+                "pass resume=auto to continue it, or choose another output_dir",
+                key="output_dir",
+            )
+        # Everything that can reject the input runs before anything on disk changes.
+        self.engines = self._engines or build_engines(cfg, rng=self.rng)
+        self.task = self._task or build_task(cfg, self.engines.tokenizer)
+        if earlier_run:  # resume=auto without a complete checkpoint: start over, keeping the old lines
+            aside = metrics_file.with_name(time.strftime("metrics.before-%Y%m%d-%H%M%S.jsonl"))
+            metrics_file.replace(aside)
+            log.warning("no_checkpoint_to_resume", previous_metrics=str(aside))
         if self.resume_state is not None:
             _truncate_metrics(metrics_file, self.resume_state.trainer.step)
         checkpoint.remove_stale_temporaries(self.output_dir)
         (self.output_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(to_dict(cfg))))
-        self.engines = self._engines or build_engines(cfg, rng=self.rng)
-        self.task = self._task or build_task(cfg, self.engines.tokenizer)
         self.rollouter: Rollouter
         self.channel: VersionedChannel[Sample] = VersionedChannel(
             cfg.async_training.max_queue_size,
@@ -259,6 +264,7 @@ class Supervisor:
         self.channel.restore(state.channel)
         self.rng.setstate(_rng_state(state.rng_state))
         await self.synchronizer.sync(self.trainer.version, force=True)
+        self._rate_base = (state.channel.produced, state.channel.consumed, state.trainer.step)
         log.info("resumed", path=str(self.resume_from), step=state.trainer.step, queued=len(state.channel.items), in_flight=len(state.in_flight))
 
     async def save_checkpoint(self, reason: str) -> None:
@@ -343,9 +349,9 @@ class Supervisor:
             elapsed_s=elapsed,
             reward_mean=reward_mean,
             reward_std=reward_std,
-            samples_per_s=chan.produced / elapsed,
-            trained_samples_per_s=chan.consumed / elapsed,
-            steps_per_s=report.step / elapsed,
+            samples_per_s=(chan.produced - self._rate_base[0]) / elapsed,
+            trained_samples_per_s=(chan.consumed - self._rate_base[1]) / elapsed,
+            steps_per_s=(report.step - self._rate_base[2]) / elapsed,
             sample_age_mean=sum(report.ages) / len(report.ages),
             sample_age_max=max(report.ages),
             staleness_max=self.trainer.state.staleness_max,

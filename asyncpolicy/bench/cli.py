@@ -102,8 +102,8 @@ def _gpu_bench(argv: list[str]) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("asyncpolicy bench gpu: no CUDA GPU on this machine: skipped", file=sys.stderr)
-        return EXIT_OK
+        print("asyncpolicy bench gpu: needs a CUDA GPU (and vllm); none on this machine", file=sys.stderr)
+        return EXIT_BAD_INPUT
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_bench.py"
     if not script.exists():
         print(f"asyncpolicy bench gpu: {script} not found: run it from a source checkout", file=sys.stderr)

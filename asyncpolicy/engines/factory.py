@@ -6,25 +6,14 @@ import random
 
 from asyncpolicy.config import Config
 from asyncpolicy.engines.protocols import EngineSet
-from asyncpolicy.errors import ConfigError
-
-SUPPORTED = {
-    ("simulated", "simulated"),
-    ("hf", "torch"),
-    ("vllm", "fsdp"),
-}
 
 
 def build_engines(cfg: Config, *, rng: random.Random) -> EngineSet:
-    """The generation engine, trainer engine and weight transport of this run (not yet started)."""
+    """The generation engine, trainer engine and weight transport of this run (not yet started).
+
+    The pair of engines was checked with the config (`config.ENGINE_PAIRS`).
+    """
     pair = (cfg.rollout.engine, cfg.trainer.engine)
-    if pair not in SUPPORTED:
-        pairs = ", ".join(f"rollout.engine={g} with trainer.engine={t}" for g, t in sorted(SUPPORTED))
-        raise ConfigError(
-            f"config keys 'rollout.engine'={pair[0]!r} and 'trainer.engine'={pair[1]!r} do not go together; "
-            f"supported: {pairs}",
-            key="rollout.engine",
-        )
     if pair == ("simulated", "simulated"):
         from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTrainEngine, SimulatedTransport
 

@@ -255,3 +255,14 @@ def test_a_checkpoint_set_aside_for_replacement_survives_a_kill_between_the_rena
     checkpoint.remove_stale_temporaries(tmp_path)
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-00000010"]
     assert not half.exists()
+
+
+async def test_throughput_after_resume_counts_only_the_resumed_process_work(tmp_path: Path) -> None:
+    """Restored totals are not divided by the new process's short elapsed time."""
+    await run(cfg_for(tmp_path, "trainer.total_training_steps=30"))
+    async with Supervisor(cfg_for(tmp_path, "trainer.total_training_steps=32", "resume=auto")) as sup:
+        await sup.wait()
+    rows = [msgspec.json.decode(line) for line in (tmp_path / "metrics.jsonl").read_bytes().splitlines()]
+    resumed = rows[-1]
+    assert resumed["step"] == 32
+    assert resumed["steps_per_s"] * resumed["elapsed_s"] == pytest.approx(2, abs=1e-6)
