@@ -241,13 +241,9 @@ class _Policy:
         self.group: Any = None
 
     def _lr_factor(self, step: int) -> float:
-        i = self.init
-        if step < i.warmup_steps:
-            return (step + 1) / (i.warmup_steps + 1)
-        if i.lr_schedule == "cosine":
-            span = max(1, i.total_steps - i.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - i.warmup_steps) / span)))
-        return 1.0
+        from asyncpolicy.algorithms.schedule import lr_lambda  # the CPU trainer's schedule, exactly
+
+        return lr_lambda(step, self.init.warmup_steps, self.init.total_steps, self.init.lr_schedule)
 
     # -- training --
 
@@ -288,6 +284,7 @@ class _Policy:
     def train(self, cmd: Train) -> dict[str, float]:
         torch = self.torch
         from asyncpolicy.algorithms.importance import anchor_and_weights
+        from asyncpolicy.algorithms.kl import kl_k3
         from asyncpolicy.algorithms.ppo_loss import aggregate_loss, ppo_clip_token_loss
 
         i = self.init
@@ -330,8 +327,8 @@ class _Policy:
                 with torch.no_grad():
                     sums[0] += loss.double()
                     sums[1] += (clipped * mask).sum().double()
-                    logr = behav - logp.detach()
-                    sums[2] += ((torch.exp(logr) - 1 - logr) * mask).sum().double()
+                    # k3 estimate of KL(π_behav ‖ π_θ) on tokens sampled from π_behav
+                    sums[2] += (kl_k3(behav, logp.detach()) * mask).sum().double()
                     sums[3] += mask.sum().double()
                     sums[4] += float(sum(len(r.input_ids) for r in mb))
                     sums[6] += (ratio.detach() * mask).sum().double()

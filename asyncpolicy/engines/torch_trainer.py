@@ -27,6 +27,7 @@ import structlog
 import torch
 
 from asyncpolicy.config import Config
+from asyncpolicy.algorithms.schedule import lr_lambda
 from asyncpolicy.engines.torch_policy import LossTotals, PolicyBatch, collate, micro_batch_loss, token_logprobs
 from asyncpolicy.samples import Sample
 
@@ -34,16 +35,6 @@ log = structlog.get_logger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 MODEL_DIR = "model"
-
-
-def lr_lambda(update: int, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of the peak LR for optimizer update number `update` (0-based)."""
-    if warmup and update < warmup:
-        return (update + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (update - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class UpdateStats(msgspec.Struct, frozen=True, kw_only=True):
