@@ -37,7 +37,7 @@ class StepMetrics(msgspec.Struct, kw_only=True, omit_defaults=False):
     elapsed_s: float
     reward_mean: float  # over every response in this step's batch
     reward_std: float
-    samples_per_s: float  # samples (prompt groups) generated per second, whole run
+    samples_per_s: float  # samples (prompt groups) generated per second by this process (not counting a resumed past)
     trained_samples_per_s: float
     steps_per_s: float
     sample_age_mean: float  # this batch: trainer version - oldest version of each sample's tokens
@@ -47,8 +47,8 @@ class StepMetrics(msgspec.Struct, kw_only=True, omit_defaults=False):
     queue_size: int
     queue_utilization: float
     sync_latency_s: float | None  # this step's weight sync, pause to resume; None when none ran
-    trainer_idle_ratio: float  # share of wall time the trainer waited for samples
-    rollouter_idle_ratio: float  # share of wall time no generation ran
+    trainer_idle_ratio: float  # share of this process's wall time the trainer waited for samples
+    rollouter_idle_ratio: float  # share of this process's wall time no generation ran
     in_flight: int  # prompt groups being generated
     reward_errors_total: int
     response_length_mean: float

@@ -81,9 +81,9 @@ class Rollouter:
         self._active_trajectories = 0  # slots taken against rollout.max_concurrency
         self._in_flight: dict[str, InFlight] = {}
         self._replay: list[InFlight] = []  # restored from a checkpoint: generated first
-        self._idle_since: float | None = time.monotonic()
+        self._idle_since: float | None = None
         self._idle_total = 0.0
-        self._started_at = time.monotonic()
+        self._started_at: float | None = None  # set by the first run(); a restart keeps counting from it
 
     # -- control (supervisor, synchronizer) ----------------------------------------------------
 
@@ -143,6 +143,8 @@ class Rollouter:
         return len(groups)
 
     def idle_ratio(self) -> float:
+        if self._started_at is None:
+            return 0.0
         idle = self._idle_total + (time.monotonic() - self._idle_since if self._idle_since is not None else 0.0)
         return idle / max(1e-9, time.monotonic() - self._started_at)
 
@@ -163,8 +165,8 @@ class Rollouter:
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self._started_at = time.monotonic()
-        self._idle_since = self._started_at
+        if self._started_at is None:
+            self._started_at = self._idle_since = time.monotonic()
         try:
             await self._admit_forever(task_status)
         except BaseExceptionGroup as group:  # a group's task failed: surface the named failure

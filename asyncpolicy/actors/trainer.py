@@ -73,6 +73,7 @@ class Trainer:
         # sequence (an engine restart's weight push) takes it too.
         self.weights_lock = anyio.Lock()
         self._started_at = time.monotonic()
+        self._idle_base = 0.0  # idle time restored from a checkpoint: the ratio covers this process only
 
     @property
     def version(self) -> int:
@@ -89,12 +90,12 @@ class Trainer:
             ) from None
 
     def idle_ratio(self) -> float:
-        return self.state.idle_s / max(1e-9, time.monotonic() - self._started_at)
+        return (self.state.idle_s - self._idle_base) / max(1e-9, time.monotonic() - self._started_at)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
         total = cfg.trainer.total_training_steps
-        self._started_at = time.monotonic() - self.state.idle_s  # keep the ratio meaningful on resume
+        self._started_at, self._idle_base = time.monotonic(), self.state.idle_s
         task_status.started()
         while self.state.step < total:
             waited = time.monotonic()

@@ -88,6 +88,8 @@ async def test_dead_generation_engine_is_restarted_without_losing_queued_samples
     assert result.finished
     assert_accounted(result, 20)
     assert len(trained) == len(set(trained)), "a prompt was trained twice after a restart"
+    rows = [msgspec.json.decode(line) for line in (tmp_path / "metrics.jsonl").read_bytes().splitlines()]
+    assert all(0 <= r["rollouter_idle_ratio"] <= 1 and 0 <= r["trainer_idle_ratio"] <= 1 for r in rows)
 
 
 async def test_engine_that_stays_dead_fails_the_run_naming_the_rollouter(tmp_path: Path) -> None:
@@ -266,3 +268,4 @@ async def test_throughput_after_resume_counts_only_the_resumed_process_work(tmp_
     resumed = rows[-1]
     assert resumed["step"] == 32
     assert resumed["steps_per_s"] * resumed["elapsed_s"] == pytest.approx(2, abs=1e-6)
+    assert 0 <= resumed["trainer_idle_ratio"] <= 1 and 0 <= resumed["rollouter_idle_ratio"] <= 1
