@@ -134,8 +134,11 @@ class Bench:
         from asyncpolicy.engines import fsdp_worker as w
         from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
 
-        base = w.WorkerInit(rank=0, world_size=1, gpu=None, master_port=0, model_path=self.args.model_dir, dtype="float32",
-                            gradient_checkpointing=True, lr=1e-6, micro_batch_size=mbs, staleness_correction="decoupled")
+        from asyncpolicy.config import load_config
+
+        cfg = load_config(overrides=["model.dtype=float32", "model.gradient_checkpointing=true", "trainer.lr=1e-6", "trainer.warmup_steps=0",
+                                     f"trainer.micro_batch_size={mbs}", "algorithm.staleness_correction=decoupled"])
+        base = w.WorkerInit(model_path=self.args.model_dir, config=cfg)
         t = FSDPTrainEngine(base, gpus, timeout_s=600)
         t0 = time.perf_counter()
         await t.start()

@@ -128,10 +128,6 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
             "rollout.engine=vllm needs one (it may hold only config + tokenizer: weights are then random)",
             key="model.path",
         )
-    if cfg.algorithm.kl_coef > 0:
-        raise ConfigError(
-            "config key 'algorithm.kl_coef': the fsdp trainer keeps no reference model yet; use 0", key="algorithm.kl_coef"
-        )
     if cfg.rollout.top_p < 1.0:
         # vLLM's processed logprobs are renormalised over the nucleus; the trainer's are not
         log.warning("top_p_logprob_mismatch", top_p=cfg.rollout.top_p,
@@ -162,34 +158,8 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
             rpc_timeout_s=cfg.async_training.sync_timeout,
         )
     )
-    t = cfg.trainer
-    a = cfg.algorithm
-    base = w.WorkerInit(
-        rank=0,
-        world_size=len(trainer_gpus),
-        gpu=None,
-        master_port=0,
-        model_path=path,
-        dtype=cfg.model.dtype,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-        lr=t.lr,
-        warmup_steps=t.warmup_steps,
-        lr_schedule=t.lr_schedule,
-        total_steps=t.total_training_steps,
-        weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip,
-        micro_batch_size=t.micro_batch_size,
-        require_batches=cfg.async_training.require_batches,
-        adv_estimator=a.adv_estimator,
-        norm_adv_by_std=a.norm_adv_by_std,
-        clip_ratio=a.clip_ratio,
-        staleness_correction=a.staleness_correction,
-        tis_cap=a.tis_cap,
-        loss_agg_mode=a.loss_agg_mode,
-        temperature=cfg.rollout.temperature,
-        seed=cfg.seed,
-    )
-    trainer = _GatedTrainer(base, [_physical(g) for g in trainer_gpus], timeout_s=t.worker_timeout_s)
+    base = w.WorkerInit(model_path=path, config=cfg)
+    trainer = _GatedTrainer(base, [_physical(g) for g in trainer_gpus], timeout_s=cfg.trainer.worker_timeout_s)
     transport = IPCTransport(gen, trainer) if cfg.rollout.colocate else NCCLTransport(gen, trainer)
     gate.transport = transport
     gen.gate = gate
