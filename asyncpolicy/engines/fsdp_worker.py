@@ -189,7 +189,8 @@ class _Policy:
         ref = None
         if cfg.algorithm.kl_coef > 0:  # the initial model at model.path, sharded like the policy, frozen
             ref_model = self._load_model().requires_grad_(False)
-            ref = self._shard(PolicyLogprobs(ref_model, cfg.rollout.temperature), kw).eval()
+            # no backward to keep its layers gathered for: free them after each forward
+            ref = self._shard(PolicyLogprobs(ref_model, cfg.rollout.temperature), {**kw, "reshard_after_forward": True}).eval()
         self.cfg = model.config
         self.opt = make_optimizer(self.module.parameters(), cfg)
         self.sched = make_scheduler(self.opt, cfg)

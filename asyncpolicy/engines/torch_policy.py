@@ -400,63 +400,36 @@ class StepRunner:
                 for mini in mini_batches(batch, cfg.async_training.require_batches)]
         proximal = self._proximal(pb, plan) if algo.staleness_correction == "decoupled" else {}
         sums = torch.zeros(len(STATS), dtype=torch.float64, device=self.device)
-        maxes = torch.zeros(1, dtype=torch.float64, device=self.device)
-        grad_norms: list[float] = []
-        lrs: list[float] = []
-        for k, (mini, micros) in enumerate(plan):
-            totals = LossTotals.of(pb, mini)
-            self.optimizer.zero_grad(set_to_none=True)
-            for m, rows in enumerate(micros):
-                mb = pb.micro(rows, self.device)
-                logprobs, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.response_index, with_entropy=True)
-                # before the first update the current weights ARE the pre-update ones: no extra forward
-                pre_update = logprobs.detach() if k == 0 else proximal.get((k, m))
-                loss, stats, weight_max = micro_batch_loss(
-                    logprobs, entropy, mb, algo, totals, pre_update, self._ref_logprobs(mb)
-                )
-                # Each process's loss is its share of the mini-batch total; FSDP averages gradients
-                # over processes, so scale back up to get the gradient of the sum.
-                (loss * self.world_size).backward()
-                sums += stats
-                torch.maximum(maxes, weight_max, out=maxes)
-            norm, lr = self._apply_update(version)
-            grad_norms.append(norm)
-            lrs.append(lr)
+        maxes = torch.zeros(1, dtype=torch.float64, device=self.device)  # the largest importance weight
+        updates = [
+            self._update(pb, k, mini, micros, proximal, sums, maxes, version) for k, (mini, micros) in enumerate(plan)
+        ]
         self.all_reduce(sums, maxes)
         s = dict(zip(STATS, sums.tolist()))  # note: the step's one device→host sync of statistics
-        weight_max_all = maxes.item()
-        dt = time.perf_counter() - t0
-        tokens = pb.num_tokens
-        per_token = max(tokens, 1.0)
-        metrics = {
-            "losses/loss": s["loss"] / len(plan),
-            "losses/policy_loss": s["pg_loss"] / per_token,
-            "losses/approx_kl": s["kl_k1"] / per_token,
-            "losses/approx_kl_k3": s["kl_k3"] / per_token,
-            "losses/clipfrac": s["clipped"] / per_token,
-            "is/weight_mean": s["weight_sum"] / per_token,
-            "is/weight_max": weight_max_all,
-            "is/ratio_mean": s["ratio_sum"] / per_token,
-            "is/approx_kl_behaviour_k3": s["behaviour_kl_k3"] / per_token,
-            "is/mismatch_tokens": s["mismatch_tokens"],
-            "actor/entropy": s["entropy"] / per_token,
-            "train/grad_norm": sum(grad_norms) / len(grad_norms),
-            "train/lr": lrs[-1],
-            "train/tokens": tokens,
-            "train/seqs": float((pb.response_mask.sum(dim=1) > 0).sum()),
-            "train/updates": float(self.scheduler.last_epoch),
-            "train/skipped_updates": float(sum(1 for n in grad_norms if not math.isfinite(n))),
-            "train/reward_mean": float(pb.rewards.mean()),
-            "staleness/mean": float(pb.staleness.mean()),
-            "staleness/max": float(pb.staleness.max()),
-            "perf/train_step_s": dt,
-            "perf/train_tokens_per_s": float(pb.attention_mask.sum()) / dt,  # prompt + response tokens
-        }
-        if algo.kl_coef > 0:
-            metrics["losses/kl_ref"] = s["kl_ref"] / per_token
-        if s["mismatch_tokens"] > 0:  # absent, not NaN or 0, when no token of the batch is from this version
-            metrics["is/mismatch_kl"] = s["mismatch_kl_k3"] / s["mismatch_tokens"]
-        return metrics
+        s["weight_max"] = maxes.item()
+        return step_metrics(pb, s, updates, self.scheduler.last_epoch, algo, time.perf_counter() - t0)
+
+    def _update(
+        self, pb: PolicyBatch, k: int, mini: slice, micros: list[list[int]],
+        proximal: dict[tuple[int, int], torch.Tensor], sums: torch.Tensor, maxes: torch.Tensor, version: int,
+    ) -> tuple[float, float]:
+        """Optimizer update `k`, accumulated over `micros`; adds to `sums`/`maxes`. (grad norm, LR taken)."""
+        totals = LossTotals.of(pb, mini)
+        self.optimizer.zero_grad(set_to_none=True)
+        for m, rows in enumerate(micros):
+            mb = pb.micro(rows, self.device)
+            logprobs, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.response_index, with_entropy=True)
+            # before the first update the current weights ARE the pre-update ones: no extra forward
+            pre_update = logprobs.detach() if k == 0 else proximal.get((k, m))
+            loss, stats, weight_max = micro_batch_loss(
+                logprobs, entropy, mb, self.cfg.algorithm, totals, pre_update, self._ref_logprobs(mb)
+            )
+            # Each process's loss is its share of the mini-batch total; FSDP averages gradients
+            # over processes, so scale back up to get the gradient of the sum.
+            (loss * self.world_size).backward()
+            sums += stats
+            torch.maximum(maxes, weight_max, out=maxes)
+        return self._apply_update(version)
 
     def _proximal(self, pb: PolicyBatch, plan: list[tuple[slice, list[list[int]]]]) -> dict[tuple[int, int], torch.Tensor]:
         """log π_prox of mini-batches 1.. by the weights before the step's first update (decoupled PPO).
@@ -490,3 +463,42 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return norm, lr
+
+
+def step_metrics(
+    pb: PolicyBatch, s: dict[str, float], updates: list[tuple[float, float]], updates_total: int,
+    algo: AlgorithmConfig, seconds: float,
+) -> dict[str, float]:
+    """A step's metrics from its summed STATS (over all processes) and its updates' (grad norm, LR)."""
+    tokens = pb.num_tokens
+    per_token = max(tokens, 1.0)
+    norms = [n for n, _ in updates]
+    metrics = {
+        "losses/loss": s["loss"] / len(updates),
+        "losses/policy_loss": s["pg_loss"] / per_token,
+        "losses/approx_kl": s["kl_k1"] / per_token,
+        "losses/approx_kl_k3": s["kl_k3"] / per_token,
+        "losses/clipfrac": s["clipped"] / per_token,
+        "is/weight_mean": s["weight_sum"] / per_token,
+        "is/weight_max": s["weight_max"],
+        "is/ratio_mean": s["ratio_sum"] / per_token,
+        "is/approx_kl_behaviour_k3": s["behaviour_kl_k3"] / per_token,
+        "is/mismatch_tokens": s["mismatch_tokens"],
+        "actor/entropy": s["entropy"] / per_token,
+        "train/grad_norm": sum(norms) / len(norms),
+        "train/lr": updates[-1][1],
+        "train/tokens": tokens,
+        "train/seqs": float((pb.response_mask.sum(dim=1) > 0).sum()),
+        "train/updates": float(updates_total),
+        "train/skipped_updates": float(sum(1 for n in norms if not math.isfinite(n))),
+        "train/reward_mean": float(pb.rewards.mean()),
+        "staleness/mean": float(pb.staleness.mean()),
+        "staleness/max": float(pb.staleness.max()),
+        "perf/train_step_s": seconds,
+        "perf/train_tokens_per_s": float(pb.attention_mask.sum()) / seconds,  # prompt + response tokens
+    }
+    if algo.kl_coef > 0:
+        metrics["losses/kl_ref"] = s["kl_ref"] / per_token
+    if s["mismatch_tokens"] > 0:  # absent, not NaN or 0, when no token of the batch is from this version
+        metrics["is/mismatch_kl"] = s["mismatch_kl_k3"] / s["mismatch_tokens"]
+    return metrics
