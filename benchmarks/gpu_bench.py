@@ -203,7 +203,7 @@ class Bench:
         cont = await self.gen.generate(GenerationRequest(request_id="cont", prompt_tokens=prompts[0], max_tokens=outs_ab[0].response_tokens.__len__() + 16,
                                                          response_tokens=outs_ab[0].response_tokens, behaviour_logprobs=outs_ab[0].behaviour_logprobs,
                                                          token_versions=outs_ab[0].token_versions))
-        ratios = sorted(e / b for e, b in zip(res["engine"], res["bare"]))
+        ratios = sorted(e / b for e, b in zip(res["engine"], res["bare"], strict=True))
         self.record("gen", bare_tok_s=[round(x) for x in res["bare"]], engine_tok_s=[round(x) for x in res["engine"]],
                     engine_over_bare=round(max(res["engine"]) / max(res["bare"]), 3),
                     engine_over_bare_median_pair=round(ratios[len(ratios) // 2], 3), logprobs_ok=ok,
@@ -218,7 +218,9 @@ class Bench:
             await self.trainer.train_step(samples_fixed(2, 2, 16, 16, v), v)  # weights change between syncs
             await transport.push(v)
             last = transport.last
-            times.append(round(last.total_s, 4)); pr.append(round(last.pause_to_resume_s, 4)); packs.append(round(last.pack_s, 4))
+            times.append(round(last.total_s, 4))
+            pr.append(round(last.pause_to_resume_s, 4))
+            packs.append(round(last.pack_s, 4))
         ck_t = await self.trainer.checksum()
         ck_v = (await self.gen.rpc("ap_checksum"))[0]
         post = await self.gen.generate(GenerationRequest(request_id=f"post-{name}", prompt_tokens=[1, 2, 3, 4], max_tokens=32))
@@ -304,9 +306,13 @@ class Bench:
         gtimes, ttimes, stimes = [], [], []
         for k in range(K):
             batch, g = await gen_step(k)
-            t = time.perf_counter(); await self.trainer.train_step(batch, version); ttimes.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await self.trainer.train_step(batch, version)
+            ttimes.append(time.perf_counter() - t)
             version += 1
-            t = time.perf_counter(); await tr.push(version); stimes.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await tr.push(version)
+            stimes.append(time.perf_counter() - t)
             gtimes.append(g)
         sync_total = time.perf_counter() - t0
         # asynchronous (one step off-policy): generation of batch k+1 runs while batch k trains
