@@ -13,8 +13,10 @@ import msgspec
 import pytest
 
 from asyncpolicy import checkpoint
+from asyncpolicy.actors.rollouter import Rollouter
 from asyncpolicy.config import load_config
 from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed
+from asyncpolicy.samples import Sample
 from asyncpolicy.supervisor import RunResult, Supervisor
 
 pytestmark = pytest.mark.anyio
@@ -132,8 +134,20 @@ async def test_trainer_failure_keeps_the_last_good_checkpoint(tmp_path: Path) ->
     assert [r["step"] for r in rows] == list(range(1, 21))
 
 
-async def test_resume_restores_queue_in_flight_cursor_and_counters(tmp_path: Path) -> None:
-    """A stopped run's checkpoint holds queued samples and in-flight prompts; the resumed run loses none."""
+async def test_resume_restores_queue_in_flight_cursor_and_counters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped run's checkpoint holds queued samples and in-flight prompts; the resumed run loses none.
+
+    A queued sample may age past the bound while it waits after resume: then it must be dropped as
+    stale (counted, logged, reported to the rollouter), never lost. A spy on the rollouter's drop
+    callback records which ones, so the check holds whatever the timing."""
+    dropped: list[str] = []
+    notify = Rollouter.notify_dropped
+
+    def spy(self: Rollouter, sample: Sample, version: int) -> None:
+        dropped.append(sample.prompt.uid)
+        notify(self, sample, version)
+
+    monkeypatch.setattr(Rollouter, "notify_dropped", spy)
     cfg = cfg_for(tmp_path, "trainer.total_training_steps=8", "async_training.staleness_threshold=3", "async_training.max_queue_size=16")
     first = await run(cfg)
     state = checkpoint.load_state(latest_checkpoint(tmp_path))
@@ -150,7 +164,8 @@ async def test_resume_restores_queue_in_flight_cursor_and_counters(tmp_path: Pat
     assert_accounted(result, 16)
     assert len(trained) == len(set(trained)) == 16 * 4
     queued_then = {sample.prompt.uid for sample, _ in state.channel.items}
-    assert queued_then <= set(trained[8 * 4 :]), "a queued sample of the checkpoint was never trained"
+    assert len(dropped) == result.dropped_stale  # both runs' drops: the count is restored on resume
+    assert queued_then <= set(trained[8 * 4 :]) | set(dropped), "a queued sample of the checkpoint was neither trained nor dropped as stale"
 
 
 async def test_fresh_run_refuses_to_overwrite_an_existing_run(tmp_path: Path) -> None:
