@@ -259,6 +259,36 @@ async def test_concurrent_syncs_end_on_the_newest_version_and_resume_generation(
     assert not rollouter.paused
 
 
+async def test_weights_are_staged_while_rollout_runs_and_pushed_while_it_is_paused(tmp_path: Path) -> None:
+    """Only the hand-over stops generation; the sync records how long it did (sync_pause_s in metrics)."""
+    cfg = cfg_for(tmp_path, "trainer.total_training_steps=3")
+    async with Supervisor(cfg) as sup:
+        await sup.wait()
+    from asyncpolicy.actors.synchronizer import ParameterSynchronizer
+    from asyncpolicy.engines.simulated import SimulatedTransport
+
+    rollouter = sup.rollouter
+    seen: list[tuple[str, bool]] = []
+
+    class WatchedTransport(SimulatedTransport):  # the real simulated transport, recording pause state
+        async def stage(self, version: int) -> None:
+            seen.append(("stage", rollouter.paused))
+            await super().stage(version)
+
+        async def push(self, version: int) -> None:
+            seen.append(("push", rollouter.paused))
+            await super().push(version)
+
+    sync = ParameterSynchronizer(cfg.async_training, rollouter, WatchedTransport(sup.engines.generation, cfg.trainer.simulated))
+    latency = await sync.sync(rollouter.version + 1)
+    assert seen == [("stage", False), ("push", True)]
+    c = sync.counters
+    assert 0 < c.last_pause_s <= latency and c.last_stage_s + c.last_pause_s == pytest.approx(latency, abs=1e-3)
+
+    rows = [msgspec.json.decode(line) for line in (tmp_path / "metrics.jsonl").read_bytes().splitlines()]
+    assert len(rows) == 3 and all(r["sync_pause_s"] is not None and 0 <= r["sync_pause_s"] <= r["sync_latency_s"] for r in rows)
+
+
 async def test_a_training_step_past_its_deadline_fails_the_run(tmp_path: Path) -> None:
     """A hung train step is not waited on forever: the run fails naming trainer.step_timeout_s."""
     cfg = cfg_for(tmp_path, "trainer.simulated.step_latency_s=30", "trainer.step_timeout_s=0.3")
