@@ -50,7 +50,6 @@ def main(argv: list[str]) -> int:
     pushes = [e for e in events if e.get("event") == "weights_pushed"][1:]  # the first pays one-off set-up
     syncs = [e for e in events if e.get("event") == "weights_synced"][1:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rate = [r["steps_per_s"] for r in rows if r.get("steps_per_s")]
     print(f"\nrc={rc} wall={wall:.1f}s steps={len(rows)} gpus={gpus} syncs={len(syncs)} out={out}")
     print(f"{'part of a sync':<30}{'median s':>10}{'max s':>10}")
     for label, src, key in [

@@ -219,7 +219,8 @@ class _Policy:
             config = AutoConfig.from_pretrained(init.model_path)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
         model.config.use_cache = False
-        return model.to(self.device)
+        # transformers declares `to` with @wraps(nn.Module.to), which types it as unbound (self first)
+        return model.to(self.device)  # type: ignore[arg-type]
 
     def _shard(self, wrapper: Any, kw: dict[str, Any]) -> Any:
         from torch.distributed.fsdp import fully_shard
@@ -313,7 +314,7 @@ class _Policy:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         msd, osd = get_state_dict(self.module, self.opt)
-        state = {"model": msd, "optim": osd}
+        state: dict[str, Any] = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=directory)
         set_state_dict(self.module, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         with open(os.path.join(directory, "trainer_state.json")) as f:

@@ -405,7 +405,7 @@ class StepRunner:
             self._update(pb, k, mini, micros, proximal, sums, maxes, version) for k, (mini, micros) in enumerate(plan)
         ]
         self.all_reduce(sums, maxes)
-        s = dict(zip(STATS, sums.tolist()))  # note: the step's one device→host sync of statistics
+        s = dict(zip(STATS, sums.tolist(), strict=True))  # note: the step's one device→host sync of statistics
         s["weight_max"] = maxes.item()
         return step_metrics(pb, s, updates, self.scheduler.last_epoch, algo, time.perf_counter() - t0)
 
@@ -454,7 +454,7 @@ class StepRunner:
         """Clip, then step unless the norm is inf/NaN (one poisoned mini-batch must not destroy the
         weights); the schedule advances either way. (grad norm, LR taken: 0 when skipped)."""
         norm = float(self.clip_grad_norm())  # note: a device→host sync, once per update: the skip decision
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])  # torch types an LR as float | Tensor
         if math.isfinite(norm):
             self.optimizer.step()
         else:

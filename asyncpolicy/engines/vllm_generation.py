@@ -215,7 +215,7 @@ class VLLMGenerationEngine:
         finally:
             self._active.discard(rid)
         tokens: list[int] = list(best.token_ids) if best is not None else []
-        logprobs = [pos[t].logprob for t, pos in zip(tokens, best.logprobs or ())] if best is not None else []
+        logprobs = [pos[t].logprob for t, pos in zip(tokens, best.logprobs or (), strict=False)] if best is not None else []
         versions: list[int] = []
         for k, (first, v) in enumerate(spans):
             upto = spans[k + 1][0] if k + 1 < len(spans) else len(tokens)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import types
+from typing import Any
 
 import anyio
 import pytest
@@ -98,12 +99,16 @@ class FakeLLM:
         self.aborted.update([request_id] if isinstance(request_id, str) else request_id)
 
 
+class _EngineOverFake(VLLMGenerationEngine):
+    def _sampling_params(self, request: GenerationRequest, max_tokens: int) -> Any:
+        return max_tokens  # the fake takes a token count, not vLLM's SamplingParams
+
+
 def _engine() -> VLLMGenerationEngine:
-    eng = VLLMGenerationEngine(VLLMSettings(model_path="x", gpus=[0], dummy_weights=True, stop_token_ids=[1], max_model_len=64))
+    eng = _EngineOverFake(VLLMSettings(model_path="x", gpus=[0], dummy_weights=True, stop_token_ids=[1], max_model_len=64))
     eng._llm = FakeLLM()
     eng._abort = anyio.Event()
     eng._ready.set()
-    eng._sampling_params = lambda request, n: n  # the fake takes a token count
     return eng
 
 
