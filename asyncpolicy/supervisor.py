@@ -34,7 +34,7 @@ from asyncpolicy.actors.validator import Validator
 from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import Config, to_dict
 from asyncpolicy.engines.factory import build_engines
-from asyncpolicy.engines.protocols import EngineSet
+from asyncpolicy.engines.protocols import EngineSet, ModelExporter
 from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed, RunFailed, first_failure
 from asyncpolicy.metrics import MetricsSink, StepMetrics, batch_reward_stats, rss_bytes
 from asyncpolicy.samples import Sample
@@ -255,7 +255,7 @@ class Supervisor:
     async def _restore(self, state: checkpoint.RunState) -> None:
         """Put every piece back as the checkpoint holds it, then serve the trainer's weights."""
         assert self.resume_from is not None
-        await self.engines.trainer.load_state(str(self.resume_from / "engine"))
+        await self.engines.trainer.load_state(str(self.resume_from / checkpoint.ENGINE_DIR))
         self.trainer.state = state.trainer
         self.rollouter.counters = state.rollout
         self.rollouter.replay(state.in_flight)
@@ -287,7 +287,9 @@ class Supervisor:
         try:
             with anyio.fail_after(limit):
                 async with self.trainer.weights_lock:
-                    await self.engines.trainer.save_state(str(tmp / "engine"))
+                    await self.engines.trainer.save_state(str(tmp / checkpoint.ENGINE_DIR))
+                    if isinstance(self.engines.trainer, ModelExporter):  # every engine with a real model
+                        await self.engines.trainer.save_model(str(tmp / checkpoint.MODEL_DIR))
                 # fsync and rename off the event loop: seconds for a real model
                 await anyio.to_thread.run_sync(
                     checkpoint.commit, self.output_dir, tmp, encoded, step, self.cfg.trainer.keep_checkpoints

@@ -27,6 +27,10 @@ def build_engines(cfg: Config, *, rng: random.Random) -> EngineSet:
         from asyncpolicy.engines.hf_torch import build_hf_torch_engines
 
         return build_hf_torch_engines(cfg)
+    if pair == ("hf", "fsdp"):
+        from asyncpolicy.engines.hf_fsdp import build_hf_fsdp_engines
+
+        return build_hf_fsdp_engines(cfg)
     from asyncpolicy.engines.vllm_fsdp import build_vllm_fsdp_engines
 
     return build_vllm_fsdp_engines(cfg)
