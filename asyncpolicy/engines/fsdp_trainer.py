@@ -208,12 +208,12 @@ class FSDPTrainEngine:
                     await self.call(w.Stop(), timeout=30)
                 except Exception as e:  # still tear the processes down below
                     log.warning("fsdp_stop_failed", error=repr(e))
+            for conn in self._conns:
+                conn.close()  # a rank waiting for its next command reads EOF and exits
             for proc in self._procs:
                 await anyio.to_thread.run_sync(proc.join, 10)
                 if proc.is_alive():
-                    proc.kill()  # the workers ignore SIGTERM; they stop by command or not at all
+                    proc.kill()  # the workers ignore SIGTERM; they stop by command, EOF, or not at all
                     await anyio.to_thread.run_sync(proc.join, 5)
-            for conn in self._conns:
-                conn.close()
         self._procs, self._conns = [], []
 

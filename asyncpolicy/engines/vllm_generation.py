@@ -10,6 +10,15 @@ Invariants the actors rely on:
   a later `generate` with those tokens continues the response (partial rollout).
 
 vllm is an optional extra, imported only in `start`.
+
+Signals: the engine core must not die from the terminal's Ctrl-C (SIGINT to the whole process
+group) — the supervisor stops it, after its stop checkpoint. vLLM's engine core installs its own
+SIGINT/SIGTERM handlers, so an inherited SIG_IGN would not hold; `start` builds AsyncLLM inside
+`children_shielded(ignore=False)`, and the engine core, forked by vLLM (its default while this
+process has not touched CUDA, which it never does), inherits SIGINT/SIGTERM blocked. Limits:
+with `VLLM_WORKER_MULTIPROC_METHOD=spawn` the child starts unblocked (not shielded); and vLLM's
+own shutdown, which sends SIGTERM, ends the engine core with SIGKILL of its process tree after
+its 5 s grace period.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import anyio.lowlevel
 import msgspec
 import structlog
 
+from asyncpolicy.engines.child_procs import children_shielded
 from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
 from asyncpolicy.errors import ConfigError, EngineTimeout
 
@@ -141,7 +151,9 @@ class VLLMGenerationEngine:
         t0 = time.perf_counter()
         # AsyncLLM must be built on the event loop thread (it starts its output handler there);
         # this blocks the loop for the engine's start (tens of seconds), which happens once.
-        with visible_devices(s.gpus):
+        # Shielded: the engine core it forks never sees the terminal's SIGINT/SIGTERM (module notes);
+        # a signal to us meanwhile is taken by another thread or arrives when the block ends.
+        with visible_devices(s.gpus), children_shielded(ignore=False):
             self._llm = AsyncLLM.from_engine_args(args)
         self.start_s = time.perf_counter() - t0
         self._abort = anyio.Event()
