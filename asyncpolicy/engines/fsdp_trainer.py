@@ -17,6 +17,7 @@ import multiprocessing.connection
 import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -51,9 +52,9 @@ class _Replies:
 class FSDPTrainEngine:
     """`len(gpus)` ranks of data-parallel FSDP2 training; gpus=[None] trains on CPU over gloo (tests)."""
 
-    def __init__(self, base: w.WorkerInit, gpus: list[int | None], timeout_s: float = 600.0, start_timeout_s: float = 900.0) -> None:
+    def __init__(self, base: w.WorkerInit, gpus: Sequence[int | None], timeout_s: float = 600.0, start_timeout_s: float = 900.0) -> None:
         self.base = base
-        self.gpus = gpus
+        self.gpus = list(gpus)
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
         self._procs: list[Any] = []
