@@ -60,8 +60,8 @@ def children_shielded(*, ignore: bool = True) -> Iterator[None]:
                 old_handlers[sig] = signal.signal(sig, signal.SIG_IGN)
         yield
     finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
+        for signum, handler in old_handlers.items():
+            signal.signal(signum, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # a signal held back meanwhile arrives now
 
 

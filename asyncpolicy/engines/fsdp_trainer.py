@@ -119,7 +119,7 @@ class FSDPTrainEngine:
                     if obj in conns:
                         rank = conns[obj]
                         try:
-                            pending.replies[rank] = w.reply_decoder.decode(obj.recv_bytes())
+                            pending.replies[rank] = w.reply_decoder.decode(self._conns[rank].recv_bytes())
                         except (EOFError, OSError):
                             raise self._died(rank) from None
                 for obj in ready:

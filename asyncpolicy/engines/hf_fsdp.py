@@ -8,6 +8,8 @@ Weights reach the generation model as full CPU tensors gathered by rank 0 (no NC
 
 from __future__ import annotations
 
+from typing import Any
+
 from asyncpolicy.config import Config
 from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
 from asyncpolicy.engines.hf_generation import HFGenerationEngine
@@ -22,9 +24,17 @@ class FullStateTransport:
     def __init__(self, trainer: FSDPTrainEngine, generation: HFGenerationEngine) -> None:
         self.trainer = trainer
         self.generation = generation
+        self._staged: tuple[int, dict[str, Any]] | None = None
+
+    async def stage(self, version: int) -> None:
+        """Gather the full weights while generation goes on (the trainer waits for the sync: they stay current)."""
+        self._staged = (version, await self.trainer.full_state_dict())
 
     async def push(self, version: int) -> None:
-        state = await self.trainer.full_state_dict()
+        if self._staged is None or self._staged[0] != version:
+            await self.stage(version)
+        assert self._staged is not None
+        state, self._staged = self._staged[1], None
         await self.generation.load_weights(state, version)
 
 

@@ -116,4 +116,6 @@ def test_sigint_to_the_process_group_stops_gracefully(tmp_path: Path, held: str)
         capture_output=True, text=True, timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert checkpoint.load_state(checkpoint.latest_checkpoint(out)).trainer.step == state.trainer.step + 1
+    final = checkpoint.latest_checkpoint(out)
+    assert final is not None
+    assert checkpoint.load_state(final).trainer.step == state.trainer.step + 1

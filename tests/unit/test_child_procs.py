@@ -52,7 +52,7 @@ def still_starting(conn: Any) -> None:
 
 
 def _start(target: Any, method: str, shield: dict[str, bool] | None) -> tuple[Any, Any]:
-    ctx = multiprocessing.get_context(method)
+    ctx: Any = multiprocessing.get_context(method)  # the Process of a fork, spawn or forkserver context
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=target, args=(child,), daemon=True)
     if shield is not None:
