@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 
 from asyncpolicy.config import Config
 from asyncpolicy.engines.protocols import EngineSet
+
+_MODULES = {
+    ("simulated", "simulated"): ("asyncpolicy.engines.simulated",),
+    ("hf", "torch"): ("asyncpolicy.engines.hf_torch",),
+}
+_GPU_MODULES = ("asyncpolicy.engines.vllm_fsdp",)
+
+
+def import_engine_modules(cfg: Config) -> None:
+    """Import what `build_engines` will need (torch, transformers, vllm: seconds).
+
+    Run it in a worker thread before building: importing only fills `sys.modules`, so a cancelled
+    start-up may abandon it, and the loop never waits on it.
+    """
+    pair = (cfg.rollout.engine, cfg.trainer.engine)
+    for name in _MODULES.get(pair, _GPU_MODULES):
+        module = importlib.import_module(name)
+    if pair not in _MODULES:
+        module.import_vllm()  # vllm itself (a ConfigError naming the extra when it is missing)
 
 
 def build_engines(cfg: Config, *, rng: random.Random) -> EngineSet:
