@@ -36,6 +36,7 @@ from asyncpolicy.config import Config, to_dict
 from asyncpolicy.engines.factory import build_engines, import_engine_modules
 from asyncpolicy.engines.protocols import EngineSet
 from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed, RunFailed, first_failure
+from asyncpolicy.logging import quiet_unless_configured
 from asyncpolicy.metrics import MetricsSink, StepMetrics, batch_reward_stats, rss_bytes
 from asyncpolicy.samples import Sample
 from asyncpolicy.tasks.base import TaskData
@@ -156,6 +157,7 @@ class Supervisor:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Supervisor:
+        quiet_unless_configured()
         with loop_gc.quiet_start_up():  # no full collection stalls the loop during or after start-up
             await self._build()
             self._started_at = time.monotonic()
