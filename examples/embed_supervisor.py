@@ -69,7 +69,10 @@ def report(result: RunResult, beat: Heartbeat) -> None:
         f" + dropped {result.dropped_stale} + queued {result.queued}"
     )
     for phase, lags in beat.lags.items():
-        ms = sorted(lag * 1000 for lag in lags) or [float("nan")]
+        if not lags:  # over before one beat was due; the beat then running counts in the next phase
+            print(f"host heartbeat lag during {phase}, 0 beats: shorter than one beat ({HEARTBEAT_S * 1000:g} ms)")
+            continue
+        ms = sorted(lag * 1000 for lag in lags)
         print(f"host heartbeat lag during {phase}, {len(lags)} beats: p50 {statistics.median(ms):.2f} ms, max {ms[-1]:.2f} ms")
 
 
