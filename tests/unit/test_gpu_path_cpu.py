@@ -66,6 +66,7 @@ class FakeLLM:
 
     def __init__(self) -> None:
         self.aborted: set[str] = set()
+        self.emitted = 0  # tokens streamed so far, all requests
         self.prompts: list[dict] = []
         self.paused = False
 
@@ -87,6 +88,7 @@ class FakeLLM:
                     yield _Out(toks, True, "abort")
                     return
                 toks.append(100 + i)
+                self.emitted += 1
                 yield _Out(toks, i == n_tokens - 1, "length" if i == n_tokens - 1 else None)
 
         return stream()
@@ -106,6 +108,14 @@ def _engine() -> VLLMGenerationEngine:
     eng._abort = anyio.Event()
     eng._ready.set()
     return eng
+
+
+async def tokens_streamed(eng: VLLMGenerationEngine, n: int) -> None:
+    """Wait until the fake has streamed `n` more tokens: a point in the stream, not a point in time."""
+    target = eng.llm.emitted + n
+    with anyio.fail_after(10):
+        while eng.llm.emitted < target:
+            await anyio.sleep(0.001)
 
 
 @pytest.mark.anyio
@@ -185,7 +195,7 @@ async def test_generate_labels_versions_and_abort_returns_partial() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
-        await anyio.sleep(0.2)
+        await tokens_streamed(eng, 3)
         await eng.abort_all()
     part = results[0]
     assert part.finish_reason == "abort" and 0 < len(part.response_tokens) < 500
@@ -210,7 +220,7 @@ async def test_tokens_observed_after_a_version_change_carry_the_new_version() ->
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
-        await anyio.sleep(0.15)
+        await tokens_streamed(eng, 5)
         eng.set_version(1)
     res = results[0]
     assert res.finish_reason == "length" and len(res.token_versions) == 40
