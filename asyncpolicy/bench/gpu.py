@@ -138,6 +138,7 @@ def gpu_memory() -> list[dict[str, Any]]:
 
 
 SECTION_NAMES = ("gen", "ipc", "nccl", "train", "fsdp2", "async")
+VLLM_SECTIONS = {"gen", "ipc", "nccl", "async"}  # train and fsdp2 need only torch
 
 
 class GPUBenchSettings(msgspec.Struct, kw_only=True):
@@ -809,9 +810,10 @@ def gpu_main(argv: list[str]) -> int:
     from asyncpolicy.engines.vllm_generation import import_vllm
 
     try:
-        import_vllm()
+        if set(sections) & VLLM_SECTIONS:
+            import_vllm()
     except ConfigError as e:
-        print(f"asyncpolicy bench gpu: {e}", file=sys.stderr)
+        print(f"asyncpolicy bench gpu: sections {', '.join(sorted(set(sections) & VLLM_SECTIONS))}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     settings = GPUBenchSettings(
         model_dir=args.model_dir, sections=sections, util=args.util, trainer_gpu=args.trainer_gpu, eager=args.eager,
