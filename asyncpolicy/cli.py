@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import msgspec
@@ -22,7 +22,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own errors are bad input too: exit 2, one line
+    def error(self, message: str) -> NoReturn:  # argparse's own errors are bad input too: exit 2, one line
         self.exit(EXIT_BAD_INPUT, f"asyncpolicy: error: {message}\n")
 
 

@@ -46,7 +46,8 @@ class StepMetrics(msgspec.Struct, kw_only=True, omit_defaults=False):
     dropped_stale_total: int
     queue_size: int
     queue_utilization: float
-    sync_latency_s: float | None  # this step's weight sync, pause to resume; None when none ran
+    sync_latency_s: float | None  # this step's weight sync, staging to resume; None when none ran
+    sync_pause_s: float | None  # of that sync, how long rollout was stopped (pause requested → resumed)
     trainer_idle_ratio: float  # share of this process's wall time the trainer waited for samples
     rollouter_idle_ratio: float  # share of this process's wall time no generation ran
     in_flight: int  # prompt groups being generated

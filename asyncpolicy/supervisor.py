@@ -359,6 +359,7 @@ class Supervisor:
             queue_size=chan.size,
             queue_utilization=chan.utilization,
             sync_latency_s=report.sync_latency_s,
+            sync_pause_s=report.sync_pause_s,
             trainer_idle_ratio=self.trainer.idle_ratio(),
             rollouter_idle_ratio=self.rollouter.idle_ratio(),
             in_flight=len(self.rollouter.in_flight_prompts()),

@@ -59,8 +59,8 @@ def _sizes(ctx: BenchContext) -> dict[str, int]:
     return {"steps": 14, "reps": 1, "calib_steps": 14} if ctx.quick else {"steps": 40, "reps": 2, "calib_steps": 30}
 
 
-async def _sync_then_async(ctx: BenchContext, steps: int, t_train: float, rep: int) -> dict[str, ScenarioRun]:
-    runs = {}
+async def _sync_then_async(ctx: BenchContext, steps: int, t_train: float, rep: int) -> dict[int, ScenarioRun]:
+    runs: dict[int, ScenarioRun] = {}
     for s in (0, *ASYNC_STALENESS):
         name = f"overlap_{'sync' if s == 0 else f'async_s{s}'}_rep{rep}"
         scenario = [

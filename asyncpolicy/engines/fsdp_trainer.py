@@ -9,6 +9,7 @@ a silent success. After any failure the engine refuses further work.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -30,9 +31,9 @@ class WorkerDied(RunFailed):
 class FSDPTrainEngine:
     """`len(gpus)` ranks of data-parallel FSDP2 training; gpus=[None] trains on CPU over gloo (tests)."""
 
-    def __init__(self, base: w.WorkerInit, gpus: list[int | None], timeout_s: float = 600.0, start_timeout_s: float = 900.0) -> None:
+    def __init__(self, base: w.WorkerInit, gpus: Sequence[int | None], timeout_s: float = 600.0, start_timeout_s: float = 900.0) -> None:
         self.base = base
-        self.gpus = gpus
+        self.gpus = list(gpus)
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
         self._procs: list[Any] = []

@@ -151,7 +151,7 @@ def build_rows(samples: list[Sample], estimator: str, norm_by_std: bool) -> list
     for s in samples:
         rewards = torch.tensor([[t.reward for t in s.trajectories]], dtype=torch.float64)  # (1, n)
         adv = compute_advantages(rewards, estimator, norm_by_std)[0]
-        for t, a in zip(s.trajectories, adv.tolist()):
+        for t, a in zip(s.trajectories, adv.tolist(), strict=True):
             if not t.response_tokens:
                 continue
             rows.append(
@@ -218,7 +218,8 @@ class _Policy:
         if init.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        model.to(self.device)
+        # transformers declares `to` with @wraps(nn.Module.to), which types it as unbound (self first)
+        model.to(self.device)  # type: ignore[arg-type]
         self.names = [n for n, _ in model.named_parameters()]  # HF names; tied weights appear once
         wrapper = _make_logprob_module()(model, init.temperature)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
@@ -350,7 +351,7 @@ class _Policy:
         tokens = s[4]
         # 6 N flops per trained token (forward 2N + backward 4N), recompute not counted: model FLOPs
         flops = 6.0 * self.n_params * tokens
-        m = {
+        stats = {
             "losses/loss": s[0] / max(1, len(minis)),
             "losses/clipfrac": s[1] / max(1.0, s[3]),
             "is/approx_kl_behaviour_k3": s[2] / max(1.0, s[3]),  # KL(behaviour || current), k3 estimator
@@ -364,8 +365,8 @@ class _Policy:
             "perf/mfu": flops / dt / (i.peak_flops * i.world_size) if self.device.type == "cuda" else 0.0,
         }
         if self.device.type == "cuda":
-            m["perf/gpu_mem_peak_GB"] = torch.cuda.max_memory_allocated() / 2**30
-        return m
+            stats["perf/gpu_mem_peak_GB"] = torch.cuda.max_memory_allocated() / 2**30
+        return stats
 
     # -- weights out --
 
@@ -439,7 +440,7 @@ class _Policy:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         msd, osd = get_state_dict(self.module, self.opt)
-        state = {"model": msd, "optim": osd}
+        state: dict[str, Any] = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=directory)
         set_state_dict(self.module, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         with open(os.path.join(directory, "trainer_state.json")) as f:

@@ -209,9 +209,9 @@ class HFGenerationEngine:
         B, L = len(seqs), max(len(s) for s in seqs)
         ids = torch.full((B, L), self._pad, dtype=torch.long)
         mask = torch.zeros((B, L), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, L - len(s) :] = 1
+        for i, seq in enumerate(seqs):
+            ids[i, L - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[i, L - len(seq) :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, L) real tokens at 0..len-1
         cache = None
         with torch.inference_mode():

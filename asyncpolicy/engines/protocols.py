@@ -93,6 +93,13 @@ class TrainEngine(Protocol):
 class WeightTransport(Protocol):
     """Moves the trainer's current weights into the generation engine."""
 
+    async def stage(self, version: int) -> None:
+        """Gather `version`'s weights where the hand-over can take them; runs while generation goes on.
+
+        Whatever needs no pause happens here, so `push` holds generation up for the hand-over alone.
+        """
+        ...
+
     async def push(self, version: int) -> None:
         """Load the trainer's weights into the generation engine as policy `version`.
 

@@ -182,7 +182,7 @@ class TorchTrainEngine:
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip))
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])  # torch types an LR as float | Tensor
         if math.isfinite(grad_norm):
             self.optimizer.step()
         else:  # one poisoned mini-batch must not destroy the weights; the metric shows it

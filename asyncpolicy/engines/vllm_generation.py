@@ -178,7 +178,12 @@ class VLLMGenerationEngine:
         assert self._abort is not None
         abort = self._abort
         rid = f"{request.request_id}#{next(self._ids)}"  # unique: retries and continuations reuse ids
-        prompt = {"prompt_token_ids": list(request.prompt_tokens) + list(request.response_tokens)}  # a TokensPrompt
+        prompt = {  # a TokensPrompt
+            "prompt_token_ids": list(request.prompt_tokens) + list(request.response_tokens),
+            # Prefix-cache blocks are keyed by the weights that computed them: a request never reuses
+            # KV from older weights, with no cache reset (which walks every block) on each sync.
+            "cache_salt": f"{self.incarnation}.{self._version}",
+        }
         finish = ""
         best: Any = None  # latest output; CUMULATIVE outputs share vLLM's growing token/logprob lists
         seen = 0  # tokens observed so far
@@ -210,7 +215,7 @@ class VLLMGenerationEngine:
         finally:
             self._active.discard(rid)
         tokens: list[int] = list(best.token_ids) if best is not None else []
-        logprobs = [pos[t].logprob for t, pos in zip(tokens, best.logprobs or ())] if best is not None else []
+        logprobs = [pos[t].logprob for t, pos in zip(tokens, best.logprobs or (), strict=False)] if best is not None else []
         versions: list[int] = []
         for k, (first, v) in enumerate(spans):
             upto = spans[k + 1][0] if k + 1 < len(spans) else len(tokens)
@@ -259,13 +264,6 @@ class VLLMGenerationEngine:
         with anyio.fail_after(self.settings.rpc_timeout_s):
             await self.llm.resume_generation()
         self._paused = False
-
-    async def reset_prefix_cache(self) -> None:
-        """Cached prefixes were computed by the old weights: drop them after every update."""
-        with anyio.fail_after(self.settings.rpc_timeout_s):
-            ok = await self.llm.reset_prefix_cache()
-        if ok is False:
-            log.warning("prefix_cache_not_reset", reason="requests still hold cache blocks")
 
     async def rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
         """Call a worker-extension method on every vLLM worker; bounded in time."""

@@ -5,7 +5,6 @@ run agree with each other, no prompt is trained twice or lost, and training reac
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -71,6 +70,13 @@ def writing_checkpoint(out: Path) -> bool:
     return root.is_dir() and any(p.name.startswith(".tmp-") for p in root.iterdir())
 
 
+def latest_checkpoint(out: Path) -> Path:
+    """The newest complete checkpoint under `out`; a run that wrote none fails here, by name."""
+    path = checkpoint.latest_checkpoint(out)
+    assert path is not None, f"no complete checkpoint under {out}"
+    return path
+
+
 def kill9(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -91,14 +97,14 @@ def test_kill_9_at_several_points_then_resume_loses_nothing(tmp_path: Path) -> N
     proc = start(out, "resume=auto")
     wait_until(lambda: steps_written(out) >= 55)
     kill9(proc)
-    before = checkpoint.load_state(checkpoint.latest_checkpoint(out))
+    before = checkpoint.load_state(latest_checkpoint(out))
     # finally: resume to the end
     done = subprocess.run([*RUN, f"trainer.total_training_steps={TOTAL}", f"output_dir={out}", "resume=auto"], capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
 
     rows = [msgspec.json.decode(line) for line in (out / "metrics.jsonl").read_bytes().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, TOTAL + 1)), "metrics must continue from the checkpoint's step"
-    final_dir = checkpoint.latest_checkpoint(out)
+    final_dir = latest_checkpoint(out)
     final = checkpoint.load_state(final_dir)
     assert final.trainer.step == final.trainer.version == TOTAL
     assert final.trainer.step >= before.trainer.step
@@ -122,7 +128,7 @@ def test_signal_stops_gracefully_with_a_checkpoint(tmp_path: Path, sig: signal.S
     proc.wait(timeout=30)
     assert proc.returncode == code, console(out)
     assert time.monotonic() - sent < 20
-    state = checkpoint.load_state(checkpoint.latest_checkpoint(out))
+    state = checkpoint.load_state(latest_checkpoint(out))
     assert state.reason == "stop"
     assert state.trainer.step == steps_written(out)
     resumed = subprocess.run(

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import random
 import types
+from typing import Any
 
 import anyio
 import pytest
 
 from asyncpolicy.config import load_config
 from asyncpolicy.engines import fsdp_worker as w
+from asyncpolicy.engines import weight_sync
 from asyncpolicy.engines.protocols import GenerationRequest
 from asyncpolicy.engines.vllm_fsdp import place, stop_token_ids
 from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings, import_vllm
@@ -83,8 +85,19 @@ class FakeLLM:
 
     def __init__(self) -> None:
         self.aborted: set[str] = set()
+        self.prompts: list[dict] = []
+        self.paused = False
+
+    async def pause_generation(self, mode: str, clear_cache: bool) -> None:
+        assert mode == "keep" and not clear_cache
+        self.paused = True
+
+    async def resume_generation(self) -> None:
+        self.paused = False
 
     def generate(self, prompt, n_tokens, request_id):
+        self.prompts.append(prompt)
+
         async def stream():
             toks: list[int] = []
             for i in range(n_tokens):
@@ -101,12 +114,80 @@ class FakeLLM:
         self.aborted.update([request_id] if isinstance(request_id, str) else request_id)
 
 
+class _EngineOverFake(VLLMGenerationEngine):
+    def _sampling_params(self, request: GenerationRequest, max_tokens: int) -> Any:
+        return max_tokens  # the fake takes a token count, not vLLM's SamplingParams
+
+
 def _engine() -> VLLMGenerationEngine:
-    eng = VLLMGenerationEngine(VLLMSettings(model_path="x", gpus=[0], dummy_weights=True, stop_token_ids=[1], max_model_len=64))
+    eng = _EngineOverFake(VLLMSettings(model_path="x", gpus=[0], dummy_weights=True, stop_token_ids=[1], max_model_len=64))
     eng._llm = FakeLLM()
     eng._abort = anyio.Event()
-    eng._sampling_params = lambda request, n: n  # the fake takes a token count
+    eng._ready.set()
     return eng
+
+
+@pytest.mark.anyio
+async def test_prefix_cache_is_salted_by_the_weights_that_compute_it() -> None:
+    """No cache reset on a sync: a request under new weights must never share cached KV with older ones."""
+    eng = _engine()
+    await eng.generate(GenerationRequest(request_id="a", prompt_tokens=[1], max_tokens=1))
+    await eng.generate(GenerationRequest(request_id="b", prompt_tokens=[1], max_tokens=1))
+    eng.set_version(1)
+    await eng.generate(GenerationRequest(request_id="c", prompt_tokens=[1], max_tokens=1))
+    eng.incarnation += 1  # a restarted engine: same version number, new weights
+    await eng.generate(GenerationRequest(request_id="d", prompt_tokens=[1], max_tokens=1))
+    salts = [p["cache_salt"] for p in eng.llm.prompts]
+    assert salts[0] == salts[1]  # one version's requests share prefixes (a GRPO group)
+    assert len({salts[1], salts[2], salts[3]}) == 3
+
+
+class _PackingTrainer:
+    """The two calls a flat transport makes of the FSDP engine, counted."""
+
+    def __init__(self) -> None:
+        self.packs = 0
+        self.meta = [("w", [2, 2], 0, 4)]
+
+    async def pack(self):
+        self.packs += 1
+        return self.meta
+
+
+class _RecordingTransport(weight_sync._FlatTransport):
+    kind = "test"
+
+    def __init__(self, generation, trainer, fail: bool = False) -> None:
+        super().__init__(generation, trainer)
+        self.fail = fail
+        self.paused_during_transfer: list[bool] = []
+
+    async def _transfer(self, meta) -> None:
+        self.paused_during_transfer.append(self.generation.llm.paused)
+        if self.fail:
+            raise RuntimeError("link down")
+
+
+@pytest.mark.anyio
+async def test_flat_transport_packs_in_stage_and_holds_generation_only_for_the_hand_over() -> None:
+    eng, trainer = _engine(), _PackingTrainer()
+    transport = _RecordingTransport(eng, trainer)
+    await transport.stage(1)
+    assert trainer.packs == 1 and not eng.llm.paused
+    await transport.push(1)
+    assert trainer.packs == 1, "push re-packed weights that were staged for its version"
+    assert transport.paused_during_transfer == [True] and not eng.llm.paused
+    assert eng.version == 1
+    t = transport.last
+    assert t is not None and t.version == 1 and t.bytes == 8
+    assert t.pause_to_resume_s == pytest.approx(t.engine_pause_s + t.transfer_load_s + t.resume_s, abs=1e-6)
+    await transport.push(2)  # not staged (a forced push): packs itself
+    assert trainer.packs == 2 and eng.version == 2
+
+    failing = _RecordingTransport(eng, trainer, fail=True)
+    with pytest.raises(RuntimeError, match="link down"):
+        await failing.push(3)
+    assert not eng.llm.paused and eng.version == 2  # resumed, and still serving the old version
 
 
 @pytest.mark.anyio

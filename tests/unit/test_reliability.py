@@ -41,6 +41,13 @@ async def run(cfg) -> RunResult:
         return await sup.wait()
 
 
+def latest_checkpoint(out: Path) -> Path:
+    """The newest complete checkpoint under `out`; a run that wrote none fails here, by name."""
+    path = checkpoint.latest_checkpoint(out)
+    assert path is not None, f"no complete checkpoint under {out}"
+    return path
+
+
 def assert_accounted(result: RunResult, steps: int, batch: int = 4) -> None:
     assert result.made == result.trained + result.dropped_stale + result.queued
     assert result.trained == steps * batch
@@ -143,7 +150,7 @@ async def test_resume_restores_queue_in_flight_cursor_and_counters(tmp_path: Pat
     monkeypatch.setattr(Rollouter, "notify_dropped", spy)
     cfg = cfg_for(tmp_path, "trainer.total_training_steps=8", "async_training.staleness_threshold=3", "async_training.max_queue_size=16")
     first = await run(cfg)
-    state = checkpoint.load_state(checkpoint.latest_checkpoint(tmp_path))
+    state = checkpoint.load_state(latest_checkpoint(tmp_path))
     assert state.trainer.step == 8
     assert len(state.channel.items) == first.queued > 0
     assert len(state.in_flight) == first.in_flight
@@ -183,7 +190,7 @@ async def test_stop_checkpoints_and_reports_unfinished(tmp_path: Path) -> None:
         result = await sup.wait()
     assert not result.finished
     assert result.made == result.trained + result.dropped_stale + result.queued
-    state = checkpoint.load_state(checkpoint.latest_checkpoint(tmp_path))
+    state = checkpoint.load_state(latest_checkpoint(tmp_path))
     assert state.reason == "stop" and state.trainer.step == result.steps
 
 
@@ -212,7 +219,7 @@ async def test_every_admitted_group_is_made_or_in_flight_across_restarts_and_res
         result = await sup.wait()
         counters = sup.rollouter.counters
         assert counters.admitted == result.made + len(sup.rollouter.in_flight_prompts())
-    state = checkpoint.load_state(checkpoint.latest_checkpoint(tmp_path))
+    state = checkpoint.load_state(latest_checkpoint(tmp_path))
     assert state.rollout.admitted == state.channel.produced + len(state.in_flight)
 
     more = cfg_for(tmp_path, "trainer.total_training_steps=20", "rollout.simulated.die_after_requests=30",
@@ -250,6 +257,36 @@ async def test_concurrent_syncs_end_on_the_newest_version_and_resume_generation(
     assert rollouter.version == base + 2
     assert paused_during_push == [True]  # the older push was skipped; the newer one ran paused
     assert not rollouter.paused
+
+
+async def test_weights_are_staged_while_rollout_runs_and_pushed_while_it_is_paused(tmp_path: Path) -> None:
+    """Only the hand-over stops generation; the sync records how long it did (sync_pause_s in metrics)."""
+    cfg = cfg_for(tmp_path, "trainer.total_training_steps=3")
+    async with Supervisor(cfg) as sup:
+        await sup.wait()
+    from asyncpolicy.actors.synchronizer import ParameterSynchronizer
+    from asyncpolicy.engines.simulated import SimulatedTransport
+
+    rollouter = sup.rollouter
+    seen: list[tuple[str, bool]] = []
+
+    class WatchedTransport(SimulatedTransport):  # the real simulated transport, recording pause state
+        async def stage(self, version: int) -> None:
+            seen.append(("stage", rollouter.paused))
+            await super().stage(version)
+
+        async def push(self, version: int) -> None:
+            seen.append(("push", rollouter.paused))
+            await super().push(version)
+
+    sync = ParameterSynchronizer(cfg.async_training, rollouter, WatchedTransport(sup.engines.generation, cfg.trainer.simulated))
+    latency = await sync.sync(rollouter.version + 1)
+    assert seen == [("stage", False), ("push", True)]
+    c = sync.counters
+    assert 0 < c.last_pause_s <= latency and c.last_stage_s + c.last_pause_s == pytest.approx(latency, abs=1e-3)
+
+    rows = [msgspec.json.decode(line) for line in (tmp_path / "metrics.jsonl").read_bytes().splitlines()]
+    assert len(rows) == 3 and all(r["sync_pause_s"] is not None and 0 <= r["sync_pause_s"] <= r["sync_latency_s"] for r in rows)
 
 
 async def test_a_training_step_past_its_deadline_fails_the_run(tmp_path: Path) -> None:
