@@ -41,7 +41,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import anyio
 import anyio.lowlevel
@@ -298,7 +298,7 @@ class _EngineCache:
             if engine is not None:
                 await _close(engine)
 
-    async def __aenter__(self) -> _EngineCache:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -343,6 +343,8 @@ class GPUEngines(_EngineCache):
             last = None
             async for o in llm.generate(TokensPrompt(prompt_token_ids=p), sp, request_id=f"{tag}-{i}"):
                 last = o
+            if last is None:
+                raise RuntimeError(f"bare vLLM returned no output for request {tag}-{i}")
             c = last.outputs[0]
             if len(c.logprobs) != len(c.token_ids):
                 raise RuntimeError(f"bare vLLM returned {len(c.token_ids)} tokens but {len(c.logprobs)} logprobs")
@@ -415,7 +417,8 @@ class HostGeneration(SimulatedGenerationEngine):
 
     async def rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
         """One 'worker' answers, off the event loop, as vLLM's collective_rpc returns one answer per worker."""
-        handler = {"ap_ipc_load": self._ipc_load, "ap_checksum": self._checksum}.get(method)
+        handlers: dict[str, Callable[..., Any]] = {"ap_ipc_load": self._ipc_load, "ap_checksum": self._checksum}
+        handler = handlers.get(method)
         if handler is None:
             raise RuntimeError(f"HostGeneration has no worker method {method!r}")
         with anyio.fail_after(timeout or 300):
