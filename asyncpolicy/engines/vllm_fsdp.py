@@ -118,16 +118,23 @@ class _GatedTrainer(FSDPTrainEngine):
         await self.gate.run_start(super().start)
 
 
+def resolve_vllm_model(cfg: Config) -> str:
+    """`model.path` as a directory both vLLM and the trainer load, or a ConfigError naming the key.
+
+    `embedded` is the tiny built-in model, built once and saved in Hugging Face format (weights,
+    config, tokenizer), so vLLM gets its directory like any other. A directory may hold only a
+    config and a tokenizer: the weights are then random (vLLM starts with dummy ones and receives
+    the trainer's at version 0).
+    """
+    from asyncpolicy.models.tiny import resolve_model_path
+
+    return resolve_model_path(cfg)
+
+
 def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
     """The engines of a vLLM + FSDP2 run (not started). Raises ConfigError for what cannot work."""
     import_vllm()
-    path = cfg.model.path
-    if path == "embedded" or not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(
-            f"config key 'model.path': {path!r} is not a Hugging Face model directory (config.json); "
-            "rollout.engine=vllm needs one (it may hold only config + tokenizer: weights are then random)",
-            key="model.path",
-        )
+    path = resolve_vllm_model(cfg)
     if cfg.algorithm.kl_coef > 0:
         raise ConfigError(
             "config key 'algorithm.kl_coef': the fsdp trainer keeps no reference model yet; use 0", key="algorithm.kl_coef"
