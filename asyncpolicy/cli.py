@@ -8,7 +8,9 @@ Exit codes: 0 the run finished; 1 the run failed (the message names the actor an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -74,24 +76,44 @@ def _print_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def reward_summary(metrics_file: Path) -> str:
+    """How the reward moved over the whole run (a resumed run included): the means of its first and
+    last tenth of steps, and the latest validation reward when there is one."""
+    try:
+        rows = [msgspec.json.decode(line) for line in metrics_file.read_bytes().splitlines() if line.strip()]
+    except (OSError, msgspec.DecodeError):
+        return "reward unknown (no readable metrics.jsonl)"
+    rewards = [r["reward_mean"] for r in rows if isinstance(r.get("reward_mean"), (int, float))]
+    if not rewards:
+        return "no reward recorded"
+    tenth = max(1, len(rewards) // 10)
+    first, last = sum(rewards[:tenth]) / tenth, sum(rewards[-tenth:]) / tenth
+    text = f"reward {first:.3f} -> {last:.3f} (mean of the first and last {tenth} step(s))"
+    val = next((r for r in reversed(rows) if r.get("val_reward_mean") is not None), None)
+    if val is not None:
+        text += f", validation reward {val['val_reward_mean']:.3f} (step {val['val_step']})"
+    return text
+
+
 def _run(args: argparse.Namespace) -> int:
-    from asyncpolicy.logging import configure_logging
+    from asyncpolicy.logging import JsonEvents, configure_logging
     from asyncpolicy.runner import run_cli
-    from asyncpolicy.supervisor import prepare_output_dir
+    from asyncpolicy.supervisor import output_path
 
     cfg = load_config(args.config, args.overrides)
-    out = prepare_output_dir(cfg)
     if not cfg.output_dir:  # pin the generated name so every part of the run agrees on it
-        cfg = msgspec.structs.replace(cfg, output_dir=str(out))
-    configure_logging(cfg.log_level, out / "events.jsonl")
-    outcome = anyio.run(run_cli, cfg)
+        cfg = msgspec.structs.replace(cfg, output_dir=str(output_path(cfg)))
+    events = JsonEvents()  # held until the inputs are checked and the run's directory exists
+    configure_logging(cfg.log_level, events)
+    outcome = anyio.run(run_cli, cfg, lambda out: events.open(out / "events.jsonl"))
     result = outcome.result
     assert result is not None
-    structlog.get_logger("asyncpolicy").info("run_complete", **msgspec.to_builtins(result))
+    rewards = reward_summary(Path(result.output_dir) / "metrics.jsonl")
+    structlog.get_logger("asyncpolicy").info("run_complete", rewards=rewards, **msgspec.to_builtins(result))
     print(
-        f"finished {result.steps} steps in {result.elapsed_s:.1f}s: made {result.made} samples = trained {result.trained}"
-        f" + dropped stale {result.dropped_stale} + queued {result.queued} ({result.in_flight} in flight);"
-        f" outputs in {result.output_dir}",
+        f"finished {result.steps} steps in {result.elapsed_s:.1f}s: {rewards}; made {result.made} samples"
+        f" = trained {result.trained} + dropped stale {result.dropped_stale} + queued {result.queued}"
+        f" ({result.in_flight} in flight); outputs in {result.output_dir}",
         file=sys.stderr,
     )
     return outcome.exit_code
@@ -99,6 +121,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # `python -m asyncpolicy` puts the current directory first on sys.path; the installed
+    # `asyncpolicy` script does not. Do the same here, so `task.reward_fn=my_rewards:score`
+    # finds ./my_rewards.py whichever way the CLI was started.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if argv[:1] == ["bench"]:  # the suites parse their own options (`bench --quick` included)
         from asyncpolicy.bench.cli import bench_main
 

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from asyncpolicy.errors import ConfigError
+from asyncpolicy.errors import ConfigError, first_line
 
 
 def _doc(text: str, **constraints: Any) -> msgspec.Meta:
@@ -282,8 +282,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             tree = _load_yaml(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"config file {str(p)!r} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {first}", key=str(p)) from None
+        kind = "TOML" if p.suffix == ".toml" else "YAML"
+        raise ConfigError(f"config file {str(p)!r} is not valid {kind}: {first_line(e)}", key=str(p)) from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
