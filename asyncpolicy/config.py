@@ -1,7 +1,7 @@
 """Run configuration: typed msgspec Structs, loaded from YAML/TOML plus dotted `key=value` overrides.
 
 Every field carries a one-line description (shown by `python -m asyncpolicy config`). Keys follow
-the seed system's names (`async_training.staleness_threshold`, ...) so its users' overrides work
+verl's fully-async recipe's names (`async_training.staleness_threshold`, ...) so its users' overrides work
 unchanged. Any bad key or value raises `ConfigError` naming the dotted key; the CLI turns it into
 exit code 2.
 
@@ -73,7 +73,7 @@ class RolloutConfig(_Section):
     max_concurrency: Annotated[int, _doc("most responses generated at once", ge=1)] = 64
     temperature: Annotated[float, _doc("sampling temperature", gt=0)] = 1.0
     top_p: Annotated[float, _doc("nucleus sampling mass", gt=0, le=1)] = 1.0
-    interval_s: Annotated[float, _doc("pause between starting generations (the seed's generation interval)", ge=0)] = 0.0
+    interval_s: Annotated[float, _doc("pause between starting generations (verl's generation interval)", ge=0)] = 0.0
     max_retries: Annotated[int, _doc("retries of a failed or timed-out generation before the engine is restarted", ge=0)] = 2
     max_restarts: Annotated[int, _doc("restarts of a failing generation engine before the run fails", ge=0)] = 2
     gpu_memory_utilization: Annotated[
