@@ -38,8 +38,8 @@ ALPHABET_TEXT = "printable ASCII from space to '~', newline and tab"
 # one built in process and the one loaded back encode and decode alike.
 _BYTE_LEVEL = {" ": "\u0120", "\n": "\u010a", "\t": "\u0109"}
 
-# About 126 thousand parameters. A 300k version (hidden 128) collapsed onto a shortcut sooner and
-# scored lower on `reverse` in the same 400 steps; this one lifts its reward from ~0.03 to ~0.6 in
+# About 130 thousand parameters. A 300k version (hidden 128) collapsed onto a shortcut sooner and
+# scored lower on `reverse` in the same 400 steps; this one lifts its reward from ~0.01 to ~0.6 in
 # about a minute on two cores (it does not master the task: middle characters stay hard).
 TINY_ARCH: dict[str, Any] = {
     "hidden_size": 64,
@@ -52,7 +52,10 @@ TINY_ARCH: dict[str, Any] = {
     "tie_word_embeddings": True,
     "initializer_range": 0.02,
 }
-TINY_SEED = 1234  # the embedded weights are the same on every machine
+# The embedded weights are the same on every machine. A model this small lands in different
+# shortcuts depending on its init: with the printable-ASCII vocabulary, the default run's reward
+# over its last 40 steps was 0.61 with this seed, and 0.33, 0.30, 0.27 with seeds 1234, 1235 and 2.
+TINY_SEED = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
