@@ -39,8 +39,11 @@ ALPHABET_TEXT = "printable ASCII from space to '~', newline and tab"
 _BYTE_LEVEL = {" ": "\u0120", "\n": "\u010a", "\t": "\u0109"}
 
 # About 130 thousand parameters. A 300k version (hidden 128) collapsed onto a shortcut sooner and
-# scored lower on `reverse` in the same 400 steps; this one lifts its reward from ~0.01 to ~0.6 in
-# about a minute on two cores (it does not master the task: middle characters stay hard).
+# scored lower on `reverse` in the same 400 steps; this one lifts its reward from ~0.01 to 0.3-0.6
+# in about a minute on two cores (it does not master the task: middle characters stay hard). Runs
+# differ (asynchronous timing changes the batches): with the printable-ASCII vocabulary, six
+# default runs across four inits ended between 0.27 and 0.61 over their last 40 steps; one run of
+# the earlier 44-character vocabulary ended at 0.60.
 TINY_ARCH: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 256,
@@ -52,10 +55,7 @@ TINY_ARCH: dict[str, Any] = {
     "tie_word_embeddings": True,
     "initializer_range": 0.02,
 }
-# The embedded weights are the same on every machine. A model this small lands in different
-# shortcuts depending on its init: with the printable-ASCII vocabulary, the default run's reward
-# over its last 40 steps was 0.61 with this seed, and 0.33, 0.30, 0.27 with seeds 1234, 1235 and 2.
-TINY_SEED = 1
+TINY_SEED = 1234  # the embedded weights are the same on every machine
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
