@@ -1,4 +1,4 @@
-"""`python -m asyncpolicy` — run a training job, print the config reference, run benchmarks.
+"""`python -m asyncpolicy` — run a training job, print the config reference, run benchmarks, export a model.
 
 Exit codes: 0 the run finished; 1 the run failed (the message names the actor and cause);
 2 bad input (the message names the key or file); 130 / 143 stopped by SIGINT / SIGTERM
@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import msgspec
@@ -24,7 +24,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own errors are bad input too: exit 2, one line
+    def error(self, message: str) -> NoReturn:  # argparse's own errors are bad input too: exit 2, one line
         self.exit(EXIT_BAD_INPUT, f"asyncpolicy: error: {message}\n")
 
 
@@ -44,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("--markdown", action="store_true", help="print the reference as a Markdown table (docs/config.md)")
     cfg.add_argument("overrides", nargs="*", metavar="key=value")
     sub.add_parser("bench", help="run benchmark suites and write benchmark_results_<time>/ (bench --help)", add_help=False)
+    export = sub.add_parser(
+        "export",
+        help="copy a checkpoint's model out as a Hugging Face directory (transformers, vLLM)",
+        description="Copy the policy of a checkpoint (or of a run directory's latest checkpoint) to OUT_DIR: "
+        "safetensors weights, config.json and tokenizer files, loadable with from_pretrained or as vLLM's model.",
+    )
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoints/step-NNNNNNNN/ or a run's output_dir")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="a new (or empty) directory")
     return p
 
 
@@ -96,6 +104,14 @@ def reward_summary(metrics_file: Path) -> str:
     return text
 
 
+def _export(args: argparse.Namespace) -> int:
+    from asyncpolicy.checkpoint import export_model
+
+    ckpt = export_model(Path(args.checkpoint), Path(args.out_dir))
+    print(f"exported the model of {ckpt} to {args.out_dir}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _run(args: argparse.Namespace) -> int:
     from asyncpolicy.logging import JsonEvents, configure_logging
     from asyncpolicy.runner import run_cli
@@ -135,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             return _print_config(args)
+        if args.command == "export":
+            return _export(args)
         return _run(args)
     except ConfigError as e:
         print(f"asyncpolicy: error: {e}", file=sys.stderr)

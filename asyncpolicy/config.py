@@ -102,7 +102,9 @@ class SimulatedTrainerConfig(_Section):
 class TrainerConfig(_Section):
     engine: Annotated[Literal["simulated", "torch", "fsdp"], _doc("training engine")] = "torch"
     total_training_steps: Annotated[int, _doc("optimizer steps of the whole run", ge=1)] = 400
-    n_gpus_per_node: Annotated[int, _doc("GPUs for training (fsdp engine)", ge=0)] = 1
+    n_gpus_per_node: Annotated[
+        int, _doc("GPUs for training (fsdp engine); 0 with rollout.engine=hf: one FSDP rank on the CPU over gloo", ge=0)
+    ] = 1
     lr: Annotated[float, _doc("peak learning rate of AdamW", gt=0)] = 1e-3
     warmup_steps: Annotated[int, _doc("linear LR warm-up steps", ge=0)] = 3
     lr_schedule: Annotated[Literal["constant", "cosine"], _doc("LR after warm-up")] = "constant"
@@ -399,7 +401,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return build_config(tree)
 
 
-ENGINE_PAIRS = {("simulated", "simulated"), ("hf", "torch"), ("vllm", "fsdp")}  # (rollout.engine, trainer.engine)
+# (rollout.engine, trainer.engine); hf + fsdp is the FSDP trainer on the CPU (trainer.n_gpus_per_node=0)
+ENGINE_PAIRS = {("simulated", "simulated"), ("hf", "torch"), ("vllm", "fsdp"), ("hf", "fsdp")}
 
 
 def check_consistency(cfg: Config) -> None:
@@ -411,6 +414,13 @@ def check_consistency(cfg: Config) -> None:
             f"config keys 'rollout.engine'={pair[0]!r} and 'trainer.engine'={pair[1]!r} do not go together; "
             f"supported: {pairs}",
             key="rollout.engine",
+        )
+    if pair == ("hf", "fsdp") and cfg.trainer.n_gpus_per_node != 0:
+        raise ConfigError(
+            "config key 'trainer.n_gpus_per_node': rollout.engine=hf with trainer.engine=fsdp runs the FSDP trainer "
+            f"on the CPU over gloo and needs trainer.n_gpus_per_node=0 (got {cfg.trainer.n_gpus_per_node}); "
+            "on GPUs use rollout.engine=vllm",
+            key="trainer.n_gpus_per_node",
         )
     at = cfg.async_training
     if at.max_queue_size < cfg.data.train_batch_size:

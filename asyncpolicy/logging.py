@@ -77,3 +77,16 @@ def configure_logging(level: str = "info", events: JsonEvents | Path | None = No
         logger_factory=lambda *args: _ConsoleLogger(),
         cache_logger_on_first_use=False,
     )
+
+
+def quiet_unless_configured() -> None:
+    """Errors only, on stderr, when nobody has configured structlog.
+
+    Unconfigured, structlog prints every event, debug included, to stdout: an application that
+    embeds a Supervisor would get a hundred lines per run it never asked for (and a warning per
+    stale sample dropped, which the RunResult counts anyway). A host that
+    configured structlog keeps its configuration, and `python -m asyncpolicy run` configures it
+    (`configure_logging`) before any Supervisor starts, so its console is unchanged.
+    """
+    if not structlog.is_configured():
+        configure_logging("error")

@@ -7,6 +7,7 @@ from its own stream only — counted and logged, never silently — and never sl
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -46,7 +47,8 @@ class StepMetrics(msgspec.Struct, kw_only=True, omit_defaults=False):
     dropped_stale_total: int
     queue_size: int
     queue_utilization: float
-    sync_latency_s: float | None  # this step's weight sync, pause to resume; None when none ran
+    sync_latency_s: float | None  # this step's weight sync, staging to resume; None when none ran
+    sync_pause_s: float | None  # of that sync, how long rollout was stopped (pause requested → resumed)
     trainer_idle_ratio: float  # share of this process's wall time the trainer waited for samples
     rollouter_idle_ratio: float  # share of this process's wall time no generation ran
     in_flight: int  # prompt groups being generated
@@ -116,6 +118,8 @@ class MetricsSink:
 
 def _tensorboard_writer(directory: Path) -> Any:
     """A SummaryWriter when tensorboard is installed (the optional extra), else None."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return None  # without it, importing torch.utils.tensorboard would import torch (seconds) to fail
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-QWEN05 = {
+QWEN05: dict[str, Any] = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
     "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
     "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
@@ -99,7 +99,7 @@ def samples_fixed(n_prompts: int, n: int, prompt_len: int, resp_len: int, seed: 
                        token_versions=[0] * resp_len, finish_reason="length", reward=rng.random())
             for _ in range(n)
         ]
-        out.append(make_sample(p, trajs, 0, 0.0))
+        out.append(make_sample(p, trajs, 0))
     return out
 
 
@@ -165,6 +165,7 @@ class Bench:
             last = None
             async for o in llm.generate(TokensPrompt(prompt_token_ids=p), sp, request_id=f"{tag}-{i}"):
                 last = o
+            assert last is not None, f"vLLM returned no output for request {tag}-{i}"
             c = last.outputs[0]
             assert len(c.logprobs) == len(c.token_ids)
             return len(c.token_ids)
@@ -178,7 +179,7 @@ class Bench:
         rng = random.Random(0)
         prompts = [[rng.randrange(150000) for _ in range(128)] for _ in range(256)]
         await self.gen_batch_bare(prompts[:8], 32, "warm")
-        res = {"bare": [], "engine": []}
+        res: dict[str, list[float]] = {"bare": [], "engine": []}
         for rep in range(self.args.gen_reps):  # alternating, same prompts: drift hits both alike
             toks, dt = await self.gen_batch_bare(prompts, 512, f"bare{rep}")
             res["bare"].append(toks / dt)
@@ -202,7 +203,7 @@ class Bench:
         cont = await self.gen.generate(GenerationRequest(request_id="cont", prompt_tokens=prompts[0], max_tokens=outs_ab[0].response_tokens.__len__() + 16,
                                                          response_tokens=outs_ab[0].response_tokens, behaviour_logprobs=outs_ab[0].behaviour_logprobs,
                                                          token_versions=outs_ab[0].token_versions))
-        ratios = sorted(e / b for e, b in zip(res["engine"], res["bare"]))
+        ratios = sorted(e / b for e, b in zip(res["engine"], res["bare"], strict=True))
         self.record("gen", bare_tok_s=[round(x) for x in res["bare"]], engine_tok_s=[round(x) for x in res["engine"]],
                     engine_over_bare=round(max(res["engine"]) / max(res["bare"]), 3),
                     engine_over_bare_median_pair=round(ratios[len(ratios) // 2], 3), logprobs_ok=ok,
@@ -217,7 +218,9 @@ class Bench:
             await self.trainer.train_step(samples_fixed(2, 2, 16, 16, v), v)  # weights change between syncs
             await transport.push(v)
             last = transport.last
-            times.append(round(last.total_s, 4)); pr.append(round(last.pause_to_resume_s, 4)); packs.append(round(last.pack_s, 4))
+            times.append(round(last.total_s, 4))
+            pr.append(round(last.pause_to_resume_s, 4))
+            packs.append(round(last.pack_s, 4))
         ck_t = await self.trainer.checksum()
         ck_v = (await self.gen.rpc("ap_checksum"))[0]
         post = await self.gen.generate(GenerationRequest(request_id=f"post-{name}", prompt_tokens=[1, 2, 3, 4], max_tokens=32))
@@ -292,7 +295,7 @@ class Bench:
                 outs = await asyncio.gather(*[self.gen.generate(GenerationRequest(request_id=f"s{k}-{p.index}-{j}", prompt_tokens=p.tokens, max_tokens=L)) for j in range(n)])
                 trajs = [Trajectory(response_tokens=o.response_tokens, behaviour_logprobs=o.behaviour_logprobs, token_versions=o.token_versions,
                                     finish_reason=o.finish_reason, reward=rng.random()) for o in outs]
-                return make_sample(p, trajs, self.gen.version, 0.0)
+                return make_sample(p, trajs, self.gen.version)
 
             return await asyncio.gather(*[group(p) for p in prompts]), time.perf_counter() - t
 
@@ -303,9 +306,13 @@ class Bench:
         gtimes, ttimes, stimes = [], [], []
         for k in range(K):
             batch, g = await gen_step(k)
-            t = time.perf_counter(); await self.trainer.train_step(batch, version); ttimes.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await self.trainer.train_step(batch, version)
+            ttimes.append(time.perf_counter() - t)
             version += 1
-            t = time.perf_counter(); await tr.push(version); stimes.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await tr.push(version)
+            stimes.append(time.perf_counter() - t)
             gtimes.append(g)
         sync_total = time.perf_counter() - t0
         # asynchronous (one step off-policy): generation of batch k+1 runs while batch k trains

@@ -96,7 +96,7 @@ def main() -> int:
     ok_rss, ok_tasks, ok_files = growth < 0.05, other_max <= other_first, last.open_files <= warm.open_files
     print(f"machine: {detect_machine().describe()}; python {platform.python_version()}")
     print(f"command: python benchmarks/soak.py --steps {args.steps}; wall {wall:.0f}s ({args.steps / wall:.0f} steps/s)")
-    print("| what | after warm-up (step %d) | end (step %d) | target | met |" % (warm.step, last.step))
+    print(f"| what | after warm-up (step {warm.step}) | end (step {last.step}) | target | met |")
     print("|---|---|---|---|---|")
     print(f"| resident memory | {warm.rss_bytes / 2**20:.1f} MiB | {last.rss_bytes / 2**20:.1f} MiB ({growth:+.1%}) | < +5 % | {'yes' if ok_rss else 'NO'} |")
     print(f"| live tasks other than in-flight generations (max after warm-up) | {other_first} | {other_max} | no growth | {'yes' if ok_tasks else 'NO'} |")

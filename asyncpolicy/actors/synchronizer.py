@@ -1,4 +1,7 @@
-"""The parameter synchronizer: pause rollout → push weights → resume, with retries.
+"""The parameter synchronizer: stage weights → pause rollout → push → resume, with retries.
+
+Staging (gathering the trainer's weights for the hand-over) runs while rollout goes on; only the
+push holds generation up, and `SyncCounters.last_pause_s` records how long.
 
 A sync either completes (the generation engine now serves the trainer's `version`) or raises
 `SyncFailed` naming the cause after `sync_retries` retries, each attempt bounded by
@@ -11,6 +14,7 @@ goes back to an older version.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 import msgspec
@@ -29,6 +33,10 @@ class SyncCounters(msgspec.Struct, kw_only=True):
     failed_attempts: int = 0
     last_latency_s: float = 0.0
     total_latency_s: float = 0.0
+    last_stage_s: float = 0.0  # gathering the weights, rollout running
+    last_rollout_pause_s: float = 0.0  # waiting for in-flight generations to stop (abort or drain)
+    last_push_s: float = 0.0  # the transport's push, retries included
+    last_pause_s: float = 0.0  # rollout stopped: pause requested → resumed (what generation loses)
 
 
 class ParameterSynchronizer:
@@ -53,19 +61,36 @@ class ParameterSynchronizer:
             start = time.monotonic()
             if not force and self.rollouter.version >= version:
                 return 0.0  # a newer push already happened while this one waited
+            await self._with_retries(version, self.transport.stage)
+            staged = paused = pushed = time.monotonic()
             try:
                 # Partial rollout interrupts generations (they continue under the new weights);
                 # otherwise in-flight generations finish under the weights that started them.
                 await self.rollouter.pause("sync", drain=not self.cfg.partial_rollout)
-                await self._push_with_retries(version)
+                paused = time.monotonic()
+                await self._with_retries(version, self.transport.push)
+                pushed = time.monotonic()
             finally:
                 with anyio.CancelScope(shield=True):
                     await self.rollouter.resume("sync")
-        latency = time.monotonic() - start
+        end = time.monotonic()
+        latency = end - start
+        self.counters.last_stage_s = staged - start
+        self.counters.last_rollout_pause_s = paused - staged
+        self.counters.last_push_s = pushed - paused
+        self.counters.last_pause_s = end - staged
         self.counters.syncs += 1
         self.counters.last_latency_s = latency
         self.counters.total_latency_s += latency
-        log.debug("weights_synced", version=version, latency_s=round(latency, 4))
+        log.debug(
+            "weights_synced",
+            version=version,
+            latency_s=round(latency, 4),
+            stage_s=round(self.counters.last_stage_s, 4),
+            rollout_pause_s=round(self.counters.last_rollout_pause_s, 4),
+            push_s=round(self.counters.last_push_s, 4),
+            pause_s=round(self.counters.last_pause_s, 4),
+        )
         return latency
 
     async def sync_weights(self, version: int) -> bool:
@@ -73,12 +98,12 @@ class ParameterSynchronizer:
         await self.sync(version)
         return True
 
-    async def _push_with_retries(self, version: int) -> None:
+    async def _with_retries(self, version: int, step: Callable[[int], Awaitable[None]]) -> None:
         delay = self.cfg.sync_backoff_s
         for attempt in range(self.cfg.sync_retries + 1):
             try:
                 with anyio.fail_after(self.cfg.sync_timeout):
-                    await self.transport.push(version)
+                    await step(version)
                 return
             except Exception as exc:  # transport failure or TimeoutError: retried, then fatal
                 self.counters.failed_attempts += 1

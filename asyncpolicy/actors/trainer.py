@@ -35,6 +35,7 @@ class StepReport(msgspec.Struct, kw_only=True):
     ages: list[int]  # per sample, at consume
     engine_metrics: dict[str, float]
     sync_latency_s: float | None
+    sync_pause_s: float | None  # of that sync, the time rollout was stopped
     wait_s: float
     train_s: float
 
@@ -124,10 +125,11 @@ class Trainer:
                 self.state.version += 1
                 self.state.staleness_max = max(self.state.staleness_max, *ages)
             train_s = time.monotonic() - started
-            sync_latency = None
+            sync_latency = sync_pause = None
             try:
                 if self.state.step % cfg.async_training.trigger_parameter_sync_step == 0:
                     sync_latency = await self.synchronizer.sync(self.state.version)
+                    sync_pause = self.synchronizer.counters.last_pause_s
             finally:  # the step happened: its metrics line is written even if the sync is cancelled or fails
                 self.on_step(
                     StepReport(
@@ -137,6 +139,7 @@ class Trainer:
                         ages=ages,
                         engine_metrics=engine_metrics,
                         sync_latency_s=sync_latency,
+                        sync_pause_s=sync_pause,
                         wait_s=wait_s,
                         train_s=train_s,
                     )

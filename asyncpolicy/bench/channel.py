@@ -243,7 +243,7 @@ async def cost_breakdown(n: int) -> list[list[Any]]:
         t = time.perf_counter()
         for _ in range(n):
             if is_async:
-                await op()  # type: ignore[misc]
+                await op()
             else:
                 op()
         return [label, (time.perf_counter() - t) / n * 1e6]

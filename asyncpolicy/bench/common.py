@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -221,7 +221,7 @@ def write_log_record(f: IO[bytes], event: str, record: Any) -> None:
 # -- one supervised run --------------------------------------------------------------------------
 
 
-Host = Callable[[Supervisor], Awaitable[None]]
+Host = Callable[[Supervisor], Coroutine[Any, Any, None]]  # an async def: anyio's start_soon takes coroutines
 
 
 async def run_supervised(

@@ -73,8 +73,8 @@ def steady_wait_s(run: ScenarioRun) -> float:
     return statistics.fmean(step_waits_s(run))
 
 
-async def _sync_then_async(ctx: BenchContext, steps: int, t_train: float, rep: int) -> dict[str, ScenarioRun]:
-    runs = {}
+async def _sync_then_async(ctx: BenchContext, steps: int, t_train: float, rep: int) -> dict[int, ScenarioRun]:
+    runs: dict[int, ScenarioRun] = {}
     for s in (0, *ASYNC_STALENESS):
         name = f"overlap_{'sync' if s == 0 else f'async_s{s}'}_rep{rep}"
         scenario = [

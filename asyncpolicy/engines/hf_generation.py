@@ -162,10 +162,14 @@ class HFGenerationEngine:
 
     async def load_state_dict_from(self, source_model: Any, version: int) -> None:
         """Copy another in-process model's weights into ours (no disk) and become `version`."""
+        await self.load_weights(source_model.state_dict(), version)
+
+    async def load_weights(self, state_dict: dict[str, Any], version: int) -> None:
+        """Load full weights (Hugging Face names) and become `version`; never under a running batch."""
 
         def copy() -> None:
             with torch.no_grad():
-                self._model.load_state_dict(source_model.state_dict())
+                self._model.load_state_dict(state_dict)
             self._version = version
 
         await anyio.to_thread.run_sync(copy, limiter=self._limiter)
@@ -209,9 +213,9 @@ class HFGenerationEngine:
         B, L = len(seqs), max(len(s) for s in seqs)
         ids = torch.full((B, L), self._pad, dtype=torch.long)
         mask = torch.zeros((B, L), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, L - len(s) :] = 1
+        for i, seq in enumerate(seqs):
+            ids[i, L - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[i, L - len(seq) :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, L) real tokens at 0..len-1
         cache = None
         with torch.inference_mode():

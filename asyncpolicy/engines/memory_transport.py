@@ -22,6 +22,9 @@ class InMemoryTransport:
         self.generation = generation
         self.pushes = 0
 
+    async def stage(self, version: int) -> None:
+        """Nothing to gather: the copy reads the trainer's tensors directly, under its limiter."""
+
     async def push(self, version: int) -> None:
         if self.trainer.model is None or self.generation.model is None:
             raise RuntimeError("weight push before both engines started")

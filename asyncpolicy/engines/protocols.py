@@ -93,6 +93,13 @@ class TrainEngine(Protocol):
 class WeightTransport(Protocol):
     """Moves the trainer's current weights into the generation engine."""
 
+    async def stage(self, version: int) -> None:
+        """Gather `version`'s weights where the hand-over can take them; runs while generation goes on.
+
+        Whatever needs no pause happens here, so `push` holds generation up for the hand-over alone.
+        """
+        ...
+
     async def push(self, version: int) -> None:
         """Load the trainer's weights into the generation engine as policy `version`.
 
@@ -108,6 +115,15 @@ class Checkpointable(Protocol):
     async def save_state(self, directory: str) -> None: ...
 
     async def load_state(self, directory: str) -> None: ...
+
+
+@runtime_checkable
+class ModelExporter(Protocol):
+    """A trainer engine that can write its policy as a Hugging Face model directory."""
+
+    async def save_model(self, directory: str) -> None:
+        """safetensors weights + config.json + tokenizer files: `from_pretrained` and vLLM load it as it is."""
+        ...
 
 
 class EngineSet(msgspec.Struct, kw_only=True):

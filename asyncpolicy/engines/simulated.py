@@ -158,6 +158,9 @@ class SimulatedTransport:
         self._failures_left: dict[int, int] = {}
         self.attempts = 0
 
+    async def stage(self, version: int) -> None:
+        """The simulated transfer has nothing to gather ahead of the pause."""
+
     async def push(self, version: int) -> None:
         self.attempts += 1
         left = self._failures_left.setdefault(version, self.cfg.sync_failures)

@@ -182,7 +182,7 @@ class TorchTrainEngine:
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.grad_clip))
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])  # torch types an LR as float | Tensor
         if math.isfinite(grad_norm):
             self.optimizer.step()
         else:  # one poisoned mini-batch must not destroy the weights; the metric shows it
@@ -202,8 +202,7 @@ class TorchTrainEngine:
         assert self.optimizer is not None and self.scheduler is not None
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(d / MODEL_DIR)
-        self.tokenizer.save_pretrained(d / MODEL_DIR)
+        self._save_model(d / MODEL_DIR)
         torch.save(
             {
                 "optimizer": self.optimizer.state_dict(),
@@ -217,6 +216,14 @@ class TorchTrainEngine:
 
     async def load_state(self, directory: str) -> None:
         await anyio.to_thread.run_sync(self._load_state, directory, limiter=self.limiter)
+
+    async def save_model(self, directory: str) -> None:
+        """The model as a Hugging Face directory (safetensors, config, tokenizer) that transformers and vLLM load."""
+        await anyio.to_thread.run_sync(self._save_model, Path(directory), limiter=self.limiter)
+
+    def _save_model(self, directory: Path) -> None:
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
 
     def _load_state(self, directory: str) -> None:
         from asyncpolicy.models.tiny import load_model

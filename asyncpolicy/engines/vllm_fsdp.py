@@ -162,14 +162,32 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
             rpc_timeout_s=cfg.async_training.sync_timeout,
         )
     )
+    base = worker_init(cfg, path)
+    trainer = _GatedTrainer(base, [_physical(g) for g in trainer_gpus], timeout_s=cfg.trainer.worker_timeout_s)
+    transport = IPCTransport(gen, trainer) if cfg.rollout.colocate else NCCLTransport(gen, trainer)
+    gate.transport = transport
+    gen.gate = gate
+    trainer.gate = gate
+    log.info(
+        "gpu_placement",
+        rollout_gpus=rollout_gpus,
+        trainer_gpus=trainer_gpus,
+        transport=transport.kind,
+        dummy_weights=dummy,
+    )
+    return EngineSet(generation=gen, trainer=trainer, transport=transport, tokenizer=tokenizer)
+
+
+def worker_init(cfg: Config, model_path: str) -> w.WorkerInit:
+    """What every FSDP rank is started with (rank, world size, GPU and port are filled in per rank)."""
     t = cfg.trainer
     a = cfg.algorithm
-    base = w.WorkerInit(
+    return w.WorkerInit(
         rank=0,
-        world_size=len(trainer_gpus),
+        world_size=1,
         gpu=None,
         master_port=0,
-        model_path=path,
+        model_path=model_path,
         dtype=cfg.model.dtype,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         lr=t.lr,
@@ -189,19 +207,6 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
         temperature=cfg.rollout.temperature,
         seed=cfg.seed,
     )
-    trainer = _GatedTrainer(base, [_physical(g) for g in trainer_gpus], timeout_s=t.worker_timeout_s)
-    transport = IPCTransport(gen, trainer) if cfg.rollout.colocate else NCCLTransport(gen, trainer)
-    gate.transport = transport
-    gen.gate = gate
-    trainer.gate = gate
-    log.info(
-        "gpu_placement",
-        rollout_gpus=rollout_gpus,
-        trainer_gpus=trainer_gpus,
-        transport=transport.kind,
-        dummy_weights=dummy,
-    )
-    return EngineSet(generation=gen, trainer=trainer, transport=transport, tokenizer=tokenizer)
 
 
 def _physical(index: int) -> int:

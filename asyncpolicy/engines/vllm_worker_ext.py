@@ -28,6 +28,10 @@ def _views(flat: torch.Tensor, meta: Meta) -> list[tuple[str, torch.Tensor]]:
 class AsyncPolicyWorkerExt:
     """Weight receive paths for asyncpolicy; `self` is vLLM's Worker (model_runner, device)."""
 
+    # set by vLLM's Worker this class is mixed into (declared for the type checker, never assigned here)
+    model_runner: Any
+    vllm_config: Any
+
     def ap_ipc_load(self, handle_blob: bytes, meta: Meta) -> int:
         """Load weights from the trainer's flat buffer on the same GPU (CUDA IPC, no copy across)."""
         from torch.multiprocessing.reductions import rebuild_cuda_tensor

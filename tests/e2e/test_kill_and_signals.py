@@ -5,7 +5,6 @@ run agree with each other, no prompt is trained twice or lost, and training reac
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -71,6 +70,13 @@ def writing_checkpoint(out: Path) -> bool:
     return root.is_dir() and any(p.name.startswith(".tmp-") for p in root.iterdir())
 
 
+def latest_checkpoint(out: Path) -> Path:
+    """The newest complete checkpoint under `out`; a run that wrote none fails here, by name."""
+    path = checkpoint.latest_checkpoint(out)
+    assert path is not None, f"no complete checkpoint under {out}"
+    return path
+
+
 def kill9(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -91,14 +97,14 @@ def test_kill_9_at_several_points_then_resume_loses_nothing(tmp_path: Path) -> N
     proc = start(out, "resume=auto")
     wait_until(lambda: steps_written(out) >= 55)
     kill9(proc)
-    before = checkpoint.load_state(checkpoint.latest_checkpoint(out))
+    before = checkpoint.load_state(latest_checkpoint(out))
     # finally: resume to the end
     done = subprocess.run([*RUN, f"trainer.total_training_steps={TOTAL}", f"output_dir={out}", "resume=auto"], capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
 
     rows = [msgspec.json.decode(line) for line in (out / "metrics.jsonl").read_bytes().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, TOTAL + 1)), "metrics must continue from the checkpoint's step"
-    final_dir = checkpoint.latest_checkpoint(out)
+    final_dir = latest_checkpoint(out)
     final = checkpoint.load_state(final_dir)
     assert final.trainer.step == final.trainer.version == TOTAL
     assert final.trainer.step >= before.trainer.step
@@ -117,12 +123,11 @@ def test_signal_stops_gracefully_with_a_checkpoint(tmp_path: Path, sig: signal.S
     out = tmp_path / "run"
     proc = spawn(out, "trainer.total_training_steps=100000", "stop_timeout_s=20")
     wait_until(lambda: steps_written(out) >= 5)
-    sent = time.monotonic()
     proc.send_signal(sig)
-    proc.wait(timeout=30)
+    proc.wait(timeout=60)  # a hang guard; promptness is the checkpoint below, not a wall-clock figure
     assert proc.returncode == code, console(out)
-    assert time.monotonic() - sent < 20
-    state = checkpoint.load_state(checkpoint.latest_checkpoint(out))
+    assert "did not stop within" not in console(out)  # stopped gracefully, not by the stop_timeout_s exit
+    state = checkpoint.load_state(latest_checkpoint(out))
     assert state.reason == "stop"
     assert state.trainer.step == steps_written(out)
     resumed = subprocess.run(
@@ -141,10 +146,9 @@ def test_second_sigint_exits_at_once(tmp_path: Path) -> None:
     wait_until(lambda: steps_written(out) >= 3)
     proc.send_signal(signal.SIGINT)
     wait_until(lambda: writing_checkpoint(out), timeout=20)
-    sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=20)
+    proc.wait(timeout=25)  # a hang guard, shorter than the 30 s write it must not wait for
     assert proc.returncode == 130, console(out)
-    assert time.monotonic() - sent < 5
     assert "second SIGINT" in console(out)
-    assert checkpoint.latest_checkpoint(out) is None  # the interrupted write never looks complete
+    # it did not wait for the write (which would have completed it), and the cut write never looks complete
+    assert checkpoint.latest_checkpoint(out) is None

@@ -204,7 +204,7 @@ async def _cancel_when(scope: anyio.CancelScope, event: anyio.Event) -> None:
 
 
 @pytest.mark.anyio
-@settings(max_examples=8 * settings.default.max_examples)  # cheap: ~20 ms per example
+@settings(max_examples=8 * settings().max_examples)  # cheap: ~20 ms per example
 @given(
     capacity=st.integers(1, 4),
     max_staleness=st.integers(0, 3),

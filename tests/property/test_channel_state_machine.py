@@ -271,7 +271,7 @@ class TrioChannelMachine(ChannelMachine):
     backend = "trio"
 
 
-_settings = settings(max_examples=3 * settings.default.max_examples, stateful_step_count=30)
+_settings = settings(max_examples=3 * settings().max_examples, stateful_step_count=30)
 TestChannelStateMachineAsyncio = ChannelMachine.TestCase
 TestChannelStateMachineAsyncio.settings = _settings
 TestChannelStateMachineTrio = TrioChannelMachine.TestCase

@@ -40,7 +40,7 @@ def generate_then_train_batches(cfg: Config) -> list[list[tuple[int, int]]]:
 
 
 @pytest.mark.anyio
-@settings(max_examples=2 * settings.default.max_examples)  # 50 runs of ~0.1-0.3 s
+@settings(max_examples=2 * settings().max_examples)  # 50 runs of ~0.1-0.3 s
 @given(
     batch=st.integers(1, 4),
     n=st.integers(1, 3),

@@ -121,7 +121,7 @@ def trained_prompts(recorder: Any) -> list[tuple[int, int]]:
 
 
 @pytest.mark.anyio
-@settings(max_examples=2 * settings.default.max_examples)  # 50 runs of ~0.1-0.3 s
+@settings(max_examples=2 * settings().max_examples)  # 50 runs of ~0.1-0.3 s
 @given(overrides=small_configs(), script=controls, _seed=st.random_module())
 async def test_any_small_run_keeps_staleness_accounting_and_admission(
     overrides: list[str],
@@ -167,7 +167,7 @@ async def test_any_small_run_keeps_staleness_accounting_and_admission(
 
 
 @pytest.mark.anyio
-@settings(max_examples=settings.default.max_examples)
+@settings(max_examples=settings().max_examples)
 @given(
     overrides=small_configs(),
     die_after=st.integers(12, 30),

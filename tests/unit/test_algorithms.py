@@ -50,6 +50,7 @@ def test_ppo_clip_gradient_vanishes_outside_the_trust_region() -> None:
     logprobs = torch.log(torch.tensor([[1.5, 1.1]])).requires_grad_()
     loss, _, _ = ppo_clip_token_loss(logprobs, torch.zeros(1, 2), torch.ones(1, 2), clip_ratio=0.2)
     loss.sum().backward()
+    assert logprobs.grad is not None
     assert logprobs.grad.tolist()[0] == pytest.approx([0.0, -1.1])  # d(-ratio)/dlogp = -ratio inside
 
 

@@ -261,7 +261,7 @@ keys = st.one_of(
 overrides = st.one_of(st.builds(lambda k, v: f"{k}={v}", keys, scalar_text), st.text(max_size=16))
 
 
-@settings(max_examples=8 * settings.default.max_examples)  # cheap: microseconds per example
+@settings(max_examples=8 * settings().max_examples)  # cheap: microseconds per example
 @given(st.lists(overrides, max_size=4))
 def test_any_override_gives_a_config_or_a_config_error(words: list[str]) -> None:
     try:
@@ -272,11 +272,12 @@ def test_any_override_gives_a_config_or_a_config_error(words: list[str]) -> None
         assert isinstance(cfg, Config)
 
 
-@settings(max_examples=4 * settings.default.max_examples)
+@settings(max_examples=4 * settings().max_examples)
 @given(st.lists(overrides, max_size=3))
 def test_any_override_through_the_cli_exits_0_or_2(words: list[str]) -> None:
     """`python -m asyncpolicy config WORDS`: the resolved config (0) or one error line (2), never a crash."""
     out, err = io.StringIO(), io.StringIO()
+    code: int | str | None  # SystemExit.code's type
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(["config", "--", *words])

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import random
 import types
+from typing import Any
 
 import anyio
 import pytest
 
 from asyncpolicy.config import load_config
 from asyncpolicy.engines import fsdp_worker as w
+from asyncpolicy.engines import weight_sync
 from asyncpolicy.engines.protocols import GenerationRequest
 from asyncpolicy.engines.vllm_fsdp import place, stop_token_ids
 from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings, import_vllm
@@ -64,8 +66,20 @@ class FakeLLM:
 
     def __init__(self) -> None:
         self.aborted: set[str] = set()
+        self.emitted = 0  # tokens streamed so far, all requests
+        self.prompts: list[dict] = []
+        self.paused = False
+
+    async def pause_generation(self, mode: str, clear_cache: bool) -> None:
+        assert mode == "keep" and not clear_cache
+        self.paused = True
+
+    async def resume_generation(self) -> None:
+        self.paused = False
 
     def generate(self, prompt, n_tokens, request_id):
+        self.prompts.append(prompt)
+
         async def stream():
             toks: list[int] = []
             for i in range(n_tokens):
@@ -74,6 +88,7 @@ class FakeLLM:
                     yield _Out(toks, True, "abort")
                     return
                 toks.append(100 + i)
+                self.emitted += 1
                 yield _Out(toks, i == n_tokens - 1, "length" if i == n_tokens - 1 else None)
 
         return stream()
@@ -82,12 +97,88 @@ class FakeLLM:
         self.aborted.update([request_id] if isinstance(request_id, str) else request_id)
 
 
+class _EngineOverFake(VLLMGenerationEngine):
+    def _sampling_params(self, request: GenerationRequest, max_tokens: int) -> Any:
+        return max_tokens  # the fake takes a token count, not vLLM's SamplingParams
+
+
 def _engine() -> VLLMGenerationEngine:
-    eng = VLLMGenerationEngine(VLLMSettings(model_path="x", gpus=[0], dummy_weights=True, stop_token_ids=[1], max_model_len=64))
+    eng = _EngineOverFake(VLLMSettings(model_path="x", gpus=[0], dummy_weights=True, stop_token_ids=[1], max_model_len=64))
     eng._llm = FakeLLM()
     eng._abort = anyio.Event()
-    eng._sampling_params = lambda request, n: n  # the fake takes a token count
+    eng._ready.set()
     return eng
+
+
+async def tokens_streamed(eng: VLLMGenerationEngine, n: int) -> None:
+    """Wait until the fake has streamed `n` more tokens: a point in the stream, not a point in time."""
+    target = eng.llm.emitted + n
+    with anyio.fail_after(10):
+        while eng.llm.emitted < target:
+            await anyio.sleep(0.001)
+
+
+@pytest.mark.anyio
+async def test_prefix_cache_is_salted_by_the_weights_that_compute_it() -> None:
+    """No cache reset on a sync: a request under new weights must never share cached KV with older ones."""
+    eng = _engine()
+    await eng.generate(GenerationRequest(request_id="a", prompt_tokens=[1], max_tokens=1))
+    await eng.generate(GenerationRequest(request_id="b", prompt_tokens=[1], max_tokens=1))
+    eng.set_version(1)
+    await eng.generate(GenerationRequest(request_id="c", prompt_tokens=[1], max_tokens=1))
+    eng.incarnation += 1  # a restarted engine: same version number, new weights
+    await eng.generate(GenerationRequest(request_id="d", prompt_tokens=[1], max_tokens=1))
+    salts = [p["cache_salt"] for p in eng.llm.prompts]
+    assert salts[0] == salts[1]  # one version's requests share prefixes (a GRPO group)
+    assert len({salts[1], salts[2], salts[3]}) == 3
+
+
+class _PackingTrainer:
+    """The two calls a flat transport makes of the FSDP engine, counted."""
+
+    def __init__(self) -> None:
+        self.packs = 0
+        self.meta = [("w", [2, 2], 0, 4)]
+
+    async def pack(self):
+        self.packs += 1
+        return self.meta
+
+
+class _RecordingTransport(weight_sync._FlatTransport):
+    kind = "test"
+
+    def __init__(self, generation, trainer, fail: bool = False) -> None:
+        super().__init__(generation, trainer)
+        self.fail = fail
+        self.paused_during_transfer: list[bool] = []
+
+    async def _transfer(self, meta) -> None:
+        self.paused_during_transfer.append(self.generation.llm.paused)
+        if self.fail:
+            raise RuntimeError("link down")
+
+
+@pytest.mark.anyio
+async def test_flat_transport_packs_in_stage_and_holds_generation_only_for_the_hand_over() -> None:
+    eng, trainer = _engine(), _PackingTrainer()
+    transport = _RecordingTransport(eng, trainer)
+    await transport.stage(1)
+    assert trainer.packs == 1 and not eng.llm.paused
+    await transport.push(1)
+    assert trainer.packs == 1, "push re-packed weights that were staged for its version"
+    assert transport.paused_during_transfer == [True] and not eng.llm.paused
+    assert eng.version == 1
+    t = transport.last
+    assert t is not None and t.version == 1 and t.bytes == 8
+    assert t.pause_to_resume_s == pytest.approx(t.engine_pause_s + t.transfer_load_s + t.resume_s, abs=1e-6)
+    await transport.push(2)  # not staged (a forced push): packs itself
+    assert trainer.packs == 2 and eng.version == 2
+
+    failing = _RecordingTransport(eng, trainer, fail=True)
+    with pytest.raises(RuntimeError, match="link down"):
+        await failing.push(3)
+    assert not eng.llm.paused and eng.version == 2  # resumed, and still serving the old version
 
 
 @pytest.mark.anyio
@@ -104,7 +195,7 @@ async def test_generate_labels_versions_and_abort_returns_partial() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
-        await anyio.sleep(0.2)
+        await tokens_streamed(eng, 3)
         await eng.abort_all()
     part = results[0]
     assert part.finish_reason == "abort" and 0 < len(part.response_tokens) < 500
@@ -129,7 +220,7 @@ async def test_tokens_observed_after_a_version_change_carry_the_new_version() ->
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
-        await anyio.sleep(0.15)
+        await tokens_streamed(eng, 5)
         eng.set_version(1)
     res = results[0]
     assert res.finish_reason == "length" and len(res.token_versions) == 40

@@ -13,8 +13,10 @@ import msgspec
 import pytest
 
 from asyncpolicy import checkpoint
+from asyncpolicy.actors.rollouter import Rollouter
 from asyncpolicy.config import load_config
 from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed
+from asyncpolicy.samples import Sample
 from asyncpolicy.supervisor import RunResult, Supervisor
 
 pytestmark = pytest.mark.anyio
@@ -37,6 +39,13 @@ def cfg_for(tmp_path: Path, *overrides: str):
 async def run(cfg) -> RunResult:
     async with Supervisor(cfg) as sup:
         return await sup.wait()
+
+
+def latest_checkpoint(out: Path) -> Path:
+    """The newest complete checkpoint under `out`; a run that wrote none fails here, by name."""
+    path = checkpoint.latest_checkpoint(out)
+    assert path is not None, f"no complete checkpoint under {out}"
+    return path
 
 
 def assert_accounted(result: RunResult, steps: int, batch: int = 4) -> None:
@@ -125,11 +134,23 @@ async def test_trainer_failure_keeps_the_last_good_checkpoint(tmp_path: Path) ->
     assert [r["step"] for r in rows] == list(range(1, 21))
 
 
-async def test_resume_restores_queue_in_flight_cursor_and_counters(tmp_path: Path) -> None:
-    """A stopped run's checkpoint holds queued samples and in-flight prompts; the resumed run loses none."""
+async def test_resume_restores_queue_in_flight_cursor_and_counters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped run's checkpoint holds queued samples and in-flight prompts; the resumed run loses none.
+
+    A queued sample may age past the bound while it waits after resume: then it must be dropped as
+    stale (counted, logged, reported to the rollouter), never lost. A spy on the rollouter's drop
+    callback records which ones, so the check holds whatever the timing."""
+    dropped: list[str] = []
+    notify = Rollouter.notify_dropped
+
+    def spy(self: Rollouter, sample: Sample, version: int) -> None:
+        dropped.append(sample.prompt.uid)
+        notify(self, sample, version)
+
+    monkeypatch.setattr(Rollouter, "notify_dropped", spy)
     cfg = cfg_for(tmp_path, "trainer.total_training_steps=8", "async_training.staleness_threshold=3", "async_training.max_queue_size=16")
     first = await run(cfg)
-    state = checkpoint.load_state(checkpoint.latest_checkpoint(tmp_path))
+    state = checkpoint.load_state(latest_checkpoint(tmp_path))
     assert state.trainer.step == 8
     assert len(state.channel.items) == first.queued > 0
     assert len(state.in_flight) == first.in_flight
@@ -143,7 +164,8 @@ async def test_resume_restores_queue_in_flight_cursor_and_counters(tmp_path: Pat
     assert_accounted(result, 16)
     assert len(trained) == len(set(trained)) == 16 * 4
     queued_then = {sample.prompt.uid for sample, _ in state.channel.items}
-    assert queued_then <= set(trained[8 * 4 :]), "a queued sample of the checkpoint was never trained"
+    assert len(dropped) == result.dropped_stale  # both runs' drops: the count is restored on resume
+    assert queued_then <= set(trained[8 * 4 :]) | set(dropped), "a queued sample of the checkpoint was neither trained nor dropped as stale"
 
 
 async def test_fresh_run_refuses_to_overwrite_an_existing_run(tmp_path: Path) -> None:
@@ -168,7 +190,7 @@ async def test_stop_checkpoints_and_reports_unfinished(tmp_path: Path) -> None:
         result = await sup.wait()
     assert not result.finished
     assert result.made == result.trained + result.dropped_stale + result.queued
-    state = checkpoint.load_state(checkpoint.latest_checkpoint(tmp_path))
+    state = checkpoint.load_state(latest_checkpoint(tmp_path))
     assert state.reason == "stop" and state.trainer.step == result.steps
 
 
@@ -197,7 +219,7 @@ async def test_every_admitted_group_is_made_or_in_flight_across_restarts_and_res
         result = await sup.wait()
         counters = sup.rollouter.counters
         assert counters.admitted == result.made + len(sup.rollouter.in_flight_prompts())
-    state = checkpoint.load_state(checkpoint.latest_checkpoint(tmp_path))
+    state = checkpoint.load_state(latest_checkpoint(tmp_path))
     assert state.rollout.admitted == state.channel.produced + len(state.in_flight)
 
     more = cfg_for(tmp_path, "trainer.total_training_steps=20", "rollout.simulated.die_after_requests=30",
@@ -235,6 +257,36 @@ async def test_concurrent_syncs_end_on_the_newest_version_and_resume_generation(
     assert rollouter.version == base + 2
     assert paused_during_push == [True]  # the older push was skipped; the newer one ran paused
     assert not rollouter.paused
+
+
+async def test_weights_are_staged_while_rollout_runs_and_pushed_while_it_is_paused(tmp_path: Path) -> None:
+    """Only the hand-over stops generation; the sync records how long it did (sync_pause_s in metrics)."""
+    cfg = cfg_for(tmp_path, "trainer.total_training_steps=3")
+    async with Supervisor(cfg) as sup:
+        await sup.wait()
+    from asyncpolicy.actors.synchronizer import ParameterSynchronizer
+    from asyncpolicy.engines.simulated import SimulatedTransport
+
+    rollouter = sup.rollouter
+    seen: list[tuple[str, bool]] = []
+
+    class WatchedTransport(SimulatedTransport):  # the real simulated transport, recording pause state
+        async def stage(self, version: int) -> None:
+            seen.append(("stage", rollouter.paused))
+            await super().stage(version)
+
+        async def push(self, version: int) -> None:
+            seen.append(("push", rollouter.paused))
+            await super().push(version)
+
+    sync = ParameterSynchronizer(cfg.async_training, rollouter, WatchedTransport(sup.engines.generation, cfg.trainer.simulated))
+    latency = await sync.sync(rollouter.version + 1)
+    assert seen == [("stage", False), ("push", True)]
+    c = sync.counters
+    assert 0 < c.last_pause_s <= latency and c.last_stage_s + c.last_pause_s == pytest.approx(latency, abs=1e-3)
+
+    rows = [msgspec.json.decode(line) for line in (tmp_path / "metrics.jsonl").read_bytes().splitlines()]
+    assert len(rows) == 3 and all(r["sync_pause_s"] is not None and 0 <= r["sync_pause_s"] <= r["sync_latency_s"] for r in rows)
 
 
 async def test_a_training_step_past_its_deadline_fails_the_run(tmp_path: Path) -> None:
