@@ -1,10 +1,12 @@
 """Lossless checkpoints: everything a run needs to continue as if it had never stopped.
 
 A checkpoint is a directory `checkpoints/step-NNNNNNNN/` holding `state.msgpack` (counters, the
-data cursor, the channel's queued samples, the prompts of in-flight groups) and `engine/` (the
-trainer engine's model in Hugging Face format, optimizer, LR schedule, RNG). It is written
-into a temporary directory and renamed into place, so a half-written checkpoint never looks
-complete; `latest_checkpoint` only sees complete ones.
+data cursor, the channel's queued samples, the prompts of in-flight groups), `engine/` (what
+the trainer engine needs to resume: weights, optimizer, LR schedule, RNG; FSDP writes sharded
+DCP files there) and `model/` (the policy as a Hugging Face directory, safetensors + config +
+tokenizer, that transformers and vLLM load as they are; `python -m asyncpolicy export` copies it
+out). It is written into a temporary directory and renamed into place, so a half-written
+checkpoint never looks complete; `latest_checkpoint` only sees complete ones.
 
 What a resume preserves: step, policy version, LR position, optimizer, RNG, data cursor, every
 queued sample (with its versions, so staleness stays exact) and every counter. In-flight
@@ -33,6 +35,8 @@ log = structlog.get_logger("asyncpolicy.checkpoint")
 FORMAT_VERSION = 1
 STATE_FILE = "state.msgpack"
 COMPLETE_MARKER = "COMPLETE"
+ENGINE_DIR = "engine"
+MODEL_DIR = "model"
 
 
 class RunState(msgspec.Struct, kw_only=True):
@@ -166,3 +170,43 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def model_source(source: Path) -> tuple[Path, Path]:
+    """(checkpoint, its Hugging Face model directory) for a checkpoint or a run's output_dir (its
+    latest checkpoint); a ConfigError naming the path when there is none."""
+    if not source.is_dir():
+        raise ConfigError(f"CHECKPOINT {str(source)!r} is not a directory")
+    ckpt = source if (source / COMPLETE_MARKER).exists() else latest_checkpoint(source)
+    if ckpt is None:
+        raise ConfigError(f"CHECKPOINT {str(source)!r} is neither a complete checkpoint nor a run directory holding one")
+    # checkpoints of the CPU trainer written before model/ existed hold the same directory in engine/
+    for model in (ckpt / MODEL_DIR, ckpt / ENGINE_DIR / MODEL_DIR):
+        if (model / "config.json").is_file() and any(model.glob("*.safetensors")):
+            return ckpt, model
+    raise ConfigError(
+        f"CHECKPOINT {str(ckpt)!r} holds no Hugging Face model ({MODEL_DIR}/config.json + *.safetensors): "
+        "a run of the simulated engines has none, and FSDP checkpoints of earlier versions only have sharded DCP files"
+    )
+
+
+def export_model(source: Path, out: Path) -> Path:
+    """Copy a checkpoint's model directory to `out` (which must not hold anything yet); returns the checkpoint.
+
+    Copied into a temporary sibling and renamed: `out` is complete or absent, never half-written.
+    """
+    ckpt, model = model_source(source)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"OUT_DIR {str(out)!r} already exists and is not empty; nothing is overwritten")
+    tmp = out.with_name(f".tmp-export-{out.name}-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(model, tmp)
+        _fsync_tree(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"OUT_DIR {str(out)!r} cannot be written ({e.strerror or e})") from None
+    return ckpt

@@ -7,6 +7,7 @@ from its own stream only — counted and logged, never silently — and never sl
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -117,6 +118,8 @@ class MetricsSink:
 
 def _tensorboard_writer(directory: Path) -> Any:
     """A SummaryWriter when tensorboard is installed (the optional extra), else None."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return None  # without it, importing torch.utils.tensorboard would import torch (seconds) to fail
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

@@ -13,6 +13,7 @@ threads or processes, so the host's event loop stays free. Works under asyncio a
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,16 +27,17 @@ import anyio.to_thread
 import msgspec
 import structlog
 
-from asyncpolicy import checkpoint
+from asyncpolicy import checkpoint, loop_gc
 from asyncpolicy.actors.rollouter import Rollouter
 from asyncpolicy.actors.synchronizer import ParameterSynchronizer
 from asyncpolicy.actors.trainer import StepReport, Trainer
 from asyncpolicy.actors.validator import Validator
 from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import Config, to_dict
-from asyncpolicy.engines.factory import build_engines
-from asyncpolicy.engines.protocols import EngineSet
+from asyncpolicy.engines.factory import build_engines, import_engine_modules
+from asyncpolicy.engines.protocols import EngineSet, ModelExporter
 from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed, RunFailed, first_failure
+from asyncpolicy.logging import quiet_unless_configured
 from asyncpolicy.metrics import MetricsSink, StepMetrics, batch_reward_stats, rss_bytes
 from asyncpolicy.samples import Sample
 from asyncpolicy.tasks.base import TaskData
@@ -65,9 +67,23 @@ class RunResult(msgspec.Struct, kw_only=True):
     output_dir: str
 
 
-def prepare_output_dir(cfg: Config) -> Path:
+def output_path(cfg: Config) -> Path:
+    """The run's directory as `output_dir` names it (a fresh timestamped one when empty); not created."""
+    return Path(cfg.output_dir or time.strftime("outputs/run-%Y%m%d-%H%M%S"))
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse, without writing anything, a directory that cannot be created or written to."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not a directory" if not existing.is_dir() else "permission denied"
+        raise ConfigError(f"config key 'output_dir': {str(out)!r} is not writable ({str(existing)!r}: {why})", key="output_dir")
+
+
+def prepare_output_dir(out: Path) -> Path:
     """The run's directory, created and checked writable; a clear ConfigError otherwise."""
-    out = Path(cfg.output_dir or time.strftime("outputs/run-%Y%m%d-%H%M%S"))
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -81,8 +97,18 @@ def prepare_output_dir(cfg: Config) -> Path:
 class Supervisor:
     """Runs rollouter, trainer and synchronizer as one structured unit."""
 
-    def __init__(self, cfg: Config, *, engines: EngineSet | None = None, task: TaskData | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        engines: EngineSet | None = None,
+        task: TaskData | None = None,
+        on_output_dir: Callable[[Path], None] | None = None,
+    ) -> None:
+        """`on_output_dir` is called with the run's directory once the inputs are checked and it
+        exists, before anything is written there (the CLI opens its events file in it)."""
         self.cfg = cfg
+        self._on_output_dir = on_output_dir
         self.rng = random.Random(cfg.seed)
         self._engines = engines
         self._task = task
@@ -93,25 +119,42 @@ class Supervisor:
         self._rate_base = (0, 0, 0)  # (produced, consumed, step) restored from a checkpoint: rates count this process's work
         self.output_dir: Path | None = None
         self.result: RunResult | None = None
+        self._gc_quieted = False  # a successful start-up froze long-lived objects (loop_gc)
 
     # -- building -------------------------------------------------------------------------------
 
-    def _build(self) -> None:
+    async def _build(self) -> None:
+        """Everything heavy (imports, model files, tokenizer, disk) in worker threads; the loop
+        only wires the actors together."""
+        if self._engines is None:
+            # seconds of imports (torch, transformers, vllm); abandoning them on a cancel is harmless
+            await anyio.to_thread.run_sync(import_engine_modules, self.cfg, abandon_on_cancel=True)
+        # not abandoned: it writes into output_dir and builds engines that must have an owner
+        await anyio.to_thread.run_sync(self._prepare)
+        self._wire()
+
+    def _prepare(self) -> None:
+        """Check the output dir and resume state, build engines and task, write config.json (worker thread)."""
         cfg = self.cfg
-        self.output_dir = prepare_output_dir(cfg)
-        self.resume_from = checkpoint.resolve_resume(self.output_dir, cfg.resume)
+        # Everything that can reject the input (config, output_dir, resume, model, data, reward) runs
+        # before anything on disk is created or changed: a bad-input run leaves nothing behind.
+        out = output_path(cfg)
+        check_output_dir(out)
+        self.resume_from = checkpoint.resolve_resume(out, cfg.resume)
         self.resume_state = checkpoint.load_state(self.resume_from) if self.resume_from else None
-        metrics_file = self.output_dir / "metrics.jsonl"
+        metrics_file = out / "metrics.jsonl"
         earlier_run = self.resume_state is None and metrics_file.exists() and metrics_file.stat().st_size > 0
         if earlier_run and cfg.resume != "auto":
             raise ConfigError(
-                f"config key 'output_dir': {str(self.output_dir)!r} already holds a run; "
+                f"config key 'output_dir': {str(out)!r} already holds a run; "
                 "pass resume=auto to continue it, or choose another output_dir",
                 key="output_dir",
             )
-        # Everything that can reject the input runs before anything on disk changes.
         self.engines = self._engines or build_engines(cfg, rng=self.rng)
         self.task = self._task or build_task(cfg, self.engines.tokenizer)
+        self.output_dir = prepare_output_dir(out)
+        if self._on_output_dir is not None:
+            self._on_output_dir(self.output_dir)
         if earlier_run:  # resume=auto without a complete checkpoint: start over, keeping the old lines
             aside = metrics_file.with_name(time.strftime("metrics.before-%Y%m%d-%H%M%S.jsonl"))
             metrics_file.replace(aside)
@@ -120,6 +163,11 @@ class Supervisor:
             _truncate_metrics(metrics_file, self.resume_state.trainer.step)
         checkpoint.remove_stale_temporaries(self.output_dir)
         (self.output_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(to_dict(cfg))))
+        self.sink = MetricsSink(self.output_dir, append=self.resume_state is not None)
+
+    def _wire(self) -> None:
+        """Channel and actors around the built engines (cheap; on the loop)."""
+        cfg = self.cfg
         self.rollouter: Rollouter
         self.channel: VersionedChannel[Sample] = VersionedChannel(
             cfg.async_training.max_queue_size,
@@ -135,20 +183,22 @@ class Supervisor:
         self._validating = bool(cfg.trainer.test_freq and self.task.val)
         if cfg.trainer.test_freq and not self.task.val:
             log.warning("validation_off", reason="no held-out prompts (all too long for data.max_prompt_length?)")
-        self.sink = MetricsSink(self.output_dir, append=self.resume_state is not None)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Supervisor:
-        self._build()
-        self._started_at = time.monotonic()
-        self._outer = anyio.create_task_group()
-        await self._outer.__aenter__()
-        try:
-            await self._outer.start(self._main)
-        except BaseException as exc:
-            await self._close_outer(type(exc), exc, exc.__traceback__)
-            raise
+        quiet_unless_configured()
+        with loop_gc.quiet_start_up():  # no full collection stalls the loop during or after start-up
+            await self._build()
+            self._started_at = time.monotonic()
+            self._outer = anyio.create_task_group()
+            await self._outer.__aenter__()
+            try:
+                await self._outer.start(self._main)
+            except BaseException as exc:
+                await self._close_outer(type(exc), exc, exc.__traceback__)
+                raise
+        self._gc_quieted = True
         return self
 
     async def __aexit__(
@@ -168,6 +218,9 @@ class Supervisor:
             raise first_failure(group) from None
         finally:
             self.sink.close()
+            if self._gc_quieted:
+                self._gc_quieted = False
+                loop_gc.run_ended()
 
     async def _main(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """Start engines and actors; finish when the trainer does; close engines on every path."""
@@ -255,7 +308,7 @@ class Supervisor:
     async def _restore(self, state: checkpoint.RunState) -> None:
         """Put every piece back as the checkpoint holds it, then serve the trainer's weights."""
         assert self.resume_from is not None
-        await self.engines.trainer.load_state(str(self.resume_from / "engine"))
+        await self.engines.trainer.load_state(str(self.resume_from / checkpoint.ENGINE_DIR))
         self.trainer.state = state.trainer
         self.rollouter.counters = state.rollout
         self.rollouter.replay(state.in_flight)
@@ -287,7 +340,9 @@ class Supervisor:
         try:
             with anyio.fail_after(limit):
                 async with self.trainer.weights_lock:
-                    await self.engines.trainer.save_state(str(tmp / "engine"))
+                    await self.engines.trainer.save_state(str(tmp / checkpoint.ENGINE_DIR))
+                    if isinstance(self.engines.trainer, ModelExporter):  # every engine with a real model
+                        await self.engines.trainer.save_model(str(tmp / checkpoint.MODEL_DIR))
                 # fsync and rename off the event loop: seconds for a real model
                 await anyio.to_thread.run_sync(
                     checkpoint.commit, self.output_dir, tmp, encoded, step, self.cfg.trainer.keep_checkpoints

@@ -13,7 +13,6 @@
 # PYTHON          interpreter (default: python3)
 set -euo pipefail
 
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python3}"
 if [[ -z "${NUM_GPUS:-}" ]]; then
     NUM_GPUS="$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)"
@@ -38,9 +37,11 @@ results="$(ls -td benchmark_results_*/ 2>/dev/null | head -n 1)"
 if [[ "$NUM_GPUS" -gt 0 ]]; then
     sections="gen,ipc,train,async"
     if [[ "$NUM_GPUS" -ge 2 ]]; then sections="gen,ipc,train,nccl,fsdp2,async"; fi
-    echo "run_benchmark.sh: GPU sections ($sections) with benchmarks/gpu_bench.py" >&2
-    "$PYTHON" "$here/gpu_bench.py" --sections "$sections" --out "${results:-.}/gpu_bench.json" \
-        2>&1 | tee "${results:-.}/gpu_bench.log" || status=$?
+    echo "run_benchmark.sh: GPU sections ($sections) with python -m asyncpolicy bench gpu" >&2
+    gpu_out="${results:-benchmark_results_gpu}"
+    mkdir -p "$gpu_out"
+    "$PYTHON" -m asyncpolicy bench gpu --sections "$sections" --out-dir "$gpu_out" \
+        2>&1 | tee "$gpu_out/gpu_bench.log" || status=$?
 else
     echo "run_benchmark.sh: no GPU (NUM_GPUS=0): the GPU sections (vLLM generation, weight sync, FSDP2 training) are skipped" >&2
     if [[ -n "$results" ]]; then

@@ -14,37 +14,43 @@ import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import anyio
 import structlog
 
-try:
-    from asyncpolicy.bench import channel, learning, overlap, responsiveness, sweep
-except ModuleNotFoundError as missing:  # the plots need the `bench` extra
-    if missing.name != "matplotlib":
-        raise
-    print("asyncpolicy bench: matplotlib is missing: pip install -e '.[bench]'", file=sys.stderr)
-    raise SystemExit(2) from None
 from asyncpolicy.bench.common import (
     BenchContext,
     SuiteResult,
     configure_bench_logging,
     detect_machine,
     git_revision,
+    new_results_dir,
 )
 from asyncpolicy.bench.report import BenchRun, now_iso, write_report
 from asyncpolicy.config import load_config
 
 log = structlog.get_logger("asyncpolicy.bench")
 
-SUITES: dict[str, tuple[str, Callable[[BenchContext], Awaitable[SuiteResult]]]] = {
-    "sweep": ("Seed sweep", sweep.run),
-    "overlap": ("Overlap efficiency", overlap.run),
-    "channel": ("Channel overhead", channel.run),
-    "responsiveness": ("Event-loop responsiveness", responsiveness.run),
-    "learning": ("CPU learning speed", learning.run),
-}
+SUITES = ("sweep", "overlap", "channel", "responsiveness", "learning")
+Suite = Callable[[BenchContext], Awaitable[SuiteResult]]
+
+
+def _load_suites() -> dict[str, tuple[str, Suite]]:
+    """The CPU suites; imported here, not at module level, so `bench gpu` needs no matplotlib."""
+    try:
+        from asyncpolicy.bench import channel, learning, overlap, responsiveness, sweep
+    except ModuleNotFoundError as missing:  # the plots need the `bench` extra
+        if missing.name != "matplotlib":
+            raise
+        print("asyncpolicy bench: matplotlib is missing: pip install -e '.[bench]'", file=sys.stderr)
+        raise SystemExit(2) from None
+    return {
+        "sweep": ("Seed sweep", sweep.run),
+        "overlap": ("Overlap efficiency", overlap.run),
+        "channel": ("Channel overhead", channel.run),
+        "responsiveness": ("Event-loop responsiveness", responsiveness.run),
+        "learning": ("CPU learning speed", learning.run),
+    }
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -54,7 +60,7 @@ def _parse(argv: list[str]) -> tuple[list[str], bool, list[str]]:
         prog="python -m asyncpolicy bench",
         description="Run benchmark suites and write benchmark_results_<time>/ in the current directory. "
         f"Suites: {', '.join(SUITES)} (default: all). key=value words are config overrides passed to every run. "
-        "`bench gpu [--sections ...]` runs the GPU experiments instead (benchmarks/gpu_bench.py --help).",
+        "`bench gpu [--sections ...]` runs the GPU experiments instead (`bench gpu --help`).",
     )
     p.add_argument("words", nargs="*", metavar="SUITE|key=value")
     p.add_argument("--quick", action="store_true", help="small sizes: all suites in under 3 minutes on 2 cores")
@@ -67,21 +73,11 @@ def _parse(argv: list[str]) -> tuple[list[str], bool, list[str]]:
     return suites or list(SUITES), args.quick, overrides
 
 
-def _results_dir() -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path.cwd() / f"benchmark_results_{stamp}"
-    n = 1
-    while out.exists():
-        n += 1
-        out = Path.cwd() / f"benchmark_results_{stamp}-{n}"
-    out.mkdir(parents=True)
-    return out
-
-
 async def _run_suites(ctx: BenchContext, names: list[str]) -> list[SuiteResult]:
+    suites = _load_suites()
     results = []
     for name in names:
-        title, fn = SUITES[name]
+        title, fn = suites[name]
         log.info("bench_suite_start", suite=name, quick=ctx.quick)
         started = time.monotonic()
         try:
@@ -95,33 +91,15 @@ async def _run_suites(ctx: BenchContext, names: list[str]) -> list[SuiteResult]:
     return results
 
 
-def _gpu_bench(argv: list[str]) -> int:
-    """`bench gpu [options]`: the GPU experiment script (vLLM + FSDP2), run as it is on a GPU machine."""
-    import runpy
-
-    import torch
-
-    if not torch.cuda.is_available():
-        print("asyncpolicy bench gpu: needs a CUDA GPU (and vllm); none on this machine", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_bench.py"
-    if not script.exists():
-        print(f"asyncpolicy bench gpu: {script} not found: run it from a source checkout", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    sys.argv = [str(script), *argv]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as done:
-        return int(done.code or 0)
-    return EXIT_OK
-
-
 def bench_main(argv: list[str]) -> int:
     """Entry point of `python -m asyncpolicy bench`; returns the exit code."""
     argv = [a for a in argv if a != "--"]  # `bench -- --quick` gets options past the top-level parser
-    if argv[:1] == ["gpu"]:
-        return _gpu_bench(argv[1:])
+    if argv[:1] == ["gpu"]:  # vLLM + FSDP2 experiments: their own options, no matplotlib needed
+        from asyncpolicy.bench.gpu import gpu_main
+
+        return gpu_main(argv[1:])
     names, quick, overrides = _parse(argv)
+    _load_suites()  # a missing matplotlib stops here (exit 2), before a results directory is made
     load_config(None, overrides)  # bad overrides fail now (ConfigError, exit 2), not after minutes of runs
     previous = structlog.get_config()
     configure_bench_logging(None)
@@ -132,7 +110,7 @@ def bench_main(argv: list[str]) -> int:
 
 
 def _bench(names: list[str], quick: bool, overrides: list[str], argv: list[str]) -> int:
-    out = _results_dir()
+    out = new_results_dir()
     typed = sys.argv[1:] if sys.argv[1:2] == ["bench"] else ["bench", *argv]  # as typed, when run from the CLI
     command = shlex.join(["python", "-m", "asyncpolicy", *typed])
     machine = detect_machine()

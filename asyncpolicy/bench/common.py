@@ -27,13 +27,14 @@ import structlog
 
 from asyncpolicy.config import Config, load_config
 from asyncpolicy.engines.protocols import EngineSet
-from asyncpolicy.logging import _TeeJSON
+from asyncpolicy.logging import JsonEvents
 from asyncpolicy.metrics import rss_bytes
 from asyncpolicy.supervisor import RunResult, Supervisor
 
 log = structlog.get_logger("asyncpolicy.bench")
 
 SIMULATED = ("rollout.engine=simulated", "trainer.engine=simulated")
+WARMUP = 2  # steady-state figures leave out the first steps (pipeline fill, first weight sync)
 
 
 # -- records ---------------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def configure_bench_logging(file: IO[bytes] | None) -> None:
     """Every info event to `file` (a scenario log) as JSON; the console gets bench events only."""
     processors: list[Any] = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)]
     if file is not None:
-        processors.append(_TeeJSON(file))
+        processors.append(JsonEvents(file))
     processors += [_console_filter, structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(
         processors=processors,
@@ -308,6 +309,35 @@ def summarise(
         finished=result.finished,
         rows=rows,
     )
+
+
+def steady_step_s(run: ScenarioRun) -> float:
+    """Seconds per step after the warm-up steps (pipeline fill excluded)."""
+    rows = run.rows
+    return (rows[-1]["elapsed_s"] - rows[WARMUP - 1]["elapsed_s"]) / (len(rows) - WARMUP)
+
+
+def step_waits_s(run: ScenarioRun) -> list[float]:
+    """The trainer's wait before each step after warm-up (idle ratio × elapsed is its cumulative wait)."""
+    waited = [r["trainer_idle_ratio"] * r["elapsed_s"] for r in run.rows]
+    return [b - a for a, b in zip(waited[WARMUP - 1 :], waited[WARMUP:], strict=False)]
+
+
+def steady_wait_s(run: ScenarioRun) -> float:
+    """Mean trainer wait per step after warm-up; in the synchronous schedule, the batch generation time."""
+    return statistics.fmean(step_waits_s(run))
+
+
+def new_results_dir(prefix: str = "benchmark_results") -> Path:
+    """`<prefix>_<time>/` in the current directory, never one that exists already."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path.cwd() / f"{prefix}_{stamp}"
+    n = 1
+    while out.exists():
+        n += 1
+        out = Path.cwd() / f"{prefix}_{stamp}-{n}"
+    out.mkdir(parents=True)
+    return out
 
 
 def percentile(xs: list[float], q: float) -> float:

@@ -10,8 +10,10 @@ one process, so they see the same machine load.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
 from asyncpolicy.bench.common import (
@@ -20,10 +22,9 @@ from asyncpolicy.bench.common import (
     ScenarioRun,
     SuiteResult,
     Table,
+    read_metrics,
     run_supervised,
 )
-from asyncpolicy.bench.plots import new_figure, save
-from asyncpolicy.bench.responsiveness import default_engines_available
 from asyncpolicy.supervisor import Supervisor
 
 log = structlog.get_logger("asyncpolicy.bench.learning")
@@ -47,7 +48,44 @@ def time_to_threshold(rows: list[dict[str, Any]], threshold: float = THRESHOLD) 
     return None
 
 
+def tenth_means(rows: list[dict[str, Any]], key: str = "reward_mean") -> tuple[float, float]:
+    """Mean of `key` over the first and the last tenth of the steps (at least one step each)."""
+    if not rows:
+        raise ValueError("no metric rows: the run trained no step")
+    k = max(1, len(rows) // 10)
+    first = sum(r[key] for r in rows[:k]) / k
+    last = sum(r[key] for r in rows[-k:]) / k
+    return first, last
+
+
+class RewardRise(msgspec.Struct, frozen=True, kw_only=True):
+    """Did a run learn: its training reward's first tenth against its last."""
+
+    steps: int
+    first: float
+    last: float
+    factor: float  # required: last >= factor × first
+
+    @property
+    def learned(self) -> bool:
+        return self.last >= self.factor * self.first and self.last > self.first
+
+    def describe(self) -> str:
+        ratio = f"{self.last / self.first:.1f}x" if self.first > 0 else "from 0"
+        verdict = "learned" if self.learned else f"did NOT learn (needs last >= {self.factor:g} x first)"
+        return f"reward_mean first tenth {self.first:.3f} -> last tenth {self.last:.3f} ({ratio}) over {self.steps} steps: {verdict}"
+
+
+def reward_rise(run_dir: str | Path, factor: float = 2.0) -> RewardRise:
+    """The reward rise of the run whose `metrics.jsonl` is in `run_dir` (the GPU e2e script's learning check)."""
+    rows = read_metrics(Path(run_dir))
+    first, last = tenth_means(rows)
+    return RewardRise(steps=len(rows), first=first, last=last, factor=factor)
+
+
 async def run(ctx: BenchContext) -> SuiteResult:
+    from asyncpolicy.bench.responsiveness import default_engines_available  # its plots need matplotlib
+
     res = SuiteResult(suite="learning", title="CPU learning speed")
     missing = default_engines_available()
     if missing:
@@ -109,6 +147,8 @@ def _result(ctx: BenchContext, res: SuiteResult, runs: dict[int, ScenarioRun], s
 
 
 def _plot(ctx: BenchContext, runs: dict[int, ScenarioRun]) -> str:
+    from asyncpolicy.bench.plots import new_figure, save  # matplotlib: only the suite needs it
+
     fig, axes = new_figure(1, 1, width=7.0)
     ax = axes[0][0]
     for s, r in runs.items():

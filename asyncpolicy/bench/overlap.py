@@ -24,6 +24,7 @@ import structlog
 
 from asyncpolicy.bench.common import (
     SIMULATED,
+    WARMUP,
     BenchContext,
     Figure,
     ScenarioRun,
@@ -31,6 +32,9 @@ from asyncpolicy.bench.common import (
     Table,
     check,
     run_supervised,
+    steady_step_s,
+    steady_wait_s,
+    step_waits_s,
 )
 from asyncpolicy.bench.plots import new_figure, save
 
@@ -48,29 +52,11 @@ BASE = (
     "async_training.max_queue_size=128",
 )
 ASYNC_STALENESS = (1, 2)
-WARMUP = 2
 TARGET = 0.95
 
 
 def _sizes(ctx: BenchContext) -> dict[str, int]:
     return {"steps": 14, "reps": 1, "calib_steps": 14} if ctx.quick else {"steps": 40, "reps": 2, "calib_steps": 30}
-
-
-def steady_step_s(run: ScenarioRun) -> float:
-    """Seconds per step after the warm-up steps (pipeline fill excluded)."""
-    rows = run.rows
-    return (rows[-1]["elapsed_s"] - rows[WARMUP - 1]["elapsed_s"]) / (len(rows) - WARMUP)
-
-
-def step_waits_s(run: ScenarioRun) -> list[float]:
-    """The trainer's wait before each step after warm-up (idle ratio × elapsed is its cumulative wait)."""
-    waited = [r["trainer_idle_ratio"] * r["elapsed_s"] for r in run.rows]
-    return [b - a for a, b in zip(waited[WARMUP - 1 :], waited[WARMUP:], strict=False)]
-
-
-def steady_wait_s(run: ScenarioRun) -> float:
-    """Mean trainer wait per step after warm-up; in the synchronous schedule, the batch generation time."""
-    return statistics.fmean(step_waits_s(run))
 
 
 async def _sync_then_async(ctx: BenchContext, steps: int, t_train: float, rep: int) -> dict[int, ScenarioRun]:

@@ -2,7 +2,8 @@
 
 A host task beats every `HEARTBEAT_S` in the same loop as the Supervisor's actors (the embedding
 case: a web server or agent framework running asyncpolicy inside its own loop). Lag = how late
-each beat wakes up. A baseline with the loop otherwise idle is measured first, side by side.
+each beat wakes up, from before the Supervisor starts (imports, model, engines) to the end of
+training. A baseline with the loop otherwise idle is measured first, side by side.
 Engines are the default CPU path (HF generation + torch trainer, tiny sizes); if that path is
 not available in this checkout, the simulated engines are used and the report says so.
 """
@@ -61,20 +62,40 @@ async def run(ctx: BenchContext) -> SuiteResult:
             await heartbeat(baseline)
         write_log_record(logf, "bench_heartbeat", {"beats": len(baseline), "p99_ms": percentile(baseline, 99) * 1e3})
 
+    # One heartbeat from before the Supervisor starts to the end: its start-up (imports, model,
+    # tokenizer, engines) shares the host's loop too. Beats go to `startup` until the run is up.
+    startup: list[float] = []
     lags: list[float] = []
+    phase = [startup]
 
-    async def host(sup: Supervisor) -> None:
-        await heartbeat(lags)
+    async def beat_by_phase() -> None:
+        while True:
+            t = time.perf_counter()
+            await anyio.sleep(HEARTBEAT_S)
+            phase[0].append(time.perf_counter() - t - HEARTBEAT_S)
+
+    async def host(sup: Supervisor) -> None:  # called once the Supervisor has started
+        phase[0] = lags
+        await anyio.sleep_forever()
 
     cfg = ctx.config([*engine_words, f"trainer.total_training_steps={steps}"], name="responsiveness_training")
     engines = f"rollout.engine={cfg.rollout.engine} trainer.engine={cfg.trainer.engine}"
-    run_ = await run_supervised(ctx, "responsiveness_training", cfg, host=host, settings={"heartbeat_s": HEARTBEAT_S, "engines": engines})
+    async with anyio.create_task_group() as beats:
+        beats.start_soon(beat_by_phase)
+        run_ = await run_supervised(
+            ctx, "responsiveness_training", cfg, host=host, settings={"heartbeat_s": HEARTBEAT_S, "engines": engines}
+        )
+        beats.cancel_scope.cancel()
 
     res = SuiteResult(suite="responsiveness", title="Event-loop responsiveness")
     if missing:
         res.notes.append(f"Measured with simulated engines: {missing}.")
     rows = []
-    for name, xs in (("idle loop (baseline)", baseline), (f"during training ({engines})", lags)):
+    for name, xs in (
+        ("idle loop (baseline)", baseline),
+        (f"during start-up ({engines})", startup),
+        (f"during training ({engines})", lags),
+    ):
         rows.append([name, len(xs), percentile(xs, 50) * 1e3, percentile(xs, 99) * 1e3, max(xs, default=float("nan")) * 1e3])
     res.tables.append(
         Table(
@@ -97,17 +118,30 @@ async def run(ctx: BenchContext) -> SuiteResult:
         )
     )
     res.figures.append(Figure(suite="responsiveness", name="heartbeat lag p50 during training", value=percentile(lags, 50) * 1e3, unit="ms"))
-    res.plots.append(_plot(ctx, baseline, lags))
+    startup_max = max(startup, default=0.0) * 1e3
+    res.figures.append(
+        Figure(
+            suite="responsiveness",
+            name="heartbeat lag max during start-up",
+            value=startup_max,
+            unit="ms",
+            target=f"< {TARGET_P99_MS:g}",
+            met=check(startup_max, "<", TARGET_P99_MS),
+            note=engines + " (a fresh process measures imports too; a warm one does not)",
+        )
+    )
+    res.plots.append(_plot(ctx, baseline, lags, startup))
     return res
 
 
-def _plot(ctx: BenchContext, baseline: list[float], lags: list[float]) -> str:
+def _plot(ctx: BenchContext, baseline: list[float], lags: list[float], startup: list[float]) -> str:
     fig, axes = new_figure(1, 1)
     ax = axes[0][0]
-    top = max([*baseline, *lags, 1e-4]) * 1e3
+    top = max([*baseline, *lags, *startup, 1e-4]) * 1e3
     bins = [top * i / 50 for i in range(51)]
     ax.hist([x * 1e3 for x in baseline], bins=bins, alpha=0.6, label="idle loop")
     ax.hist([x * 1e3 for x in lags], bins=bins, alpha=0.6, label="during training")
+    ax.hist([x * 1e3 for x in startup], bins=bins, alpha=0.6, label="during start-up")
     ax.axvline(TARGET_P99_MS, color="red", linestyle="--", label=f"p99 target {TARGET_P99_MS:g} ms")
     ax.set_yscale("log")
     ax.set_xlabel("heartbeat lag (ms)")

@@ -4,10 +4,18 @@ The engine is the executor: it sends one typed command to every rank and waits f
 rank's `Reply`, each wait bounded by `timeout_s`. A worker that dies (its pipe closes) or stops
 answering fails the call with `RunFailed`/`EngineTimeout` naming the rank — never a hang, never
 a silent success. After any failure the engine refuses further work.
+
+A cancelled wait is not a failure: the replies of the interrupted command are collected into
+its `_Replies` record and drained before the next command is sent (a SIGINT during a weight
+sync still gets its stop checkpoint). The workers ignore the terminal's SIGINT/SIGTERM
+(`child_procs`): the supervisor stops them, in order, after its stop checkpoint.
 """
 
 from __future__ import annotations
 
+import multiprocessing.connection
+import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -18,14 +26,27 @@ import msgspec
 import structlog
 
 from asyncpolicy.engines import fsdp_worker as w
+from asyncpolicy.engines.child_procs import children_shielded
 from asyncpolicy.errors import EngineTimeout, RunFailed
 from asyncpolicy.samples import Sample
 
 log = structlog.get_logger("asyncpolicy.fsdp")
 
+POLL_S = 0.5  # how soon a collector whose caller was cancelled lets go of the pipes
+
 
 class WorkerDied(RunFailed):
     """A trainer worker process exited or raised."""
+
+
+class _Replies:
+    """The replies to one command, stored as they arrive, so a cancelled wait loses none of them."""
+
+    def __init__(self, what: str, ranks: int, deadline: float) -> None:
+        self.what = what
+        self.deadline = deadline
+        self.replies: list[w.Reply | None] = [None] * ranks
+        self.reader = threading.Lock()  # one collecting thread at a time reads the pipes
 
 
 class FSDPTrainEngine:
@@ -39,6 +60,7 @@ class FSDPTrainEngine:
         self._procs: list[Any] = []
         self._conns: list[Any] = []
         self._broken: str = ""
+        self._pending: _Replies | None = None  # an interrupted command's replies, drained before the next
         self._lock = anyio.Lock()
         self.n_params = 0
         self.meta: list[tuple[str, list[int], int, int]] = []
@@ -53,59 +75,85 @@ class FSDPTrainEngine:
 
         ctx = mp.get_context("spawn")
         port = w.free_port()
-        for rank, gpu in enumerate(self.gpus):
-            init = msgspec.structs.replace(self.base, rank=rank, world_size=len(self.gpus), gpu=gpu, master_port=port)
-            parent, child = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=w.worker_main, args=(w.encode(init), child), name=f"fsdp-rank{rank}", daemon=True)
-            proc.start()
-            child.close()
-            self._procs.append(proc)
-            self._conns.append(parent)
+        with children_shielded():  # the ranks never see the terminal's SIGINT/SIGTERM
+            for rank, gpu in enumerate(self.gpus):
+                init = msgspec.structs.replace(self.base, rank=rank, world_size=len(self.gpus), gpu=gpu, master_port=port)
+                parent, child = ctx.Pipe(duplex=True)
+                proc = ctx.Process(target=w.worker_main, args=(w.encode(init), child), name=f"fsdp-rank{rank}", daemon=True)
+                proc.start()
+                child.close()
+                self._procs.append(proc)
+                self._conns.append(parent)
         t0 = time.perf_counter()
-        replies = await self._gather(self.start_timeout_s, "start")
+        pending = _Replies("start", self.world_size, time.monotonic() + self.start_timeout_s)
+        replies = await self._await(pending, pending.deadline)
         self.n_params = int(replies[0].value)
         log.info("fsdp_started", ranks=self.world_size, gpus=self.gpus, params_M=round(self.n_params / 1e6, 1), start_s=round(time.perf_counter() - t0, 1))
 
-    def _recv(self, rank: int, deadline: float) -> w.Reply:
-        conn, proc = self._conns[rank], self._procs[rank]
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise EngineTimeout(f"FSDP worker rank {rank} did not answer within its timeout")
-            try:
-                if conn.poll(min(left, 1.0)):
-                    return w.reply_decoder.decode(conn.recv_bytes())
-            except (EOFError, OSError):
-                proc.join(5)
-                raise WorkerDied(f"FSDP worker rank {rank} died (exit code {proc.exitcode})") from None
-            if not proc.is_alive():
-                raise WorkerDied(f"FSDP worker rank {rank} died (exit code {proc.exitcode})")
+    def _died(self, rank: int) -> WorkerDied:
+        proc = self._procs[rank]
+        proc.join(5)
+        return WorkerDied(f"FSDP worker rank {rank} died (exit code {proc.exitcode})")
 
-    async def _gather(self, timeout: float, what: str) -> list[w.Reply]:
-        deadline = time.monotonic() + timeout
-        replies: list[w.Reply | None] = [None] * self.world_size
+    def _collect(self, pending: _Replies, deadline: float, cancelled: threading.Event) -> None:
+        """Read replies into `pending` until every rank answered (worker thread).
 
-        async def one(rank: int) -> None:
-            replies[rank] = await anyio.to_thread.run_sync(self._recv, rank, deadline, abandon_on_cancel=True)
+        Raises on a failed reply, a dead rank or the deadline; returns early once `cancelled`
+        is set, having stored whatever arrived (the next collector continues from there).
+        """
+        with pending.reader:
+            while True:
+                bad = next((r for r in pending.replies if r is not None and not r.ok), None)
+                if bad is not None:
+                    raise WorkerDied(f"FSDP worker rank {bad.rank} failed during {pending.what}:\n{bad.error}")
+                missing = [rank for rank, r in enumerate(pending.replies) if r is None]
+                if not missing or cancelled.is_set():
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EngineTimeout(f"FSDP worker rank {missing[0]} did not answer {pending.what} within its timeout")
+                conns = {self._conns[rank]: rank for rank in missing}
+                sentinels = {self._procs[rank].sentinel: rank for rank in missing}
+                ready = multiprocessing.connection.wait([*conns, *sentinels], timeout=min(left, POLL_S))
+                for obj in ready:
+                    if obj in conns:
+                        rank = conns[obj]
+                        try:
+                            pending.replies[rank] = w.reply_decoder.decode(self._conns[rank].recv_bytes())
+                        except (EOFError, OSError):
+                            raise self._died(rank) from None
+                for obj in ready:
+                    if obj in sentinels:  # exited: dead unless its last reply is still in the pipe
+                        rank = sentinels[obj]
+                        if pending.replies[rank] is None and not self._conns[rank].poll():
+                            raise self._died(rank)
 
+    async def _await(self, pending: _Replies, deadline: float) -> list[w.Reply]:
+        """Every rank's reply to `pending`'s command; a cancelled wait leaves it to be drained."""
+        cancelled = threading.Event()
         try:
-            async with anyio.create_task_group() as tg:
-                for rank in range(self.world_size):
-                    tg.start_soon(one, rank)
-        except BaseException as e:
-            self._broken = f"{what} failed: {e!r}"
+            await anyio.to_thread.run_sync(self._collect, pending, deadline, cancelled, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()  # its thread lets go of the pipes within POLL_S; replies stay in `pending`
+            self._pending = pending
+            log.info("fsdp_command_interrupted", command=pending.what, note="its replies are drained before the next command")
             raise
-        bad = [r for r in replies if r is not None and not r.ok]
-        if bad:
-            self._broken = f"{what} failed on rank {bad[0].rank}"
-            raise WorkerDied(f"FSDP worker rank {bad[0].rank} failed during {what}:\n{bad[0].error}")
-        return [r for r in replies if r is not None]
+        except BaseException as e:
+            self._broken = f"{pending.what} failed: {e!r}"
+            raise
+        self._pending = None
+        return [r for r in pending.replies if r is not None]
 
     async def call(self, cmd: Any, timeout: float | None = None) -> list[w.Reply]:
         """Send `cmd` to every rank; every rank's reply, or an error naming the failed rank."""
         if self._broken:
             raise RunFailed(f"FSDP trainer is unusable after an earlier failure ({self._broken})")
+        limit = timeout or self.timeout_s
         async with self._lock:  # one command in flight: replies stay in order
+            if self._pending is not None:
+                interrupted = self._pending
+                await self._await(interrupted, min(interrupted.deadline, time.monotonic() + limit))
+                log.info("fsdp_command_drained", command=interrupted.what)
             blob = w.encode(cmd)
             for rank, conn in enumerate(self._conns):
                 try:
@@ -113,7 +161,8 @@ class FSDPTrainEngine:
                 except (BrokenPipeError, OSError):
                     self._broken = f"rank {rank} pipe closed"
                     raise WorkerDied(f"FSDP worker rank {rank} died (exit code {self._procs[rank].exitcode})") from None
-            return await self._gather(timeout or self.timeout_s, type(cmd).__name__)
+            pending = _Replies(type(cmd).__name__, self.world_size, time.monotonic() + limit)
+            return await self._await(pending, pending.deadline)
 
     async def train_step(self, batch: list[Sample], version: int) -> dict[str, float]:
         replies = await self.call(w.Train(batch=batch, version=version))
@@ -128,15 +177,25 @@ class FSDPTrainEngine:
 
     async def save_state(self, directory: str) -> None:
         """Sharded checkpoint of weights, optimizer and schedule (each rank writes its own shards)."""
-        import os
-
         os.makedirs(directory, exist_ok=True)
         await self.call(w.SaveState(directory=os.path.abspath(directory)))
 
     async def load_state(self, directory: str) -> None:
-        import os
-
         await self.call(w.LoadState(directory=os.path.abspath(directory)))
+
+    async def save_model(self, directory: str) -> None:
+        """The full model as a Hugging Face directory (safetensors, config, tokenizer), written by rank 0."""
+        os.makedirs(directory, exist_ok=True)
+        await self.call(w.SaveModel(directory=os.path.abspath(directory)))
+
+    async def full_state_dict(self) -> dict[str, Any]:
+        """Full tensors on the CPU, Hugging Face names (CPU weight sync to the hf engine)."""
+        import io
+
+        import torch
+
+        blob = (await self.call(w.FullState()))[0].blob
+        return torch.load(io.BytesIO(blob), weights_only=True)
 
     async def checksum(self) -> float:
         return (await self.call(w.Checksum()))[0].value
@@ -150,12 +209,12 @@ class FSDPTrainEngine:
                     await self.call(w.Stop(), timeout=30)
                 except Exception as e:  # still tear the processes down below
                     log.warning("fsdp_stop_failed", error=repr(e))
+            for conn in self._conns:
+                conn.close()  # a rank waiting for its next command reads EOF and exits
             for proc in self._procs:
                 await anyio.to_thread.run_sync(proc.join, 10)
                 if proc.is_alive():
-                    proc.terminate()
+                    proc.kill()  # the workers ignore SIGTERM; they stop by command, EOF, or not at all
                     await anyio.to_thread.run_sync(proc.join, 5)
-            for conn in self._conns:
-                conn.close()
         self._procs, self._conns = [], []
 

@@ -86,11 +86,23 @@ class LoadState(msgspec.Struct, tag="load_state", kw_only=True):
     directory: str
 
 
+class SaveModel(msgspec.Struct, tag="save_model", kw_only=True):
+    """Rank 0 writes the full model as a Hugging Face directory (all ranks help gather it)."""
+
+    directory: str
+
+
+class FullState(msgspec.Struct, tag="full_state"):
+    """Rank 0 answers with the full state dict (torch.save bytes, CPU tensors, HF names)."""
+
+
 class Stop(msgspec.Struct, tag="stop"):
     pass
 
 
-Command = Train | Pack | IpcHandle | NcclInit | NcclSend | NcclBench | Checksum | SaveState | LoadState | Stop
+Command = (
+    Train | Pack | IpcHandle | NcclInit | NcclSend | NcclBench | Checksum | SaveState | LoadState | SaveModel | FullState | Stop
+)
 
 
 class Reply(msgspec.Struct, kw_only=True):
@@ -322,6 +334,33 @@ class _Policy:
         self.steps = int(meta["steps"])
         self.sched.load_state_dict(meta["scheduler"])
 
+    def full_state_dict(self) -> dict[str, Any]:
+        """Full CPU tensors under Hugging Face names on rank 0 ({} elsewhere); every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix("model."): v for k, v in sd.items()}  # the wrapper holds the HF model as .model
+
+    def save_model(self, directory: str) -> None:
+        """safetensors + config + generation config + tokenizer: what transformers and vLLM load."""
+        sd = self.full_state_dict()
+        if self.init.rank == 0:
+            from transformers import AutoTokenizer
+
+            self.module.model.save_pretrained(directory, state_dict=sd, safe_serialization=True)
+            AutoTokenizer.from_pretrained(self.init.model_path).save_pretrained(directory)
+        self.dist.barrier()
+
+    def full_state_blob(self) -> bytes:
+        import io
+
+        sd = self.full_state_dict()
+        if self.init.rank != 0:
+            return b""
+        buf = io.BytesIO()
+        self.torch.save(sd, buf)
+        return buf.getvalue()
+
     def checksum(self) -> float:
         params = dict(self.module.model.named_parameters())
         total = 0.0
@@ -335,7 +374,14 @@ class _Policy:
 
 def worker_main(init_blob: bytes, conn: Any) -> None:
     """Entry point of a spawned worker process."""
+    from asyncpolicy.engines.child_procs import exit_with_parent, ignore_terminal_signals
+
+    ignore_terminal_signals()  # the terminal's Ctrl-C is the supervisor's to handle: it stops us by command
     init = msgspec.msgpack.decode(init_blob, type=WorkerInit)
+    exit_with_parent(f"fsdp worker rank {init.rank}")  # a kill -9'd supervisor takes its ranks along
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file bars would drown the run's own progress line
     if init.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(init.gpu)  # before CUDA is touched in this process
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -350,6 +396,8 @@ def worker_main(init_blob: bytes, conn: Any) -> None:
             cmd = _cmd_decoder.decode(conn.recv_bytes())
         except EOFError:  # the engine is gone: nothing left to do
             return
+        if init.rank == 0:
+            _debug_hold(cmd)
         try:
             reply = _handle(policy, cmd, init.rank)
         except Exception:
@@ -358,6 +406,24 @@ def worker_main(init_blob: bytes, conn: Any) -> None:
         if isinstance(cmd, Stop):
             policy.dist.destroy_process_group()
             return
+
+
+DEBUG_HOLD_ENV = "ASYNCPOLICY_DEBUG_HOLD"
+
+
+def _debug_hold(cmd: Any) -> None:
+    """Tests: with ASYNCPOLICY_DEBUG_HOLD=TAG=DIR, hold a TAG command (e.g. `train`, `full_state`)
+    until DIR/TAG.release exists, after creating DIR/TAG.reached — a signal can then be sent while
+    the command is known to be in progress. Bounded: at most 300 s."""
+    spec = os.environ.get(DEBUG_HOLD_ENV, "")
+    tag, _, directory = spec.partition("=")
+    if not directory or type(cmd).__struct_config__.tag != tag:
+        return
+    open(os.path.join(directory, f"{tag}.reached"), "w").close()
+    release = os.path.join(directory, f"{tag}.release")
+    deadline = time.monotonic() + 300
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _handle(policy: _Policy, cmd: Any, rank: int) -> Reply:
@@ -385,6 +451,11 @@ def _handle(policy: _Policy, cmd: Any, rank: int) -> Reply:
     if isinstance(cmd, LoadState):
         policy.load_state(cmd.directory)
         return Reply(rank=rank, ok=True)
+    if isinstance(cmd, SaveModel):
+        policy.save_model(cmd.directory)
+        return Reply(rank=rank, ok=True)
+    if isinstance(cmd, FullState):
+        return Reply(rank=rank, ok=True, blob=policy.full_state_blob())
     if isinstance(cmd, Stop):
         return Reply(rank=rank, ok=True)
     raise TypeError(f"unknown command {type(cmd).__name__}")

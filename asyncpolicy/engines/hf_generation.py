@@ -162,10 +162,14 @@ class HFGenerationEngine:
 
     async def load_state_dict_from(self, source_model: Any, version: int) -> None:
         """Copy another in-process model's weights into ours (no disk) and become `version`."""
+        await self.load_weights(source_model.state_dict(), version)
+
+    async def load_weights(self, state_dict: dict[str, Any], version: int) -> None:
+        """Load full weights (Hugging Face names) and become `version`; never under a running batch."""
 
         def copy() -> None:
             with torch.no_grad():
-                self._model.load_state_dict(source_model.state_dict())
+                self._model.load_state_dict(state_dict)
             self._version = version
 
         await anyio.to_thread.run_sync(copy, limiter=self._limiter)

@@ -117,6 +117,15 @@ class Checkpointable(Protocol):
     async def load_state(self, directory: str) -> None: ...
 
 
+@runtime_checkable
+class ModelExporter(Protocol):
+    """A trainer engine that can write its policy as a Hugging Face model directory."""
+
+    async def save_model(self, directory: str) -> None:
+        """safetensors weights + config.json + tokenizer files: `from_pretrained` and vLLM load it as it is."""
+        ...
+
+
 class EngineSet(msgspec.Struct, kw_only=True):
     """The engines of one run, built together because their transport joins them."""
 

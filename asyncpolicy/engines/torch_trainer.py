@@ -106,8 +106,7 @@ class TorchTrainEngine:
         assert self.optimizer is not None and self.scheduler is not None
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(d / MODEL_DIR)
-        self.tokenizer.save_pretrained(d / MODEL_DIR)
+        self._save_model(d / MODEL_DIR)
         torch.save(
             {
                 "optimizer": self.optimizer.state_dict(),
@@ -120,6 +119,14 @@ class TorchTrainEngine:
 
     async def load_state(self, directory: str) -> None:
         await anyio.to_thread.run_sync(self._load_state, directory, limiter=self.limiter)
+
+    async def save_model(self, directory: str) -> None:
+        """The model as a Hugging Face directory (safetensors, config, tokenizer) that transformers and vLLM load."""
+        await anyio.to_thread.run_sync(self._save_model, Path(directory), limiter=self.limiter)
+
+    def _save_model(self, directory: Path) -> None:
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
 
     def _load_state(self, directory: str) -> None:
         from asyncpolicy.models.tiny import load_model

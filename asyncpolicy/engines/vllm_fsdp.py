@@ -118,16 +118,23 @@ class _GatedTrainer(FSDPTrainEngine):
         await self.gate.run_start(super().start)
 
 
+def resolve_vllm_model(cfg: Config) -> str:
+    """`model.path` as a directory both vLLM and the trainer load, or a ConfigError naming the key.
+
+    `embedded` is the tiny built-in model, built once and saved in Hugging Face format (weights,
+    config, tokenizer), so vLLM gets its directory like any other. A directory may hold only a
+    config and a tokenizer: the weights are then random (vLLM starts with dummy ones and receives
+    the trainer's at version 0).
+    """
+    from asyncpolicy.models.tiny import resolve_model_path
+
+    return resolve_model_path(cfg)
+
+
 def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
     """The engines of a vLLM + FSDP2 run (not started). Raises ConfigError for what cannot work."""
     import_vllm()
-    path = cfg.model.path
-    if path == "embedded" or not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(
-            f"config key 'model.path': {path!r} is not a Hugging Face model directory (config.json); "
-            "rollout.engine=vllm needs one (it may hold only config + tokenizer: weights are then random)",
-            key="model.path",
-        )
+    path = resolve_vllm_model(cfg)
     if cfg.rollout.top_p < 1.0:
         # vLLM's processed logprobs are renormalised over the nucleus; the trainer's are not
         log.warning("top_p_logprob_mismatch", top_p=cfg.rollout.top_p,
@@ -158,7 +165,7 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
             rpc_timeout_s=cfg.async_training.sync_timeout,
         )
     )
-    base = w.WorkerInit(model_path=path, config=cfg)
+    base = worker_init(cfg, path)
     trainer = _GatedTrainer(base, [_physical(g) for g in trainer_gpus], timeout_s=cfg.trainer.worker_timeout_s)
     transport = IPCTransport(gen, trainer) if cfg.rollout.colocate else NCCLTransport(gen, trainer)
     gate.transport = transport
@@ -172,6 +179,11 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
         dummy_weights=dummy,
     )
     return EngineSet(generation=gen, trainer=trainer, transport=transport, tokenizer=tokenizer)
+
+
+def worker_init(cfg: Config, model_path: str) -> w.WorkerInit:
+    """What every FSDP rank is started with (rank, world size, GPU and port are filled in per rank)."""
+    return w.WorkerInit(model_path=model_path, config=cfg)
 
 
 def _physical(index: int) -> int:

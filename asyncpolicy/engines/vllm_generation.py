@@ -9,7 +9,16 @@ Invariants the actors rely on:
 * `abort_all` makes every running `generate` return its tokens so far with finish_reason "abort";
   a later `generate` with those tokens continues the response (partial rollout).
 
-vllm is an optional extra, imported only in `start`.
+vllm is an optional extra, imported only in `start`, in a worker thread like the engine's construction.
+
+Signals: the engine core must not die from the terminal's Ctrl-C (SIGINT to the whole process
+group) — the supervisor stops it, after its stop checkpoint. vLLM's engine core installs its own
+SIGINT/SIGTERM handlers, so an inherited SIG_IGN would not hold; `start` builds AsyncLLM inside
+`children_shielded(ignore=False)` (in the building thread: a signal mask is per thread), and the
+engine core, forked by vLLM (its default while this process has not touched CUDA, which it never
+does), inherits SIGINT/SIGTERM blocked. Limits: with `VLLM_WORKER_MULTIPROC_METHOD=spawn` the
+child starts unblocked (not shielded); and vLLM's own shutdown, which sends SIGTERM, ends the
+engine core with SIGKILL of its process tree after its 5 s grace period.
 """
 
 from __future__ import annotations
@@ -22,9 +31,11 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import msgspec
 import structlog
 
+from asyncpolicy.engines.child_procs import children_shielded
 from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
 from asyncpolicy.errors import ConfigError, EngineTimeout
 
@@ -66,6 +77,13 @@ def import_vllm() -> Any:
             key="rollout.engine",
         ) from None
     return vllm
+
+
+def _import_async_llm() -> tuple[Any, Any]:
+    vllm = import_vllm()
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return vllm, AsyncLLM
 
 
 @contextlib.contextmanager
@@ -118,8 +136,8 @@ class VLLMGenerationEngine:
         self._version = version
 
     async def start(self) -> None:
-        vllm = import_vllm()
-        from vllm.v1.engine.async_llm import AsyncLLM
+        # importing vllm takes seconds; it only fills sys.modules, so a cancel may abandon it
+        vllm, AsyncLLM = await anyio.to_thread.run_sync(_import_async_llm, abandon_on_cancel=True)
 
         s = self.settings
         args = vllm.AsyncEngineArgs(
@@ -139,10 +157,31 @@ class VLLMGenerationEngine:
             worker_extension_cls=WORKER_EXTENSION,
         )
         t0 = time.perf_counter()
-        # AsyncLLM must be built on the event loop thread (it starts its output handler there);
-        # this blocks the loop for the engine's start (tens of seconds), which happens once.
-        with visible_devices(s.gpus):
-            self._llm = AsyncLLM.from_engine_args(args)
+        built: list[Any] = []
+
+        def build() -> None:
+            # Shielded: the engine core it forks never sees the terminal's SIGINT/SIGTERM (module notes).
+            with visible_devices(s.gpus), children_shielded(ignore=False):
+                built.append(AsyncLLM.from_engine_args(args))
+
+        # Built in a worker thread: the engine's start (tens of seconds: config, engine-core process,
+        # model load) must not freeze the host's loop. AsyncLLM supports this: built outside a
+        # running loop, it defers its output handler to the first request. The thread is never
+        # abandoned (it would leave an engine core nobody owns); a cancel waits for it, then shuts
+        # the engine down.
+        try:
+            await anyio.to_thread.run_sync(build)
+        except BaseException:
+            if built:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(built[0].shutdown)
+            raise
+        self._llm = built[0]
+        # Start the output handler now, on the loop thread, as AsyncLLM does when built inside a
+        # running loop: an engine-core failure before the first request is then seen at once.
+        start_output_handler = getattr(self._llm, "_run_output_handler", None)
+        if start_output_handler is not None:
+            start_output_handler()
         self.start_s = time.perf_counter() - t0
         self._abort = anyio.Event()
         self.incarnation += 1

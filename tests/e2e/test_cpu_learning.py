@@ -13,6 +13,7 @@ import anyio
 import msgspec
 import pytest
 
+from asyncpolicy.bench.learning import tenth_means
 from asyncpolicy.config import load_config
 from asyncpolicy.supervisor import Supervisor
 
@@ -25,13 +26,6 @@ THRESHOLD = 2
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def tenth_means(rows: list[dict], key: str) -> tuple[float, float]:
-    k = max(1, len(rows) // 10)
-    first = sum(r[key] for r in rows[:k]) / k
-    last = sum(r[key] for r in rows[-k:]) / k
-    return first, last
 
 
 async def test_async_cpu_run_learns_within_the_staleness_bound(tmp_path: Path) -> None:

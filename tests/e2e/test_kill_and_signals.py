@@ -123,11 +123,10 @@ def test_signal_stops_gracefully_with_a_checkpoint(tmp_path: Path, sig: signal.S
     out = tmp_path / "run"
     proc = spawn(out, "trainer.total_training_steps=100000", "stop_timeout_s=20")
     wait_until(lambda: steps_written(out) >= 5)
-    sent = time.monotonic()
     proc.send_signal(sig)
-    proc.wait(timeout=30)
+    proc.wait(timeout=60)  # a hang guard; promptness is the checkpoint below, not a wall-clock figure
     assert proc.returncode == code, console(out)
-    assert time.monotonic() - sent < 20
+    assert "did not stop within" not in console(out)  # stopped gracefully, not by the stop_timeout_s exit
     state = checkpoint.load_state(latest_checkpoint(out))
     assert state.reason == "stop"
     assert state.trainer.step == steps_written(out)
@@ -147,10 +146,9 @@ def test_second_sigint_exits_at_once(tmp_path: Path) -> None:
     wait_until(lambda: steps_written(out) >= 3)
     proc.send_signal(signal.SIGINT)
     wait_until(lambda: writing_checkpoint(out), timeout=20)
-    sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=20)
+    proc.wait(timeout=25)  # a hang guard, shorter than the 30 s write it must not wait for
     assert proc.returncode == 130, console(out)
-    assert time.monotonic() - sent < 5
     assert "second SIGINT" in console(out)
-    assert checkpoint.latest_checkpoint(out) is None  # the interrupted write never looks complete
+    # it did not wait for the write (which would have completed it), and the cut write never looks complete
+    assert checkpoint.latest_checkpoint(out) is None

@@ -61,7 +61,7 @@ def test_pause_resume_probe_sees_no_generation_while_paused(tmp_path: Path) -> N
     out = anyio.run(lambda: _pause_resume(ctx, TINY, 3))
     assert len(out["pause_s"]) == 3 and len(out["resume_s"]) == 3
     assert out["started_while_paused"] == 0 and out["running_after_pause"] == 0
-    assert all(0 <= x < 5 for x in out["pause_s"] + out["resume_s"])
+    assert all(math.isfinite(x) and x >= 0 for x in out["pause_s"] + out["resume_s"])  # their size is a benchmark figure
 
 
 def test_cli_writes_the_results_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,8 +72,9 @@ def test_cli_writes_the_results_directory(tmp_path: Path, monkeypatch: pytest.Mo
     assert {"performance_report.md", "summary.txt", "results.json", "responsiveness.png"} <= names
     assert {"responsiveness_baseline.log", "responsiveness_training.log"} <= names
     run = msgspec.json.decode((out / "results.json").read_bytes(), type=BenchRun)
-    (fig,) = [f for f in run.suites[0].figures if f.target]
-    assert fig.value is not None and fig.value >= 0 and fig.met is not None
+    figs = {f.name: f for f in run.suites[0].figures if f.target}
+    assert set(figs) == {"heartbeat lag p99 during training", "heartbeat lag max during start-up"}
+    assert all(f.value is not None and f.value >= 0 and f.met is not None for f in figs.values())
     assert "command: python -m asyncpolicy bench responsiveness --quick" in (out / "summary.txt").read_text()
 
 
@@ -94,5 +95,29 @@ def test_quick_run_of_every_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     (out,) = tmp_path.glob("benchmark_results_*")
     run = msgspec.json.decode((out / "results.json").read_bytes(), type=BenchRun)
     assert [s.suite for s in run.suites] == ["sweep", "overlap", "channel", "responsiveness", "learning"]
-    assert not any(s.error for s in run.suites)
-    assert run.wall_s < 180
+    assert not any(s.error for s in run.suites)  # its wall time is a benchmark figure (RESULTS.md), not a test
+
+
+def _write_metrics(run_dir: Path, rewards: list[float]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = [msgspec.json.encode({"step": i + 1, "reward_mean": r}) for i, r in enumerate(rewards)]
+    (run_dir / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+
+
+def test_reward_rise_compares_the_first_and_last_tenth(tmp_path: Path) -> None:
+    from asyncpolicy.bench.learning import reward_rise, tenth_means
+
+    rewards = [0.1] * 10 + [0.5] * 80 + [0.3] * 10  # tenths: the first 10 and the last 10 of 100 steps
+    _write_metrics(tmp_path / "up", rewards)
+    rise = reward_rise(tmp_path / "up")
+    assert (rise.steps, rise.first, rise.last) == (100, pytest.approx(0.1), pytest.approx(0.3))
+    assert rise.learned and "3.0x" in rise.describe() and "learned" in rise.describe()
+    _write_metrics(tmp_path / "flat", [0.2] * 5 + [0.39] * 5)  # below 2x
+    flat = reward_rise(tmp_path / "flat")
+    assert not flat.learned and "did NOT learn" in flat.describe()
+    assert reward_rise(tmp_path / "flat", factor=1.5).learned  # 0.39 >= 1.5 × 0.2
+    _write_metrics(tmp_path / "zero", [0.0] * 10)  # 0 → 0 is no rise, even though 0 >= 2 × 0
+    assert not reward_rise(tmp_path / "zero").learned
+    assert tenth_means([{"r": 1.0}, {"r": 3.0}], "r") == (1.0, 3.0)  # fewer than 10 rows: one row each
+    with pytest.raises(ValueError, match="no metric rows"):
+        reward_rise(tmp_path / "missing")

@@ -47,6 +47,25 @@ def test_stop_token_ids_from_model_dir(tmp_path) -> None:
     assert stop_token_ids(str(tmp_path)) == [5, 7]
 
 
+def test_vllm_engine_takes_the_embedded_model_from_its_saved_directory(tmp_path) -> None:
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from asyncpolicy.engines.vllm_fsdp import has_weights, resolve_vllm_model
+
+    gpu_keys = ["rollout.engine=vllm", "trainer.engine=fsdp"]
+    path = resolve_vllm_model(load_config(overrides=[*gpu_keys, "model.path=embedded"]))
+    # a Hugging Face directory with weights: vLLM loads them (no dummy weights), EOS as the tokenizer's
+    assert Path(path, "config.json").is_file() and has_weights(path)
+    assert AutoConfig.from_pretrained(path).eos_token_id in stop_token_ids(path)
+    with pytest.raises(ConfigError, match="'model.path'.*is not a directory"):
+        resolve_vllm_model(load_config(overrides=[*gpu_keys, f"model.path={tmp_path / 'absent'}"]))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="'model.path': no tokenizer file"):
+        resolve_vllm_model(load_config(overrides=[*gpu_keys, f"model.path={tmp_path}"]))
+
+
 def test_missing_vllm_is_a_config_error() -> None:
     try:
         import vllm  # noqa: F401
@@ -70,6 +89,7 @@ class FakeLLM:
 
     def __init__(self) -> None:
         self.aborted: set[str] = set()
+        self.emitted = 0  # tokens streamed so far, all requests
         self.prompts: list[dict] = []
         self.paused = False
 
@@ -91,6 +111,7 @@ class FakeLLM:
                     yield _Out(toks, True, "abort")
                     return
                 toks.append(100 + i)
+                self.emitted += 1
                 yield _Out(toks, i == n_tokens - 1, "length" if i == n_tokens - 1 else None)
 
         return stream()
@@ -110,6 +131,14 @@ def _engine() -> VLLMGenerationEngine:
     eng._abort = anyio.Event()
     eng._ready.set()
     return eng
+
+
+async def tokens_streamed(eng: VLLMGenerationEngine, n: int) -> None:
+    """Wait until the fake has streamed `n` more tokens: a point in the stream, not a point in time."""
+    target = eng.llm.emitted + n
+    with anyio.fail_after(10):
+        while eng.llm.emitted < target:
+            await anyio.sleep(0.001)
 
 
 @pytest.mark.anyio
@@ -189,7 +218,7 @@ async def test_generate_labels_versions_and_abort_returns_partial() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
-        await anyio.sleep(0.2)
+        await tokens_streamed(eng, 3)
         await eng.abort_all()
     part = results[0]
     assert part.finish_reason == "abort" and 0 < len(part.response_tokens) < 500
@@ -214,7 +243,7 @@ async def test_tokens_observed_after_a_version_change_carry_the_new_version() ->
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
-        await anyio.sleep(0.15)
+        await tokens_streamed(eng, 5)
         eng.set_version(1)
     res = results[0]
     assert res.finish_reason == "length" and len(res.token_versions) == 40

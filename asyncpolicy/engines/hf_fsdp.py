@@ -1,0 +1,49 @@
+"""The GPU trainer on a machine without GPUs: HF generation + FSDP2 ranks over gloo + a CPU weight copy.
+
+Selected by `rollout.engine=hf trainer.engine=fsdp trainer.n_gpus_per_node=0`. The trainer is the
+one GPU runs use — the same worker processes, commands, signal handling, stop order, checkpoints
+and export — on one CPU rank, so `python -m asyncpolicy run` exercises that path where tests run.
+Weights reach the generation model as full CPU tensors gathered by rank 0 (no NCCL, no CUDA IPC).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asyncpolicy.config import Config
+from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
+from asyncpolicy.engines.hf_generation import HFGenerationEngine
+from asyncpolicy.engines.protocols import EngineSet
+from asyncpolicy.engines.vllm_fsdp import worker_init
+from asyncpolicy.models.tiny import load_tokenizer, resolve_model_path
+
+
+class FullStateTransport:
+    """`WeightTransport` from FSDP ranks to an in-process HF model: gather on rank 0, copy in."""
+
+    def __init__(self, trainer: FSDPTrainEngine, generation: HFGenerationEngine) -> None:
+        self.trainer = trainer
+        self.generation = generation
+        self._staged: tuple[int, dict[str, Any]] | None = None
+
+    async def stage(self, version: int) -> None:
+        """Gather the full weights while generation goes on (the trainer waits for the sync: they stay current)."""
+        self._staged = (version, await self.trainer.full_state_dict())
+
+    async def push(self, version: int) -> None:
+        if self._staged is None or self._staged[0] != version:
+            await self.stage(version)
+        assert self._staged is not None
+        state, self._staged = self._staged[1], None
+        await self.generation.load_weights(state, version)
+
+
+def build_hf_fsdp_engines(cfg: Config) -> EngineSet:
+    """The engines (not started) of a CPU run with the FSDP trainer: one gloo rank."""
+    path = resolve_model_path(cfg)
+    tokenizer = load_tokenizer(path)
+    generation = HFGenerationEngine(path, cfg.model.dtype, threads=cfg.trainer.threads)
+    trainer = FSDPTrainEngine(worker_init(cfg, path), [None], timeout_s=cfg.trainer.worker_timeout_s)
+    return EngineSet(
+        generation=generation, trainer=trainer, transport=FullStateTransport(trainer, generation), tokenizer=tokenizer
+    )

@@ -1,0 +1,100 @@
+"""`bench gpu` on the CPU: every section runs through the same code as on GPUs, with the simulated
+generation engine (plus vLLM's transport-facing methods) and the FSDP2 trainer over gloo, so an
+arity or name error anywhere in the GPU bench fails here. No timing is asserted: only that every
+row exists with finite numbers and that the weights really moved."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import anyio
+import pytest
+
+from asyncpolicy.bench import gpu
+from asyncpolicy.bench.cli import bench_main
+from asyncpolicy.bench.common import BenchContext, Machine
+
+MACHINE = Machine(cores=2, cpu_model="Test CPU", gpu="none", python="3.11", torch="2.x", os="Linux")
+
+
+def _run_all(tmp_path: Path) -> gpu.GPUBenchResult:
+    model = gpu.make_model_dir(str(tmp_path / "model"), gpu.TINY_QWEN, tokenizer=False)
+    settings = gpu.cpu_settings(model)
+    ctx = BenchContext(tmp_path / "out", quick=True, overrides=[], machine=MACHINE, command="pytest")
+    ctx.out_dir.mkdir()
+
+    async def main() -> gpu.GPUBenchResult:
+        with anyio.fail_after(300):
+            async with gpu.CPUPlumbing(settings) as engines:
+                return await gpu.run_sections(engines, settings, ctx)
+
+    return anyio.run(main, backend="asyncio")
+
+
+def test_every_section_runs_on_cpu_and_fills_its_rows(tmp_path: Path) -> None:
+    res = _run_all(tmp_path)
+    assert res.errors == {}, "\n".join(res.errors.values())
+    assert list(res.sections) == list(gpu.SECTION_NAMES)
+    rows = gpu.table_rows(res)
+    assert sorted({r.section for r in rows}) == sorted(gpu.SECTION_NAMES)
+    assert [r.section for r in rows].count("nccl") == 2  # the link and the sync
+    for row in rows:
+        assert row.values and all(math.isfinite(v) for v in row.values.values()), row
+    table = gpu.format_table(res)
+    assert table.count("\n| ") == len(rows) + 1 and "FAILED" not in table
+
+    s = res.sections
+    assert s["gen"]["logprobs_ok"] and "abort" in s["gen"]["abort_reasons"]
+    assert s["gen"]["continued_len"] > s["gen"]["continued_from"]  # a partial response was continued
+    for k in ("ipc", "nccl"):  # the packed buffer, loaded by its meta, holds the trainer's weights
+        assert s[k]["checksum_match"] and s[k]["bytes_GB"] > 0
+        assert s[k]["post_sync_versions"] == [s[k]["engine_version"]]
+    assert s["fsdp2"]["ranks"] == 2 and s["train"]["ranks"] == 1 and s["train"]["loss_finite"]
+    a = s["async"]
+    assert a["gen_s"] > 0 and a["train_s"] > 0 and a["ideal_speedup"] >= 1
+    assert a["async_age_max"] <= a["staleness"]
+    for staleness in (0, a["staleness"]):  # both supervised runs went through the Supervisor and wrote their logs
+        assert (tmp_path / "out" / f"gpu_async_staleness_{staleness}.log").exists()
+
+
+def test_a_failing_section_is_recorded_not_raised(tmp_path: Path) -> None:
+    model = gpu.make_model_dir(str(tmp_path / "model"), gpu.TINY_QWEN, tokenizer=False)
+    settings = gpu.cpu_settings(model, ["gen"])
+    settings.gen_prompts = 0  # nothing generated: the throughput ratio divides by zero inside the section
+    ctx = BenchContext(tmp_path, quick=True, overrides=[], machine=MACHINE, command="pytest")
+
+    async def main() -> gpu.GPUBenchResult:
+        async with gpu.CPUPlumbing(settings) as engines:
+            return await gpu.run_sections(engines, settings, ctx)
+
+    res = anyio.run(main, backend="asyncio")
+    assert list(res.errors) == ["gen"] and "ZeroDivisionError" in res.errors["gen"] and res.sections == {}
+    assert gpu.table_rows(res) == [] and "FAILED sections: gen" in gpu.format_table(res)
+
+
+def test_make_model_writes_a_loadable_directory(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert bench_main(["gpu", "--make-model", str(tmp_path)]) == 0
+    cfg = AutoConfig.from_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert cfg.num_hidden_layers == 24 and cfg.eos_token_id == tok.eos_token_id
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
+
+
+def test_bench_gpu_without_cuda_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    assert bench_main(["gpu", "--sections", "gen"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_bench_gpu_unknown_section_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_main(["gpu", "--sections", "gen,warp"]) == 2
+    assert "unknown section(s) warp" in capsys.readouterr().err
