@@ -614,7 +614,7 @@ async def _train_figures(e: BenchEngines, trainer: FSDPTrainEngine, s: GPUBenchS
     best = max(ms[1:] or ms, key=lambda m: m["perf/train_tokens_per_s"])  # the first step pays one-time costs
     return {
         "ranks": trainer.world_size, "sequences": s.train_groups * s.train_n, "seq_len": s.train_prompt_len + s.train_len,
-        "tokens_per_s": best["perf/train_tokens_per_s"], "step_s": [m["perf/train_step_s"] for m in ms], "mfu": best["perf/mfu"],
+        "tokens_per_s": best["perf/train_tokens_per_s"], "step_s": [m["perf/train_step_s"] for m in ms], "mfu": best.get("perf/mfu", 0.0),  # CUDA only
         "peak_mem_GiB": best.get("perf/gpu_mem_peak_GB", 0.0), "loss_finite": all(math.isfinite(m["losses/loss"]) for m in ms),
     }
 
