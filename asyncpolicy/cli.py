@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("--config", metavar="FILE", help="show the values resolved from this file")
     cfg.add_argument("--markdown", action="store_true", help="print the reference as a Markdown table (docs/config.md)")
     cfg.add_argument("overrides", nargs="*", metavar="key=value")
+    node = sub.add_parser(
+        "trainer-node",
+        help="start the FSDP ranks of node 1..N-1 of a multi-node trainer (node 0 is `run`)",
+        description="Start this machine's FSDP trainer ranks for a run whose node 0 is `python -m asyncpolicy run`. "
+        "Give it the run's config and overrides plus trainer.node_rank=N (docs/scaling.md).",
+    )
+    node.add_argument("--config", metavar="FILE", help="YAML or TOML config file (the run's)")
+    node.add_argument("overrides", nargs="*", metavar="key=value")
     sub.add_parser("bench", help="run benchmark suites and write benchmark_results_<time>/ (bench --help)", add_help=False)
     export = sub.add_parser(
         "export",
@@ -118,6 +126,12 @@ def _run(args: argparse.Namespace) -> int:
     from asyncpolicy.supervisor import output_path
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.trainer.node_rank != 0:
+        raise ConfigError(
+            f"config key 'trainer.node_rank': `run` is node 0 (the supervisor); node {cfg.trainer.node_rank} "
+            "runs `python -m asyncpolicy trainer-node`",
+            key="trainer.node_rank",
+        )
     if not cfg.output_dir:  # pin the generated name so every part of the run agrees on it
         cfg = msgspec.structs.replace(cfg, output_dir=str(output_path(cfg)))
     events = JsonEvents()  # held until the inputs are checked and the run's directory exists
@@ -134,6 +148,16 @@ def _run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return outcome.exit_code
+
+
+def _trainer_node(args: argparse.Namespace) -> int:
+    from asyncpolicy.engines.trainer_node import check_node_config, run_trainer_node
+    from asyncpolicy.logging import configure_logging
+
+    cfg = load_config(args.config, args.overrides)
+    check_node_config(cfg)
+    configure_logging(cfg.log_level)
+    return run_trainer_node(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             return _print_config(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "trainer-node":
+            return _trainer_node(args)
         return _run(args)
     except ConfigError as e:
         print(f"asyncpolicy: error: {e}", file=sys.stderr)

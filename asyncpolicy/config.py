@@ -123,6 +123,18 @@ class TrainerConfig(_Section):
     worker_timeout_s: Annotated[
         float, _doc("fsdp: seconds a trainer worker may take to answer one command before the run fails (finite)", gt=0)
     ] = 900.0
+    nnodes: Annotated[
+        int, _doc("fsdp: machines the trainer's ranks span; node 0 runs the supervisor, nodes 1.. run `asyncpolicy trainer-node`", ge=1)
+    ] = 1
+    node_rank: Annotated[
+        int, _doc("fsdp: this machine's node index: 0 for `run`, 1..nnodes-1 for each `trainer-node`", ge=0)
+    ] = 0
+    master_addr: Annotated[
+        str, _doc("fsdp: address of node 0 that every node's ranks can reach (the rendezvous and the command relay)")
+    ] = "127.0.0.1"
+    master_port: Annotated[
+        int, _doc("fsdp: TCP port of the rendezvous on master_addr; 0 = a free one (one node only)", ge=0, le=65535)
+    ] = 0
     simulated: Annotated[SimulatedTrainerConfig, _doc("simulated engine settings")] = msgspec.field(
         default_factory=SimulatedTrainerConfig
     )
@@ -422,6 +434,7 @@ def check_consistency(cfg: Config) -> None:
             "on GPUs use rollout.engine=vllm",
             key="trainer.n_gpus_per_node",
         )
+    _check_nodes(cfg)
     at = cfg.async_training
     if at.max_queue_size < cfg.data.train_batch_size:
         raise ConfigError(
@@ -441,6 +454,27 @@ def check_consistency(cfg: Config) -> None:
             f"config key 'async_training.require_batches': {at.require_batches} does not divide "
             f"data.train_batch_size={cfg.data.train_batch_size}",
             key="async_training.require_batches",
+        )
+
+
+def _check_nodes(cfg: Config) -> None:
+    """A multi-node trainer needs the FSDP engine and a rendezvous address every node agrees on."""
+    t = cfg.trainer
+    if t.node_rank >= t.nnodes:
+        raise ConfigError(
+            f"config key 'trainer.node_rank': {t.node_rank} is not below trainer.nnodes={t.nnodes}", key="trainer.node_rank"
+        )
+    if t.nnodes == 1:
+        return
+    if t.engine != "fsdp":
+        raise ConfigError(
+            f"config key 'trainer.nnodes': {t.nnodes} nodes need trainer.engine=fsdp (got {t.engine!r})", key="trainer.nnodes"
+        )
+    if t.master_port == 0:
+        raise ConfigError(
+            f"config key 'trainer.master_port': trainer.nnodes={t.nnodes} needs a fixed port that every node is given "
+            "(0 picks a free one on node 0 alone)",
+            key="trainer.master_port",
         )
 
 

@@ -9,15 +9,22 @@ A cancelled wait is not a failure: the replies of the interrupted command are co
 its `_Replies` record and drained before the next command is sent (a SIGINT during a weight
 sync still gets its stop checkpoint). The workers ignore the terminal's SIGINT/SIGTERM
 (`child_procs`): the supervisor stops them, in order, after its stop checkpoint.
+
+With `trainer.nnodes` > 1 the engine still starts and reads only node 0's ranks; global rank 0
+relays every command to the ranks of the other nodes (started by `python -m asyncpolicy
+trainer-node`) and returns their replies inside its own, so a failure there names its rank and
+node like a local one (fsdp_worker's `_Relay`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.connection
 import os
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -45,16 +52,23 @@ class _Replies:
     def __init__(self, what: str, ranks: int, deadline: float) -> None:
         self.what = what
         self.deadline = deadline
-        self.replies: list[w.Reply | None] = [None] * ranks
+        self.replies: list[w.Reply | None] = [None] * ranks  # every node's ranks; rank 0's reply brings the remote ones
         self.reader = threading.Lock()  # one collecting thread at a time reads the pipes
+
+    def store(self, reply: w.Reply) -> None:
+        for relayed in reply.relayed:
+            self.replies[relayed.rank] = relayed
+        self.replies[reply.rank] = msgspec.structs.replace(reply, relayed=[])
 
 
 class FSDPTrainEngine:
-    """`len(gpus)` ranks of data-parallel FSDP2 training; gpus=[None] trains on CPU over gloo (tests)."""
+    """`len(gpus)` ranks of data-parallel FSDP2 training on each of `trainer.nnodes` nodes; gpus=[None]
+    trains on CPU over gloo (tests). The engine starts node 0's ranks, on this machine."""
 
     def __init__(self, base: w.WorkerInit, gpus: Sequence[int | None], timeout_s: float = 600.0, start_timeout_s: float = 900.0) -> None:
         self.base = base
-        self.gpus = list(gpus)
+        self.gpus = list(gpus)  # this node's
+        self.nnodes = base.config.trainer.nnodes
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
         self._procs: list[Any] = []
@@ -68,16 +82,19 @@ class FSDPTrainEngine:
 
     @property
     def world_size(self) -> int:
-        return len(self.gpus)
+        return len(self.gpus) * self.nnodes
+
+    def _where(self, rank: int) -> str:
+        return f"rank {rank}" if self.nnodes == 1 else f"rank {rank} (node {rank // len(self.gpus)})"
 
     async def start(self) -> None:
         import torch.multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        port = w.free_port()
+        port = self.base.config.trainer.master_port or w.free_port()
         with children_shielded():  # the ranks never see the terminal's SIGINT/SIGTERM
             for rank, gpu in enumerate(self.gpus):
-                init = msgspec.structs.replace(self.base, rank=rank, world_size=len(self.gpus), gpu=gpu, master_port=port)
+                init = w.rank_init(self.base, rank, gpu, len(self.gpus), port)
                 parent, child = ctx.Pipe(duplex=True)
                 proc = ctx.Process(target=w.worker_main, args=(w.encode(init), child), name=f"fsdp-rank{rank}", daemon=True)
                 proc.start()
@@ -105,13 +122,15 @@ class FSDPTrainEngine:
             while True:
                 bad = next((r for r in pending.replies if r is not None and not r.ok), None)
                 if bad is not None:
-                    raise WorkerDied(f"FSDP worker rank {bad.rank} failed during {pending.what}:\n{bad.error}")
-                missing = [rank for rank, r in enumerate(pending.replies) if r is None]
+                    raise WorkerDied(f"FSDP worker {self._where(bad.rank)} failed during {pending.what}:\n{bad.error}")
+                # this node's ranks; the other nodes' replies come inside rank 0's
+                missing = [rank for rank in range(len(self._conns)) if pending.replies[rank] is None]
                 if not missing or cancelled.is_set():
                     return
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise EngineTimeout(f"FSDP worker rank {missing[0]} did not answer {pending.what} within its timeout")
+                    relaying = f" (it relays the ranks of nodes 1..{self.nnodes - 1})" if missing[0] == 0 and self.nnodes > 1 else ""
+                    raise EngineTimeout(f"FSDP worker rank {missing[0]}{relaying} did not answer {pending.what} within its timeout")
                 conns = {self._conns[rank]: rank for rank in missing}
                 sentinels = {self._procs[rank].sentinel: rank for rank in missing}
                 ready = multiprocessing.connection.wait([*conns, *sentinels], timeout=min(left, POLL_S))
@@ -119,7 +138,7 @@ class FSDPTrainEngine:
                     if obj in conns:
                         rank = conns[obj]
                         try:
-                            pending.replies[rank] = w.reply_decoder.decode(self._conns[rank].recv_bytes())
+                            pending.store(w.reply_decoder.decode(self._conns[rank].recv_bytes()))
                         except (EOFError, OSError):
                             raise self._died(rank) from None
                 for obj in ready:
@@ -142,7 +161,11 @@ class FSDPTrainEngine:
             self._broken = f"{pending.what} failed: {e!r}"
             raise
         self._pending = None
-        return [r for r in pending.replies if r is not None]
+        replies = [r for r in pending.replies if r is not None]
+        if len(replies) != self.world_size:  # rank 0 answered without relaying every other node's rank
+            self._broken = f"{pending.what}: {len(replies)} of {self.world_size} replies"
+            raise WorkerDied(f"FSDP trainer: {len(replies)} of {self.world_size} ranks answered {pending.what}")
+        return replies
 
     async def call(self, cmd: Any, timeout: float | None = None) -> list[w.Reply]:
         """Send `cmd` to every rank; every rank's reply, or an error naming the failed rank."""
@@ -176,12 +199,33 @@ class FSDPTrainEngine:
         return self.meta
 
     async def save_state(self, directory: str) -> None:
-        """Sharded checkpoint of weights, optimizer and schedule (each rank writes its own shards)."""
+        """Sharded checkpoint of weights, optimizer and schedule (each rank writes its own shards;
+        several nodes must share the directory's filesystem: checked first, see `_shared_check`)."""
         os.makedirs(directory, exist_ok=True)
-        await self.call(w.SaveState(directory=os.path.abspath(directory)))
+        path = os.path.abspath(directory)
+        with self._shared_check(path) as token:
+            await self.call(w.SaveState(directory=path, shared_check=token))
 
     async def load_state(self, directory: str) -> None:
-        await self.call(w.LoadState(directory=os.path.abspath(directory)))
+        path = os.path.abspath(directory)
+        with self._shared_check(path) as token:
+            await self.call(w.LoadState(directory=path, shared_check=token))
+
+    @contextlib.contextmanager
+    def _shared_check(self, directory: str) -> Iterator[str]:
+        """Several nodes: a token in `directory` that every rank must read back before DCP touches it."""
+        if self.nnodes == 1:
+            yield ""
+            return
+        token = uuid.uuid4().hex
+        marker = os.path.join(directory, w.SHARED_CHECK_FILE)
+        with open(marker, "w") as f:
+            f.write(token)
+        try:
+            yield token
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(marker)
 
     async def save_model(self, directory: str) -> None:
         """The full model as a Hugging Face directory (safetensors, config, tokenizer), written by rank 0."""

@@ -7,6 +7,11 @@ commands from a pipe and answers each with one `Reply`; every rank gets every co
 collectives (FSDP all-gathers, the optimizer step, gathering full weights) line up. On CPU
 (tests) it runs the same code over gloo.
 
+Several nodes (`trainer.nnodes`): node 0's ranks are the supervisor's children and read its pipes;
+the ranks of nodes 1.. are started by `python -m asyncpolicy trainer-node` and have no pipe.
+Global rank 0 relays each command to them over a gloo group and returns their replies inside its
+own (`_Relay`); while idle it pings them, so their wait for the next command can be bounded.
+
 A training step is `torch_policy.StepRunner.run`, the CPU trainer's own: collation, loss,
 updates and metrics are shared. What is FSDP's alone lives here (`_ShardedStep`): rows dealt to
 ranks with the same number of micro-batches on each, the global grad norm of DTensors, and one
@@ -16,10 +21,12 @@ gradient accumulation is exact across micro-batches and ranks.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import pickle
 import socket
+import sys
 import time
 import traceback
 from typing import Any
@@ -28,6 +35,7 @@ import msgspec
 
 from asyncpolicy.config import Config
 from asyncpolicy.engines.torch_policy import PolicyLogprobs, StepRunner, make_optimizer, make_scheduler
+from asyncpolicy.errors import RunFailed, first_line
 from asyncpolicy.samples import Sample
 
 # ---- messages ---------------------------------------------------------------------------------
@@ -38,10 +46,12 @@ class WorkerInit(msgspec.Struct, kw_only=True):
 
     model_path: str
     config: Config  # the run's; the trainer, algorithm, model and rollout.temperature sections apply
-    rank: int = 0  # rank, world_size, gpu and master_port are set per process by FSDPTrainEngine.start
-    world_size: int = 1
+    rank: int = 0  # global rank; rank, world_size, gpu and master_port are set per process by its starter
+    world_size: int = 1  # ranks on all nodes
     gpu: int | None = None  # physical GPU index; None = CPU (gloo), for tests
+    master_addr: str = "127.0.0.1"  # node 0's rendezvous (a TCPStore served by global rank 0)
     master_port: int = 0
+    nnodes: int = 1  # world_size // nnodes ranks on each node; node n holds ranks n*local .. (n+1)*local-1
     peak_flops: float = 989e12  # dense bf16 of one H100/H200 SXM, for MFU
 
 
@@ -80,10 +90,12 @@ class SaveState(msgspec.Struct, tag="save_state", kw_only=True):
     """Every rank writes its shards (torch.distributed.checkpoint) into `directory`."""
 
     directory: str
+    shared_check: str = ""  # several nodes: the token node 0 wrote to SHARED_CHECK_FILE there
 
 
 class LoadState(msgspec.Struct, tag="load_state", kw_only=True):
     directory: str
+    shared_check: str = ""
 
 
 class SaveModel(msgspec.Struct, tag="save_model", kw_only=True):
@@ -100,8 +112,13 @@ class Stop(msgspec.Struct, tag="stop"):
     pass
 
 
+class Ping(msgspec.Struct, tag="ping"):
+    """Rank 0 → the ranks of other nodes while the supervisor sends nothing: node 0 is alive (no reply)."""
+
+
 Command = (
-    Train | Pack | IpcHandle | NcclInit | NcclSend | NcclBench | Checksum | SaveState | LoadState | SaveModel | FullState | Stop
+    Train | Pack | IpcHandle | NcclInit | NcclSend | NcclBench | Checksum | SaveState | LoadState | SaveModel | FullState
+    | Stop | Ping
 )
 
 
@@ -113,6 +130,7 @@ class Reply(msgspec.Struct, kw_only=True):
     meta: list[tuple[str, list[int], int, int]] = []  # flat-buffer layout: (name, shape, offset, numel)
     blob: bytes = b""
     value: float = 0.0
+    relayed: list[Reply] = []  # global rank 0 only: the replies of the other nodes' ranks, in rank order
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -122,6 +140,17 @@ reply_decoder = msgspec.msgpack.Decoder(Reply)
 
 def encode(msg: Any) -> bytes:
     return _encoder.encode(msg)
+
+
+SHARED_CHECK_FILE = ".asyncpolicy-shared-check"
+
+
+def rank_init(base: WorkerInit, rank: int, gpu: int | None, local: int, port: int) -> WorkerInit:
+    """What global rank `rank` starts with: `local` ranks on each of trainer.nnodes nodes."""
+    t = base.config.trainer
+    return msgspec.structs.replace(
+        base, rank=rank, world_size=local * t.nnodes, gpu=gpu, master_addr=t.master_addr, master_port=port, nnodes=t.nnodes
+    )
 
 
 def free_port() -> int:
@@ -177,14 +206,7 @@ class _Policy:
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(0)
-        dist.init_process_group(
-            backend="nccl" if cuda else "gloo",
-            init_method=f"tcp://127.0.0.1:{init.master_port}",
-            rank=init.rank,
-            world_size=init.world_size,
-            device_id=self.device if cuda else None,
-        )
-        self.dist = dist
+        self.dist = dist  # the process group is joined before (join_process_group)
         mesh = init_device_mesh(self.device.type, (init.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
         model = self._load_model()
@@ -372,40 +394,242 @@ class _Policy:
         return total
 
 
-def worker_main(init_blob: bytes, conn: Any) -> None:
-    """Entry point of a spawned worker process."""
+# ---- process group, relay and command loop --------------------------------------------------------
+
+
+def _node_of(init: WorkerInit, rank: int) -> int:
+    return rank // (init.world_size // init.nnodes)
+
+
+def join_process_group(init: WorkerInit) -> Any:
+    """Join the ranks of every node (NCCL on GPUs, gloo on CPU); the relay group when there are several nodes.
+
+    The rendezvous is a TCPStore served by global rank 0 at master_addr:master_port; each rank
+    signs in, so a node that never comes is named, after trainer.worker_timeout_s, instead of
+    leaving rank 0 in a rendezvous that only says how many came. That timeout also bounds every
+    collective of the groups made here.
+    """
+    import torch
+    import torch.distributed as dist
+
+    t = init.config.trainer
+    timeout = datetime.timedelta(seconds=t.worker_timeout_s)
+    where = f"{init.master_addr}:{init.master_port}"
+    try:
+        store = dist.TCPStore(
+            init.master_addr, init.master_port, init.world_size, is_master=init.rank == 0, timeout=timeout, wait_for_workers=False
+        )
+    except dist.DistError as e:
+        raise RunFailed(
+            f"trainer node {_node_of(init, init.rank)} (rank {init.rank}) could not reach node 0's rendezvous at {where} "
+            f"within trainer.worker_timeout_s={t.worker_timeout_s:g}s: {first_line(e)}"
+        ) from None
+    store.set(f"joined/{init.rank}", socket.gethostname())
+    if init.rank == 0:
+        try:
+            store.wait([f"joined/{r}" for r in range(init.world_size)], timeout)
+        except dist.DistError:
+            absent = [r for r in range(init.world_size) if not store.check([f"joined/{r}"])]
+            nodes = sorted({_node_of(init, r) for r in absent})
+            raise RunFailed(
+                f"trainer node(s) {', '.join(map(str, nodes))} (rank(s) {', '.join(map(str, absent))}) did not join the "
+                f"rendezvous at {where} within trainer.worker_timeout_s={t.worker_timeout_s:g}s; start "
+                "`python -m asyncpolicy trainer-node` with the run's config and trainer.node_rank=N on each of them"
+            ) from None
+    cuda = init.gpu is not None
+    dist.init_process_group(
+        backend="nccl" if cuda else "gloo",
+        store=store,
+        rank=init.rank,
+        world_size=init.world_size,
+        timeout=timeout,
+        device_id=torch.device("cuda", 0) if cuda else None,
+    )
+    if init.nnodes == 1:
+        return None
+    local = init.world_size // init.nnodes
+    group = dist.new_group([0, *range(local, init.world_size)], backend="gloo", timeout=timeout)  # every rank calls it
+    return group if init.rank == 0 or init.rank >= local else None  # node 0's other ranks only read their pipes
+
+
+class _Relay:
+    """Global rank 0 ↔ the ranks of nodes 1..: commands out, replies back, point to point over gloo.
+
+    Point to point, in rank order, so a failure names the rank it came from (gloo's broadcast
+    sends from the root to each rank anyway). Every wait is bounded by trainer.worker_timeout_s.
+    """
+
+    def __init__(self, group: Any, init: WorkerInit) -> None:
+        import torch
+        import torch.distributed as dist
+
+        self.torch, self.dist, self.group, self.init = torch, dist, group, init
+        self.timeout = datetime.timedelta(seconds=init.config.trainer.worker_timeout_s)
+        self.remote = list(range(init.world_size // init.nnodes, init.world_size))
+
+    def _where(self, rank: int) -> str:
+        return f"rank {rank} (node {_node_of(self.init, rank)})"
+
+    def _wait(self, work: Any, peer: int, what: str) -> None:
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as e:
+            raise RunFailed(f"{what} {self._where(peer)} failed: {first_line(e)}") from None
+
+    def _send(self, blob: bytes, peers: list[int]) -> None:
+        torch = self.torch
+        size = torch.tensor([len(blob)], dtype=torch.int64)
+        data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        works = [(self.dist.isend(t, dst=p, group=self.group), p) for p in peers for t in (size, data)]
+        for work, peer in works:
+            self._wait(work, peer, "sending to")
+
+    def _recv(self, peer: int) -> bytes:
+        torch = self.torch
+        size = torch.empty(1, dtype=torch.int64)
+        self._wait(self.dist.irecv(size, src=peer, group=self.group), peer, "receiving from")
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        self._wait(self.dist.irecv(data, src=peer, group=self.group), peer, "receiving from")
+        return data.numpy().tobytes()
+
+    # rank 0
+    def send(self, blob: bytes) -> None:
+        self._send(blob, self.remote)
+
+    def gather(self) -> list[Reply]:
+        return [reply_decoder.decode(self._recv(peer)) for peer in self.remote]
+
+    # the ranks of nodes 1..
+    def receive(self) -> bytes:
+        return self._recv(0)
+
+    def answer(self, reply: Reply) -> None:
+        self._send(encode(reply), [0])
+
+
+def _start(init: WorkerInit) -> tuple[_Policy | None, _Relay | None, Reply]:
+    """Join the process group and build this rank's policy; the start reply says how it went."""
+    relay: _Relay | None = None
+    try:
+        group = join_process_group(init)
+        relay = None if group is None else _Relay(group, init)
+        policy = _Policy(init)
+    except RunFailed as e:
+        return None, relay, Reply(rank=init.rank, ok=False, error=str(e))
+    except Exception:
+        return None, relay, Reply(rank=init.rank, ok=False, error=traceback.format_exc())
+    return policy, relay, Reply(rank=init.rank, ok=True, value=float(policy.n_params))
+
+
+def worker_main(init_blob: bytes, conn: Any | None) -> None:
+    """Entry point of a spawned worker process: node 0's ranks read `conn`, other nodes' the relay."""
     from asyncpolicy.engines.child_procs import exit_with_parent, ignore_terminal_signals
 
     ignore_terminal_signals()  # the terminal's Ctrl-C is the supervisor's to handle: it stops us by command
     init = msgspec.msgpack.decode(init_blob, type=WorkerInit)
-    exit_with_parent(f"fsdp worker rank {init.rank}")  # a kill -9'd supervisor takes its ranks along
+    exit_with_parent(f"fsdp worker rank {init.rank}")  # a kill -9'd supervisor (or trainer-node) takes its ranks along
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file bars would drown the run's own progress line
     if init.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(init.gpu)  # before CUDA is touched in this process
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    policy, relay, started = _start(init)
+    if conn is None:
+        sys.exit(_serve_relayed(init, policy, relay, started))
+    _serve_pipe(init, policy, relay, started, conn)
+
+
+def _next_command(conn: Any, relay: _Relay | None, ping_s: float) -> tuple[bytes | None, RunFailed | None]:
+    """The supervisor's next command (None once it is gone). Rank 0 pings the other nodes while it
+    waits; a failed ping is kept, and the command is answered with it."""
+    lost: RunFailed | None = None
     try:
-        policy = _Policy(init)
-    except Exception:
-        conn.send_bytes(encode(Reply(rank=init.rank, ok=False, error=traceback.format_exc())))
+        while relay is not None and lost is None and not conn.poll(ping_s):
+            try:
+                relay.send(encode(Ping()))
+            except RunFailed as e:
+                lost = e
+        return conn.recv_bytes(), lost
+    except EOFError:
+        return None, lost
+
+
+def _serve_pipe(init: WorkerInit, policy: _Policy | None, relay: _Relay | None, started: Reply, conn: Any) -> None:
+    """A rank of node 0: commands from the supervisor's pipe; rank 0 relays them to the other nodes."""
+    if relay is not None and started.ok:
+        started = _with_relayed(started, relay)
+    conn.send_bytes(encode(started))
+    if policy is None or not started.ok:
         return
-    conn.send_bytes(encode(Reply(rank=init.rank, ok=True, value=float(policy.n_params))))
+    ping_s = init.config.trainer.worker_timeout_s / 4
     while True:
-        try:
-            cmd = _cmd_decoder.decode(conn.recv_bytes())
-        except EOFError:  # the engine is gone: nothing left to do
+        blob, lost = _next_command(conn, relay, ping_s)
+        if blob is None:  # the engine is gone: nothing left to do
             return
+        cmd = _cmd_decoder.decode(blob)
         if init.rank == 0:
             _debug_hold(cmd)
-        try:
-            reply = _handle(policy, cmd, init.rank)
-        except Exception:
-            reply = Reply(rank=init.rank, ok=False, error=traceback.format_exc())
+        if lost is not None:
+            reply = Reply(rank=init.rank, ok=False, error=f"while idle: {lost}")
+        else:
+            reply = _relayed_command(policy, relay, cmd, blob, init.rank)
         conn.send_bytes(encode(reply))
         if isinstance(cmd, Stop):
             policy.dist.destroy_process_group()
             return
+
+
+def _relayed_command(policy: _Policy, relay: _Relay | None, cmd: Any, blob: bytes, rank: int) -> Reply:
+    """Run one command on this rank; rank 0 first hands it to the other nodes, then adds their replies
+    (also after its own failure: they are in the pipe of the next command otherwise)."""
+    if relay is not None:
+        try:
+            relay.send(blob)
+        except RunFailed as e:  # not started anywhere: the others would wait in its collectives
+            return Reply(rank=rank, ok=False, error=str(e))
+    reply = _handle_safely(policy, cmd, rank)
+    return reply if relay is None else _with_relayed(reply, relay)
+
+
+def _handle_safely(policy: _Policy, cmd: Any, rank: int) -> Reply:
+    """`_handle`'s reply, or the failure as a reply: our own errors as their message, others with their traceback."""
+    try:
+        return _handle(policy, cmd, rank)
+    except RunFailed as e:
+        return Reply(rank=rank, ok=False, error=str(e))
+    except Exception:
+        return Reply(rank=rank, ok=False, error=traceback.format_exc())
+
+
+def _with_relayed(reply: Reply, relay: _Relay) -> Reply:
+    try:
+        return msgspec.structs.replace(reply, relayed=relay.gather())
+    except RunFailed as e:
+        return Reply(rank=reply.rank, ok=False, error=str(e))
+
+
+def _serve_relayed(init: WorkerInit, policy: _Policy | None, relay: _Relay | None, started: Reply) -> int:
+    """A rank of node 1..: commands relayed by global rank 0; the exit code of this process."""
+    where = f"fsdp worker rank {init.rank} (node {_node_of(init, init.rank)})"
+    if relay is None:  # it never joined: nobody to tell but the node's log
+        print(f"{where}: {started.error}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        relay.answer(started)
+        if policy is None:
+            return 1
+        while True:
+            cmd = _cmd_decoder.decode(relay.receive())
+            if isinstance(cmd, Ping):
+                continue
+            relay.answer(_handle_safely(policy, cmd, init.rank))
+            if isinstance(cmd, Stop):
+                policy.dist.destroy_process_group()
+                return 0
+    except RunFailed as e:
+        print(f"{where}: lost node 0: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 DEBUG_HOLD_ENV = "ASYNCPOLICY_DEBUG_HOLD"
@@ -446,9 +670,11 @@ def _handle(policy: _Policy, cmd: Any, rank: int) -> Reply:
     if isinstance(cmd, Checksum):
         return Reply(rank=rank, ok=True, value=policy.checksum())
     if isinstance(cmd, SaveState):
+        _agree_directory_is_shared(policy, cmd.directory, cmd.shared_check)
         policy.save_state(cmd.directory)
         return Reply(rank=rank, ok=True)
     if isinstance(cmd, LoadState):
+        _agree_directory_is_shared(policy, cmd.directory, cmd.shared_check)
         policy.load_state(cmd.directory)
         return Reply(rank=rank, ok=True)
     if isinstance(cmd, SaveModel):
@@ -460,3 +686,30 @@ def _handle(policy: _Policy, cmd: Any, rank: int) -> Reply:
         return Reply(rank=rank, ok=True)
     raise TypeError(f"unknown command {type(cmd).__name__}")
 
+
+
+def _agree_directory_is_shared(policy: _Policy, directory: str, token: str) -> None:
+    """Several nodes: every rank must read the token node 0 wrote into `directory`, or none writes.
+
+    Each rank writes its own DCP shards; a node that writes them to a disk of its own leaves a
+    checkpoint that looks complete on node 0 and cannot be loaded. Decided together (one
+    all-gather), so every rank fails with the same message instead of some waiting in DCP.
+    """
+    if not token:
+        return
+    try:
+        with open(os.path.join(directory, SHARED_CHECK_FILE)) as f:
+            seen = f.read() == token
+    except OSError:
+        seen = False
+    init = policy.init
+    seen_by: list[Any] = [None] * init.world_size
+    policy.dist.all_gather_object(seen_by, seen)
+    blind = [r for r, ok in enumerate(seen_by) if not ok]
+    if blind:
+        nodes = sorted({_node_of(init, r) for r in blind})
+        raise RunFailed(
+            f"checkpoint directory {directory} is not shared: node(s) {', '.join(map(str, nodes))} (rank(s) "
+            f"{', '.join(map(str, blind))}) do not see what node 0 wrote there; with trainer.nnodes > 1, output_dir "
+            "(and a resume path) must be on a filesystem every node mounts at the same path"
+        )
