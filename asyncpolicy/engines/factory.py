@@ -16,6 +16,7 @@ from asyncpolicy.engines.protocols import EngineSet
 _MODULES = {
     ("simulated", "simulated"): ("asyncpolicy.engines.simulated",),
     ("hf", "torch"): ("asyncpolicy.engines.hf_torch",),
+    ("hf", "fsdp"): ("asyncpolicy.engines.hf_fsdp",),  # the FSDP trainer on the CPU: no vLLM
 }
 _GPU_MODULES = ("asyncpolicy.engines.vllm_fsdp",)
 

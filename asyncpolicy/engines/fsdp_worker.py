@@ -21,6 +21,7 @@ gradient accumulation is exact across micro-batches and ranks.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -29,6 +30,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -470,9 +472,11 @@ class _Relay:
     def _where(self, rank: int) -> str:
         return f"rank {rank} (node {_node_of(self.init, rank)})"
 
-    def _wait(self, work: Any, peer: int, what: str) -> None:
+    @contextlib.contextmanager
+    def _naming(self, peer: int, what: str) -> Iterator[None]:
+        """gloo's errors (a closed connection, a timeout) as a RunFailed that names the peer's rank and node."""
         try:
-            work.wait(self.timeout)
+            yield
         except RuntimeError as e:
             raise RunFailed(f"{what} {self._where(peer)} failed: {first_line(e)}") from None
 
@@ -480,16 +484,21 @@ class _Relay:
         torch = self.torch
         size = torch.tensor([len(blob)], dtype=torch.int64)
         data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-        works = [(self.dist.isend(t, dst=p, group=self.group), p) for p in peers for t in (size, data)]
+        works = []
+        for peer in peers:  # posted to all before waiting on any: the peers receive at once
+            with self._naming(peer, "sending to"):
+                works += [(self.dist.isend(t, dst=peer, group=self.group), peer) for t in (size, data)]
         for work, peer in works:
-            self._wait(work, peer, "sending to")
+            with self._naming(peer, "sending to"):
+                work.wait(self.timeout)
 
     def _recv(self, peer: int) -> bytes:
         torch = self.torch
         size = torch.empty(1, dtype=torch.int64)
-        self._wait(self.dist.irecv(size, src=peer, group=self.group), peer, "receiving from")
-        data = torch.empty(int(size.item()), dtype=torch.uint8)
-        self._wait(self.dist.irecv(data, src=peer, group=self.group), peer, "receiving from")
+        with self._naming(peer, "receiving from"):
+            self.dist.irecv(size, src=peer, group=self.group).wait(self.timeout)
+            data = torch.empty(int(size.item()), dtype=torch.uint8)
+            self.dist.irecv(data, src=peer, group=self.group).wait(self.timeout)
         return data.numpy().tobytes()
 
     # rank 0

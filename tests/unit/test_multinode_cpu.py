@@ -8,19 +8,19 @@ trainer-node finishes, both exit 0, and its checkpoint holds both ranks' shards.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
 import pytest
 import torch
 
-from asyncpolicy.config import Config, load_config
+from asyncpolicy.config import load_config
 from asyncpolicy.engines import fsdp_worker as w
 from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine, WorkerDied
 from asyncpolicy.errors import RunFailed
@@ -28,6 +28,7 @@ from asyncpolicy.samples import Prompt, Sample, Trajectory, make_sample
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]
+VOCAB = 40  # token ids the embedded model has
 CPU_FSDP = ["rollout.engine=hf", "trainer.engine=fsdp", "trainer.n_gpus_per_node=0"]
 TRAIN = ["trainer.threads=1", "trainer.micro_batch_size=2", "trainer.lr=1e-2", "trainer.warmup_steps=0",
          "data.train_batch_size=3", "rollout.n=3", "async_training.require_batches=3", "algorithm.kl_coef=0.1"]
@@ -38,25 +39,24 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _tiny_model(directory: Path) -> str:
-    """A config-only Qwen2 directory: the same seeded random weights on every rank."""
-    (directory / "config.json").write_text(json.dumps({
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 200,
-        "max_position_embeddings": 64, "tie_word_embeddings": True,
-    }))
-    return str(directory)
+@pytest.fixture
+def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The embedded model's directory; node 1 (a child process, same environment) resolves the same one."""
+    from asyncpolicy.models.tiny import resolve_model_path
+
+    monkeypatch.setenv("ASYNCPOLICY_CACHE", str(tmp_path / "cache"))
+    return resolve_model_path(load_config())
 
 
 def _batch(seed: int) -> list[Sample]:
     rng = random.Random(seed)
     out = []
     for i in range(3):
-        prompt = Prompt(index=i, epoch=0, text="", tokens=[rng.randrange(200) for _ in range(4)])
+        prompt = Prompt(index=i, epoch=0, text="", tokens=[rng.randrange(VOCAB) for _ in range(4)])
         trajs = []
         for _ in range(3):
             n = rng.randint(1, 6)
-            trajs.append(Trajectory(response_tokens=[rng.randrange(200) for _ in range(n)],
+            trajs.append(Trajectory(response_tokens=[rng.randrange(VOCAB) for _ in range(n)],
                                     behaviour_logprobs=[rng.uniform(-5.0, -3.0) for _ in range(n)],
                                     token_versions=[rng.choice((0, 1)) for _ in range(n)], finish_reason="stop",
                                     reward=rng.random()))
@@ -94,14 +94,13 @@ async def _train(eng: FSDPTrainEngine, out: Path) -> list[dict[str, float]]:
 
 
 @pytest.mark.slow
-async def test_two_nodes_of_one_rank_train_as_one_node_of_two(tmp_path: Path) -> None:
-    model = _tiny_model(tmp_path)
+async def test_two_nodes_of_one_rank_train_as_one_node_of_two(tmp_path: Path, model: str) -> None:
     one_cfg = load_config(overrides=[*CPU_FSDP, *TRAIN])
     one = await _train(FSDPTrainEngine(w.WorkerInit(model_path=model, config=one_cfg), [None, None], timeout_s=120),
                        tmp_path / "one")
 
     port = w.free_port()
-    overrides = _two_node_config(port, 120, f"model.path={model}")
+    overrides = _two_node_config(port, 120)
     node = _start_node(overrides, tmp_path / "node1.log")
     try:
         cfg = load_config(overrides=overrides)
@@ -124,11 +123,11 @@ async def test_two_nodes_of_one_rank_train_as_one_node_of_two(tmp_path: Path) ->
         assert torch.allclose(wa[name], wb[name], rtol=1e-4, atol=1e-6), name
 
 
-async def test_a_node_that_never_joins_fails_the_start_naming_it(tmp_path: Path) -> None:
+async def test_a_node_that_never_joins_fails_the_start_naming_it(model: str) -> None:
     """The start itself may take 120 s; the rendezvous gives up after worker_timeout_s and says who is missing."""
     port = w.free_port()
     cfg = load_config(overrides=_two_node_config(port, 2))
-    eng = FSDPTrainEngine(w.WorkerInit(model_path=_tiny_model(tmp_path), config=cfg), [None], timeout_s=120,
+    eng = FSDPTrainEngine(w.WorkerInit(model_path=model, config=cfg), [None], timeout_s=120,
                           start_timeout_s=120)
     try:
         with pytest.raises(WorkerDied) as info:
@@ -152,17 +151,17 @@ def _gone(pgid: int) -> bool:
 
 
 @pytest.mark.slow
-async def test_a_node_that_dies_fails_the_next_command_naming_it(tmp_path: Path) -> None:
+async def test_a_node_that_dies_fails_the_next_command_naming_it(tmp_path: Path, model: str) -> None:
     port = w.free_port()
-    model = _tiny_model(tmp_path)
-    overrides = _two_node_config(port, 60, f"model.path={model}")
+    overrides = _two_node_config(port, 60)
     node = _start_node(overrides, tmp_path / "node1.log")
     eng = FSDPTrainEngine(w.WorkerInit(model_path=model, config=load_config(overrides=overrides)), [None], timeout_s=60)
     try:
         await eng.start()
         await eng.train_step(_batch(0), 0)
         os.killpg(node.pid, signal.SIGKILL)  # the node's process and its rank, as a machine that goes down
-        while not _gone(node.pid):
+        await anyio.to_thread.run_sync(node.wait)
+        while not _gone(node.pid):  # its rank, reparented, is reaped once dead
             await anyio.sleep(0.05)
         with pytest.raises(WorkerDied, match=r"rank 0 \(node 0\) failed during Checksum:\n.*rank 1 \(node 1\) failed"):
             await eng.checksum()
@@ -174,20 +173,40 @@ async def test_a_node_that_dies_fails_the_next_command_naming_it(tmp_path: Path)
         node.wait()
 
 
-def _config_keys(cfg: Config) -> tuple[int, int, str, int]:
-    t = cfg.trainer
-    return t.nnodes, t.node_rank, t.master_addr, t.master_port
+@pytest.mark.slow
+async def test_idle_nodes_outlive_the_worker_timeout(tmp_path: Path, model: str) -> None:
+    """Node 1 bounds its wait for each command by worker_timeout_s; while the supervisor sends
+    nothing (waiting for a batch), rank 0's pings keep it from giving up."""
+    overrides = _two_node_config(w.free_port(), 6)
+    node = _start_node(overrides, tmp_path / "node1.log")
+    eng = FSDPTrainEngine(w.WorkerInit(model_path=model, config=load_config(overrides=overrides)), [None], timeout_s=60)
+    try:
+        await eng.start()
+        before = await eng.checksum()
+        await anyio.sleep(3 * 6)  # idle for three timeouts
+        assert await eng.checksum() == before
+        assert node.poll() is None
+    finally:
+        await eng.aclose()
+        assert await anyio.to_thread.run_sync(node.wait, 60) == 0, (tmp_path / "node1.log").read_text()[-3000:]
+
+
+def _run_keys(port: int, steps: int) -> list[str]:
+    return [*CPU_FSDP, "trainer.nnodes=2", f"trainer.master_port={port}", "trainer.worker_timeout_s=120",
+            f"trainer.total_training_steps={steps}", "data.train_batch_size=4", "rollout.n=4",
+            "async_training.max_queue_size=8", "progress=off", "seed=3"]
+
+
+def _shards(out: Path) -> list[str]:
+    engine = next(out.glob("checkpoints/step-*/engine"))
+    return sorted(p.name for p in engine.glob("*.distcp"))
 
 
 @pytest.mark.slow
-def test_run_with_a_trainer_node_finishes_and_checkpoints_both_ranks(tmp_path: Path) -> None:
+def test_run_with_a_trainer_node_finishes_and_checkpoints_both_ranks(tmp_path: Path, model: str) -> None:
     """The launch path as documented: `run` on node 0, `trainer-node` on node 1, same config."""
-    port = w.free_port()
     out = tmp_path / "run"
-    keys = [*CPU_FSDP, "trainer.nnodes=2", f"trainer.master_port={port}", "trainer.worker_timeout_s=120",
-            "trainer.total_training_steps=3", "data.train_batch_size=4", "rollout.n=4", "async_training.max_queue_size=8",
-            "progress=off", "seed=3"]
-    assert _config_keys(load_config(overrides=keys)) == (2, 0, "127.0.0.1", port)
+    keys = _run_keys(w.free_port(), 3)
     node = _start_node(keys, tmp_path / "node1.log")
     try:
         head = subprocess.run([sys.executable, "-m", "asyncpolicy", "run", *keys, f"output_dir={out}"], cwd=ROOT,
@@ -197,6 +216,32 @@ def test_run_with_a_trainer_node_finishes_and_checkpoints_both_ranks(tmp_path: P
     finally:
         node.kill()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
-    engine = next(out.glob("checkpoints/step-*/engine"))
-    assert sorted(p.name for p in engine.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert _shards(out) == ["__0_0.distcp", "__1_0.distcp"]
     assert "trainer_node_finished" in (tmp_path / "node1.log").read_text()
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_every_node_stops_with_a_checkpoint_of_both_ranks(tmp_path: Path, model: str) -> None:
+    """srun and a terminal send SIGINT to every process of every node: node 0 writes its stop
+    checkpoint (node 1's rank writes its shards), then Stop ends node 1 cleanly."""
+    out = tmp_path / "run"
+    keys = _run_keys(w.free_port(), 400)
+    node = _start_node(keys, tmp_path / "node1.log")
+    with open(tmp_path / "head.log", "wb") as log:
+        head = subprocess.Popen([sys.executable, "-m", "asyncpolicy", "run", *keys, f"output_dir={out}"], cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 300  # a bound on a broken run, not a speed target
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(0.1)
+        os.killpg(head.pid, signal.SIGINT)
+        os.killpg(node.pid, signal.SIGINT)
+        assert head.wait(300) == 130, (tmp_path / "head.log").read_text()[-3000:]
+        assert node.wait(60) == 0, (tmp_path / "node1.log").read_text()[-3000:]
+    finally:
+        head.kill()
+        node.kill()
+    assert _shards(out) == ["__0_0.distcp", "__1_0.distcp"]
+    assert "trainer_node_signal" in (tmp_path / "node1.log").read_text()
