@@ -487,7 +487,7 @@ class _Relay:
         works = []
         for peer in peers:  # posted to all before waiting on any: the peers receive at once
             with self._naming(peer, "sending to"):
-                works += [(self.dist.isend(t, dst=peer, group=self.group), peer) for t in (size, data)]
+                works += [(_member(self.dist.isend(t, dst=peer, group=self.group)), peer) for t in (size, data)]
         for work, peer in works:
             with self._naming(peer, "sending to"):
                 work.wait(self.timeout)
@@ -496,9 +496,9 @@ class _Relay:
         torch = self.torch
         size = torch.empty(1, dtype=torch.int64)
         with self._naming(peer, "receiving from"):
-            self.dist.irecv(size, src=peer, group=self.group).wait(self.timeout)
+            _member(self.dist.irecv(size, src=peer, group=self.group)).wait(self.timeout)
             data = torch.empty(int(size.item()), dtype=torch.uint8)
-            self.dist.irecv(data, src=peer, group=self.group).wait(self.timeout)
+            _member(self.dist.irecv(data, src=peer, group=self.group)).wait(self.timeout)
         return data.numpy().tobytes()
 
     # rank 0
@@ -514,6 +514,13 @@ class _Relay:
 
     def answer(self, reply: Reply) -> None:
         self._send(encode(reply), [0])
+
+
+def _member(work: Any | None) -> Any:
+    """torch.distributed returns no Work to a rank outside the group: never the case in the relay."""
+    if work is None:
+        raise RuntimeError("this rank is not in the relay group")
+    return work
 
 
 def _start(init: WorkerInit) -> tuple[_Policy | None, _Relay | None, Reply]:
