@@ -78,6 +78,13 @@ class RolloutConfig(_Section):
         bool, _doc("vllm+fsdp: trainer and vLLM share one GPU (weights move over CUDA IPC) instead of disjoint GPUs")
     ] = False
     enforce_eager: Annotated[bool, _doc("vllm: no CUDA graphs (starts faster, decodes slower)")] = False
+    servers: Annotated[
+        list[str],
+        _doc(
+            "host:port of rollout servers started with `python -m asyncpolicy serve-rollout` (running rollout.engine); "
+            "empty = generate in this process"
+        ),
+    ] = []
     simulated: Annotated[SimulatedRolloutConfig, _doc("simulated engine settings")] = msgspec.field(
         default_factory=SimulatedRolloutConfig
     )
@@ -343,6 +350,7 @@ def check_consistency(cfg: Config) -> None:
             "on GPUs use rollout.engine=vllm",
             key="trainer.n_gpus_per_node",
         )
+    _check_servers(cfg)
     at = cfg.async_training
     if at.max_queue_size < cfg.data.train_batch_size:
         raise ConfigError(
@@ -365,6 +373,32 @@ def check_consistency(cfg: Config) -> None:
         )
     if not math.isfinite(at.generation_timeout):
         raise ConfigError("config key 'async_training.generation_timeout' must be finite", key="async_training.generation_timeout")
+
+
+def split_server_address(address: str) -> tuple[str, int]:
+    """`host:port` (an IPv6 host in brackets) → (host, port); ValueError saying what is wrong."""
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not host:port")
+    return host, int(port)
+
+
+def _check_servers(cfg: Config) -> None:
+    """rollout.servers: each entry host:port, none twice, and a transport that can reach them."""
+    servers = cfg.rollout.servers
+    for address in servers:
+        try:
+            split_server_address(address)
+        except ValueError as e:
+            raise ConfigError(f"config key 'rollout.servers': {e} (e.g. 127.0.0.1:8100)", key="rollout.servers") from None
+    if len(set(servers)) != len(servers):
+        raise ConfigError(f"config key 'rollout.servers': a server is listed twice in {servers}", key="rollout.servers")
+    if servers and cfg.rollout.colocate:
+        raise ConfigError(
+            "config key 'rollout.colocate': remote rollout servers (rollout.servers) cannot share the trainer's GPU",
+            key="rollout.colocate",
+        )
 
 
 def describe_fields(struct: type[msgspec.Struct] = Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -198,6 +198,8 @@ class Supervisor:
             await self._start_engines()
             if self.resume_state is not None:
                 await self._restore(self.resume_state)
+            elif self.engines.sync_at_start:  # rollout servers may hold another run's weights and version
+                await self.synchronizer.sync(self.trainer.version, force=True)
             with anyio.CancelScope() as self._actors:
                 try:
                     async with anyio.create_task_group() as actors:

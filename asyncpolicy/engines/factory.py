@@ -12,6 +12,7 @@ import sys
 
 from asyncpolicy.config import Config
 from asyncpolicy.engines.protocols import EngineSet
+from asyncpolicy.errors import ConfigError
 
 _MODULES = {
     ("simulated", "simulated"): ("asyncpolicy.engines.simulated",),
@@ -59,6 +60,18 @@ def import_engine_modules(cfg: Config) -> None:
     pair = (cfg.rollout.engine, cfg.trainer.engine)
     if pair != ("simulated", "simulated"):
         _preload_torch_libraries()
+    if cfg.rollout.servers:  # generation runs on the servers: this process needs the client and the trainer only
+        try:
+            importlib.import_module("asyncpolicy.engines.remote")
+        except ImportError as e:
+            raise ConfigError(
+                f"rollout.servers needs httpx, which is not importable ({e}); install it with `pip install asyncpolicy[remote]`",
+                key="rollout.servers",
+            ) from None
+        trainer = {"torch": "asyncpolicy.engines.torch_trainer", "fsdp": "asyncpolicy.engines.fsdp_trainer"}
+        if cfg.trainer.engine in trainer:
+            importlib.import_module(trainer[cfg.trainer.engine])
+        return
     for name in _MODULES.get(pair, _GPU_MODULES):
         module = importlib.import_module(name)
     if pair not in _MODULES:
@@ -70,6 +83,10 @@ def build_engines(cfg: Config, *, rng: random.Random) -> EngineSet:
 
     The pair of engines was checked with the config (`config.ENGINE_PAIRS`).
     """
+    if cfg.rollout.servers:
+        from asyncpolicy.engines.remote import build_remote_engines
+
+        return build_remote_engines(cfg)
     pair = (cfg.rollout.engine, cfg.trainer.engine)
     if pair == ("simulated", "simulated"):
         from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTrainEngine, SimulatedTransport

@@ -133,3 +133,4 @@ class EngineSet(msgspec.Struct, kw_only=True):
     trainer: Any  # TrainEngine
     transport: Any  # WeightTransport
     tokenizer: Any = None  # a transformers tokenizer for real models; None for simulated engines
+    sync_at_start: bool = False  # push the trainer's weights before a fresh run (remote servers may hold others)
