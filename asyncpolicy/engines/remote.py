@@ -242,7 +242,7 @@ class RemoteGenerationEngine:
 
     async def abort_all(self) -> None:
         """Every server returns its running generations with their tokens so far (finish_reason 'abort')."""
-        await self._on_every_server("abort_all", lambda s: self._post(s, "/abort_all"))
+        await self._on_every_server("abort_all", lambda s: self._post(s, "/abort_all"), need_one=False)
 
     async def aclose(self) -> None:
         """Abort what runs on the servers (they keep running: the user started them), close the client."""
@@ -266,8 +266,14 @@ class RemoteGenerationEngine:
         _raise_for_status(server, f"POST {path}", response)
         return response.content
 
-    async def _on_every_server(self, what: str, call: Callable[[_Server], Awaitable[Any]], *, tolerate_loss: bool = True) -> None:
-        """`call` on every live server at once; a lost server is marked (or, with tolerate_loss=False, fatal)."""
+    async def _on_every_server(
+        self, what: str, call: Callable[[_Server], Awaitable[Any]], *, tolerate_loss: bool = True, need_one: bool = True
+    ) -> None:
+        """`call` on every live server at once; a lost server is marked (or, with tolerate_loss=False, fatal).
+
+        need_one: raise when no server is left to have done it (a weight push); not for abort/resume,
+        which have nothing to do on a server that is gone.
+        """
         errors: list[str] = []
 
         async def one(server: _Server) -> None:
@@ -287,7 +293,7 @@ class RemoteGenerationEngine:
                 tg.start_soon(one, server)
         if errors:
             raise RemoteServerError("; ".join(errors))
-        if not self.live:
+        if need_one and not self.live:
             raise RemoteServerError(f"{what}: every rollout server is lost: " + "; ".join(f"{s.address} ({s.lost})" for s in self.servers))
 
     async def push_state(self, blob: bytes, version: int) -> None:
@@ -304,7 +310,7 @@ class RemoteGenerationEngine:
         await self._on_every_server("pause", lambda s: self._post(s, "/pause"), tolerate_loss=False)
 
     async def resume(self) -> None:
-        await self._on_every_server("resume", lambda s: self._post(s, "/resume"))
+        await self._on_every_server("resume", lambda s: self._post(s, "/resume"), need_one=False)
 
     async def nccl_init(self, host: str, port: int) -> int:
         """Ask every live server's workers to join the trainer's group; returns the world size."""
@@ -409,6 +415,7 @@ def build_remote_engines(cfg: Config) -> EngineSet:
 
     path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(path)
+    trainer: Any
     if pair == ("hf", "torch"):
         from asyncpolicy.engines.torch_trainer import TorchTrainEngine
 
