@@ -37,7 +37,7 @@ def health(address: str) -> ServerHealth:
 
 def accounting(stderr: str) -> tuple[int, int, int, int, int]:
     """(steps, made, trained, dropped, queued) from the CLI's last line."""
-    m = re.search(r"finished (\d+) steps .*: made (\d+) samples = trained (\d+) \+ dropped stale (\d+) \+ queued (\d+)", stderr)
+    m = re.search(r"finished (\d+) steps .*?made (\d+) samples = trained (\d+) \+ dropped stale (\d+) \+ queued (\d+)", stderr)
     assert m, stderr[-3000:]
     steps, made, trained, dropped, queued = (int(g) for g in m.groups())
     return steps, made, trained, dropped, queued
