@@ -9,9 +9,13 @@ import importlib.util
 import os
 import random
 import sys
+from typing import TYPE_CHECKING, Any
 
-from asyncpolicy.config import Config
+from asyncpolicy.config import Config, replica_count
 from asyncpolicy.engines.protocols import EngineSet
+
+if TYPE_CHECKING:
+    from asyncpolicy.engines.replicas import ReplicatedGeneration
 
 _MODULES = {
     ("simulated", "simulated"): ("asyncpolicy.engines.simulated",),
@@ -65,6 +69,22 @@ def import_engine_modules(cfg: Config) -> None:
         module.import_vllm()  # vllm itself (a ConfigError naming the extra when it is missing)
 
 
+def replicated(cfg: Config, replicas: list[Any]) -> ReplicatedGeneration:
+    """Replica engines behind one router, with the run's restart budget.
+
+    A replica is taken down after `rollout.max_retries + 1` failed calls in a row (the count after
+    which the rollouter would restart a lone engine) or at once when it reports itself dead.
+    """
+    from asyncpolicy.engines.replicas import ReplicatedGeneration
+
+    return ReplicatedGeneration(
+        replicas,
+        max_restarts=cfg.rollout.max_restarts,
+        failures_to_down=cfg.rollout.max_retries + 1,
+        restart_timeout_s=cfg.async_training.generation_timeout * 10,
+    )
+
+
 def build_engines(cfg: Config, *, rng: random.Random) -> EngineSet:
     """The generation engine, trainer engine and weight transport of this run (not yet started).
 
@@ -72,9 +92,13 @@ def build_engines(cfg: Config, *, rng: random.Random) -> EngineSet:
     """
     pair = (cfg.rollout.engine, cfg.trainer.engine)
     if pair == ("simulated", "simulated"):
+        from asyncpolicy.engines.replicas import ReplicatedGeneration
         from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTrainEngine, SimulatedTransport
 
-        gen = SimulatedGenerationEngine(cfg.rollout.simulated, rng)
+        n = replica_count(cfg)
+        gen: SimulatedGenerationEngine | ReplicatedGeneration = SimulatedGenerationEngine(cfg.rollout.simulated, rng)
+        if n > 1:  # replicas share the run's Random: one seed still replays the whole run
+            gen = replicated(cfg, [SimulatedGenerationEngine(cfg.rollout.simulated, rng) for _ in range(n)])
         return EngineSet(
             generation=gen,
             trainer=SimulatedTrainEngine(cfg.trainer.simulated),
