@@ -9,13 +9,9 @@ import importlib.util
 import os
 import random
 import sys
-from typing import TYPE_CHECKING, Any
 
 from asyncpolicy.config import Config, replica_count
 from asyncpolicy.engines.protocols import EngineSet
-
-if TYPE_CHECKING:
-    from asyncpolicy.engines.replicas import ReplicatedGeneration
 
 _MODULES = {
     ("simulated", "simulated"): ("asyncpolicy.engines.simulated",),
@@ -69,22 +65,6 @@ def import_engine_modules(cfg: Config) -> None:
         module.import_vllm()  # vllm itself (a ConfigError naming the extra when it is missing)
 
 
-def replicated(cfg: Config, replicas: list[Any]) -> ReplicatedGeneration:
-    """Replica engines behind one router, with the run's restart budget.
-
-    A replica is taken down after `rollout.max_retries + 1` failed calls in a row (the count after
-    which the rollouter would restart a lone engine) or at once when it reports itself dead.
-    """
-    from asyncpolicy.engines.replicas import ReplicatedGeneration
-
-    return ReplicatedGeneration(
-        replicas,
-        max_restarts=cfg.rollout.max_restarts,
-        failures_to_down=cfg.rollout.max_retries + 1,
-        restart_timeout_s=cfg.async_training.generation_timeout * 10,
-    )
-
-
 def build_engines(cfg: Config, *, rng: random.Random) -> EngineSet:
     """The generation engine, trainer engine and weight transport of this run (not yet started).
 
@@ -98,7 +78,7 @@ def build_engines(cfg: Config, *, rng: random.Random) -> EngineSet:
         n = replica_count(cfg)
         gen: SimulatedGenerationEngine | ReplicatedGeneration = SimulatedGenerationEngine(cfg.rollout.simulated, rng)
         if n > 1:  # replicas share the run's Random: one seed still replays the whole run
-            gen = replicated(cfg, [SimulatedGenerationEngine(cfg.rollout.simulated, rng) for _ in range(n)])
+            gen = ReplicatedGeneration.for_config(cfg, [SimulatedGenerationEngine(cfg.rollout.simulated, rng) for _ in range(n)])
         return EngineSet(
             generation=gen,
             trainer=SimulatedTrainEngine(cfg.trainer.simulated),

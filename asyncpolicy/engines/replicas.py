@@ -3,8 +3,9 @@
 Invariants:
 
 * every `generate` call is answered exactly once: by the replica it was routed to, by another
-  replica when that one died under it (a *failover*), or with finish_reason "abort" by
-  `abort_all` while it waited for a replica to come back;
+  replica when that one died under it or was restarted under it (a *failover*; a request
+  stopped by a restart goes on from its tokens so far), or with finish_reason "abort" when
+  `abort_all` ran (also while it waited for a replica to come back);
 * routing is `ReplicaRouter`, a pure policy: a request goes to its group's replica while that
   replica is up (a prompt's responses share its prefix cache), else to the up replica with the
   fewest tokens in flight (sum of `max_tokens` still to generate of its running requests), ties by
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import anyio.abc
@@ -32,6 +33,7 @@ import msgspec
 import structlog
 
 from asyncpolicy.channels.signal import StateSignal
+from asyncpolicy.config import Config
 from asyncpolicy.engines.protocols import GenerationEngine, GenerationRequest, GenerationResult
 from asyncpolicy.errors import AsyncPolicyError
 
@@ -168,6 +170,18 @@ class ReplicatedGeneration:
         self._serving = False
         self._version = 0
 
+    @classmethod
+    def for_config(cls, cfg: Config, replicas: Sequence[GenerationEngine]) -> Self:
+        """Replicas with the run's budgets: a replica is taken down when it reports itself dead or
+        after `rollout.max_retries + 1` failed calls in a row (when the rollouter would restart a
+        lone engine), and restarted at most `rollout.max_restarts` times."""
+        return cls(
+            replicas,
+            max_restarts=cfg.rollout.max_restarts,
+            failures_to_down=cfg.rollout.max_retries + 1,
+            restart_timeout_s=cfg.async_training.generation_timeout * 10,
+        )
+
     # -- GenerationEngine ----------------------------------------------------------------------
 
     @property
@@ -195,10 +209,23 @@ class ReplicatedGeneration:
                 continue
             ticket = self.router.begin(k, group, cost)
             outcome: bool | None = None
+            abort, restarts = self._abort, self.restarts_of[k]
             try:
                 result = await self.replicas[k].generate(request)
                 outcome = True
-                return result
+                restarted = self.restarts_of[k] != restarts or not self.router.up[k]
+                if result.finish_reason != "abort" or not restarted or (abort is not None and abort.is_set()):
+                    return result
+                # stopped by its replica's restart, not by `abort_all`: go on elsewhere from its tokens
+                request = msgspec.structs.replace(
+                    request,
+                    response_tokens=result.response_tokens,
+                    behaviour_logprobs=result.behaviour_logprobs,
+                    token_versions=result.token_versions,
+                )
+                cost = max(0, request.max_tokens - len(request.response_tokens))
+                self.counters.failovers += 1
+                log.warning("replica_failover", request_id=request.request_id, replica=k, error="aborted by its restart")
             except Exception as exc:  # the replica failed this call: down (fail over) or not (raise)
                 outcome = False
                 if self.router.end(ticket, ok=False, dead=_errored(self.replicas[k])):

@@ -172,10 +172,11 @@ class _RecordingTransport(weight_sync._FlatTransport):
         self.fail = fail
         self.paused_during_transfer: list[bool] = []
 
-    async def _transfer(self, meta) -> None:
+    async def _transfer(self, meta, targets):
         self.paused_during_transfer.append(self.generation.llm.paused)
         if self.fail:
             raise RuntimeError("link down")
+        return {k: 0.0 for k, _ in targets}, {}
 
 
 @pytest.mark.anyio
