@@ -104,8 +104,8 @@ class _FlatTransport:
             return self.generation.push_targets()
         return [(0, self.generation)]
 
-    async def _prepare(self, targets: list[Target]) -> None:
-        """Once, before the first push (handles, groups)."""
+    async def _prepare(self) -> None:
+        """Before a push, with `targets()` started: what the hand-over needs once (handles, groups)."""
 
     async def _transfer(self, meta: Meta, targets: list[Target]) -> tuple[dict[int, float], dict[int, Exception]]:
         """Hand the staged buffer to every target: each one's seconds until loaded, and its error if it failed."""
@@ -128,7 +128,8 @@ class _FlatTransport:
             raise ReplicaSyncError(f"weight push of version {version}: no generation replica is up to receive it")
         for _, engine in targets:
             await engine.wait_ready()  # a restart in progress: push once it is back
-        await self._prepare(targets)
+        await self._prepare()
+        targets = self.targets()  # (a replica that failed meanwhile has left them)
         pause_s: dict[int, float] = {}
         resume_s: dict[int, float] = {}
         loaded_s: dict[int, float] = {}
@@ -202,12 +203,12 @@ class IPCTransport(_FlatTransport):
 
     kind = "ipc"
 
-    def __init__(self, generation: VLLMGenerationEngine, trainer: FSDPTrainEngine) -> None:
+    def __init__(self, generation: VLLMGenerationEngine | ReplicatedGeneration, trainer: FSDPTrainEngine) -> None:
         super().__init__(generation, trainer)
         self._handle: bytes = b""
 
-    async def _prepare(self, targets: list[Target]) -> None:
-        if len(targets) != 1:
+    async def _prepare(self) -> None:
+        if len(self.targets()) != 1:
             raise RuntimeError("CUDA IPC reaches one vLLM engine on the trainer's GPU, not replicas")
         if not self._handle:  # the buffer is allocated once, so is its handle (vLLM caches it open)
             self._handle = (await self.trainer.call(w.IpcHandle()))[0].blob
@@ -239,8 +240,13 @@ class NCCLTransport(_FlatTransport):
         self.world_size = 0
         self.init_s = 0.0
 
-    async def _prepare(self, targets: list[Target]) -> None:
-        members = tuple((k, id(engine), engine.incarnation) for k, engine in targets)
+    @staticmethod
+    def _members(targets: list[Target]) -> tuple[tuple[int, int, int], ...]:
+        return tuple((k, id(engine), engine.incarnation) for k, engine in targets)
+
+    async def _prepare(self) -> None:
+        targets = self.targets()
+        members = self._members(targets)
         if members == self._group_of:
             return  # a restarted vLLM has new worker processes: they need a new group
         t0 = time.perf_counter()
@@ -260,6 +266,8 @@ class NCCLTransport(_FlatTransport):
         log.info("nccl_group_ready", world_size=world, rank_offsets=offsets, init_s=round(self.init_s, 3))
 
     async def _transfer(self, meta: Meta, targets: list[Target]) -> tuple[dict[int, float], dict[int, Exception]]:
+        if self._members(targets) != self._group_of:  # the group would wait for a rank that is not there
+            raise RuntimeError(f"the replicas changed during the weight push (group {self._group_of}, now {targets})")
         numel = sum(n for *_, n in meta)
         t0 = time.perf_counter()
         loaded: dict[int, float] = {}
@@ -279,8 +287,8 @@ class NCCLTransport(_FlatTransport):
 
     async def link_seconds(self, repeats: int = 5) -> float:
         """Best time of a bare broadcast of the flat buffer (no load): the link's share of a sync."""
+        await self._prepare()
         targets = self.targets()
-        await self._prepare(targets)
         numel = sum(n for *_, n in self.trainer.meta)
         replies: list[float] = []
 

@@ -343,4 +343,117 @@ async def test_a_run_on_three_replicas_survives_their_deaths_and_accounts_for_ev
     rows = [msgspec.json.decode(line) for line in (tmp_path / "metrics.jsonl").read_bytes().splitlines()]
     assert rows[-1]["rollout/replica_failovers"] > 0 and rows[-1]["rollout/replica_restarts"] > 0
     assert rows[-1]["rollout/replica_restarts"] <= counters.restarts
-    assert all(r["rollout/replica_failovers"] <= s["rollout/replica_failovers"] for r, s in zip(rows, rows[1:]))
+    assert all(r["rollout/replica_failovers"] <= s["rollout/replica_failovers"] for r, s in zip(rows, rows[1:], strict=False))
+
+
+# -- one weight push to every replica (NCCL plumbing over fake vLLM engines) ------------------------
+
+
+class FakeReplicaLLM:
+    """The AsyncLLM calls a push makes: pause/resume and worker RPCs, recorded; `fail` makes one raise."""
+
+    def __init__(self, everyone: list[FakeReplicaLLM], fail: str = "") -> None:
+        self.everyone = everyone
+        self.fail = fail
+        self.paused = False
+        self.rpcs: list[tuple[str, tuple[Any, ...], bool]] = []  # method, args, every replica paused then
+        everyone.append(self)
+
+    async def pause_generation(self, mode: str, clear_cache: bool) -> None:
+        await anyio.lowlevel.checkpoint()
+        if self.fail == "pause":
+            raise RuntimeError("engine core gone")
+        self.paused = True
+
+    async def resume_generation(self) -> None:
+        await anyio.lowlevel.checkpoint()
+        self.paused = False
+
+    async def collective_rpc(self, method: str, timeout: float, args: tuple[Any, ...]) -> list[Any]:
+        self.rpcs.append((method, args, all(llm.paused for llm in self.everyone)))
+        await anyio.lowlevel.checkpoint()
+        if method == "ap_nccl_load" and self.fail == "load":
+            raise RuntimeError("worker died")
+        return [None]
+
+
+class FakeFSDP:
+    """The two calls a transport makes of the trainer: pack, and typed commands to rank 0."""
+
+    def __init__(self) -> None:
+        self.meta = [("w", [2, 2], 0, 4)]
+        self.commands: list[Any] = []
+
+    async def pack(self) -> list[tuple[str, list[int], int, int]]:
+        return self.meta
+
+    async def call(self, cmd: Any) -> list[Any]:
+        from asyncpolicy.engines import fsdp_worker as w
+
+        self.commands.append(cmd)
+        await anyio.lowlevel.checkpoint()
+        return [w.Reply(rank=0, ok=True)]
+
+
+def _vllm_replicas(fails: dict[int, str], n: int = 3, tp: int = 2) -> tuple[ReplicatedGeneration, list[Any]]:
+    from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings
+
+    everyone: list[FakeReplicaLLM] = []
+    engines = []
+    for k in range(n):
+        eng = VLLMGenerationEngine(
+            VLLMSettings(model_path="x", gpus=list(range(k * tp, k * tp + tp)), dummy_weights=True, stop_token_ids=[1], max_model_len=8)
+        )
+        eng._llm = FakeReplicaLLM(everyone, fails.get(k, ""))
+        eng._abort = anyio.Event()
+        eng._ready.set()
+        eng.incarnation = 1
+        engines.append(eng)
+    return ReplicatedGeneration(engines, max_restarts=1), engines
+
+
+def _sent(trainer: FakeFSDP, kind: str) -> list[Any]:
+    return [c for c in trainer.commands if type(c).__name__ == kind]
+
+
+@pytest.mark.anyio
+async def test_one_nccl_group_and_one_broadcast_reach_every_replica() -> None:
+    from asyncpolicy.engines.weight_sync import NCCLTransport
+
+    gen, engines = _vllm_replicas({})
+    trainer = FakeFSDP()
+    transport = NCCLTransport(gen, trainer)  # type: ignore[arg-type]
+    await transport.stage(1)
+    await transport.push(1)
+    (init,) = _sent(trainer, "NcclInit")
+    assert init.world_size == 1 + 3 * 2 and transport.rank_offsets == {0: 1, 1: 3, 2: 5}
+    for k, eng in enumerate(engines):
+        method, args, _ = eng.llm.rpcs[0]
+        assert method == "ap_nccl_init" and args == ("127.0.0.1", init.port, 1 + 2 * k, 7)
+        loads = [paused for m, _, paused in eng.llm.rpcs if m == "ap_nccl_load"]
+        assert loads == [True], "a replica loaded weights while another still generated"
+        assert not eng.llm.paused and eng.version == 1
+    assert len(_sent(trainer, "NcclSend")) == 1 and gen.version == 1
+    timing = transport.last
+    assert timing is not None and [r.replica for r in timing.replicas] == [0, 1, 2]
+    await transport.push(2)  # the same replicas: the group is kept, one more broadcast
+    assert len(_sent(trainer, "NcclInit")) == 1 and len(_sent(trainer, "NcclSend")) == 2
+    assert [e.version for e in engines] == [2, 2, 2]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fail", ["pause", "load"])
+async def test_a_replica_failing_its_push_leaves_every_other_one_resumed_and_the_retry_skips_it(fail: str) -> None:
+    from asyncpolicy.engines.weight_sync import NCCLTransport, ReplicaSyncError
+
+    gen, engines = _vllm_replicas({1: fail})
+    trainer = FakeFSDP()
+    transport = NCCLTransport(gen, trainer)  # type: ignore[arg-type]
+    with pytest.raises(ReplicaSyncError, match=r"failed on replica\(s\) 1: RuntimeError"):
+        await transport.push(1)
+    assert not any(e.llm.paused for e in engines), "a replica was left paused"
+    assert [e.version for e in engines] == [0, 0, 0] and gen.version == 0
+    assert gen.router.up == [True, False, True]  # out of routing; `serve` restarts it
+    await transport.push(1)  # the synchronizer's retry: a new group of the replicas still up
+    assert _sent(trainer, "NcclInit")[-1].world_size == 5 and transport.rank_offsets == {0: 1, 2: 3}
+    assert [e.version for e in engines] == [1, 0, 1] and gen.version == 1
