@@ -240,13 +240,14 @@ class ReplicatedGeneration:
                     self.router.end(ticket, ok=outcome)
 
     async def abort_all(self) -> None:
-        """Abort on every replica that may run requests; wake requests waiting for a replica."""
+        """Abort on every replica (a down one may still be finishing requests); wake requests
+        waiting for a replica."""
         if self._abort is not None:
             self._abort.set()
         self._abort = anyio.Event()
         self._changed.notify()
         async with anyio.create_task_group() as tg:
-            for k in self._reachable():
+            for k in range(len(self.replicas)):
                 tg.start_soon(self._abort_one, k)
 
     async def aclose(self) -> None:
