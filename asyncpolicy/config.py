@@ -1,13 +1,18 @@
 """Run configuration: typed msgspec Structs, loaded from YAML/TOML plus dotted `key=value` overrides.
 
 Every field carries a one-line description (shown by `python -m asyncpolicy config`). Keys follow
-the seed system's names (`async_training.staleness_threshold`, ...) so its users' overrides work
+verl's fully-async recipe's names (`async_training.staleness_threshold`, ...) so its users' overrides work
 unchanged. Any bad key or value raises `ConfigError` naming the dotted key; the CLI turns it into
 exit code 2.
+
+Every number must be finite and fit in 64 bits. No key gives infinity a meaning: every timeout
+bounds a wait (a run never hangs), so `.inf` is refused like a NaN, for every float alike.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import math
 import re
 import tomllib
@@ -18,7 +23,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
-from asyncpolicy.errors import ConfigError
+from asyncpolicy.errors import ConfigError, first_line
 
 
 def _doc(text: str, **constraints: Any) -> msgspec.Meta:
@@ -81,7 +86,7 @@ class RolloutConfig(_Section):
     max_concurrency: Annotated[int, _doc("most responses generated at once", ge=1)] = 64
     temperature: Annotated[float, _doc("sampling temperature", gt=0)] = 1.0
     top_p: Annotated[float, _doc("nucleus sampling mass", gt=0, le=1)] = 1.0
-    interval_s: Annotated[float, _doc("pause between starting generations (the seed's generation interval)", ge=0)] = 0.0
+    interval_s: Annotated[float, _doc("pause between starting generations (verl's generation interval)", ge=0)] = 0.0
     max_retries: Annotated[int, _doc("retries of a failed or timed-out generation before the engine is restarted", ge=0)] = 2
     max_restarts: Annotated[int, _doc("restarts of a failing generation engine before the run fails", ge=0)] = 2
     gpu_memory_utilization: Annotated[
@@ -120,7 +125,7 @@ class TrainerConfig(_Section):
     grad_clip: Annotated[float, _doc("max global gradient norm", gt=0)] = 1.0
     micro_batch_size: Annotated[int, _doc("responses per forward/backward (gradient accumulation)", ge=1)] = 32
     step_timeout_s: Annotated[
-        float, _doc("seconds one training step or checkpoint write may take before the run fails", gt=0)
+        float, _doc("seconds one training step or checkpoint write may take before the run fails (finite)", gt=0)
     ] = 900.0
     save_freq: Annotated[int, _doc("checkpoint every N steps; 0 = only at the end", ge=0)] = 0
     keep_checkpoints: Annotated[int, _doc("complete checkpoints kept", ge=1)] = 2
@@ -129,7 +134,7 @@ class TrainerConfig(_Section):
         int, _doc("torch CPU threads (hf/torch engines); 1 suits the tiny default model on 2 cores, 0 = torch's default", ge=0)
     ] = 1
     worker_timeout_s: Annotated[
-        float, _doc("fsdp: seconds any trainer worker may take to answer one command before the run fails", gt=0)
+        float, _doc("fsdp: seconds a trainer worker may take to answer one command before the run fails (finite)", gt=0)
     ] = 900.0
     simulated: Annotated[SimulatedTrainerConfig, _doc("simulated engine settings")] = msgspec.field(
         default_factory=SimulatedTrainerConfig
@@ -141,13 +146,15 @@ class AsyncTrainingConfig(_Section):
         int, _doc("hard max of (trainer version - oldest version of a sample's tokens); 0 = on-policy", ge=0)
     ] = 1
     max_queue_size: Annotated[int, _doc("capacity of the sample channel, in prompts", ge=1)] = 64
-    generation_timeout: Annotated[float, _doc("seconds one generation may take before it is retried", gt=0)] = 60.0
+    generation_timeout: Annotated[
+        float, _doc("seconds one generation may take before it is retried (finite)", gt=0)
+    ] = 60.0
     trigger_parameter_sync_step: Annotated[int, _doc("push weights to the rollout every N training steps", ge=1)] = 1
     require_batches: Annotated[int, _doc("mini-batches (optimizer updates) per training step", ge=1)] = 1
     partial_rollout: Annotated[
         bool, _doc("on a weight sync, interrupt generations and continue them under the new weights")
     ] = True
-    sync_timeout: Annotated[float, _doc("seconds one weight-sync attempt may take", gt=0)] = 60.0
+    sync_timeout: Annotated[float, _doc("seconds one weight-sync attempt may take (finite)", gt=0)] = 60.0
     sync_retries: Annotated[int, _doc("retries of a failed weight sync before the run stops", ge=0)] = 3
     sync_backoff_s: Annotated[float, _doc("first retry delay of a weight sync; doubles each retry", ge=0)] = 0.05
 
@@ -187,9 +194,11 @@ class Config(_Section):
     )
     task: Annotated[TaskConfig, _doc("prompts and rewards")] = msgspec.field(default_factory=TaskConfig)
     output_dir: Annotated[str, _doc("where metrics, logs and checkpoints go; empty = outputs/run-<time>")] = ""
-    seed: Annotated[int, _doc("seed of every random number generator")] = 0
+    seed: Annotated[int, _doc("seed of every random number generator (0 to 2**63-1: torch and vLLM take 64-bit seeds)", ge=0, le=2**63 - 1)] = 0
     resume: Annotated[str, _doc("'' = fresh run, 'auto' = latest checkpoint in output_dir, or a checkpoint path")] = ""
-    stop_timeout_s: Annotated[float, _doc("on SIGINT/SIGTERM, seconds to finish the step and checkpoint", gt=0)] = 30.0
+    stop_timeout_s: Annotated[
+        float, _doc("on SIGINT/SIGTERM, seconds to finish the step and checkpoint before exiting at once (finite)", gt=0)
+    ] = 30.0
     log_level: Annotated[Literal["debug", "info", "warning", "error"], _doc("console log level")] = "info"
     progress: Annotated[Literal["auto", "on", "off"], _doc("progress bar: auto = only on a terminal")] = "auto"
 
@@ -288,8 +297,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         else:
             tree = _load_yaml(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"config file {str(p)!r} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {first}", key=str(p)) from None
+        kind = "TOML" if p.suffix == ".toml" else "YAML"
+        raise ConfigError(f"config file {str(p)!r} is not valid {kind}: {first_line(e)}", key=str(p)) from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
@@ -312,9 +321,78 @@ def _explain(err: msgspec.ValidationError) -> ConfigError:
     if message.startswith("Object contains unknown field"):
         field = message.split("`")[1]
         key = f"{where}.{field}" if where else field
-        return ConfigError(f"unknown config key {key!r}", key=key)
+        close = _closest_key(key)
+        hint = f"; did you mean {close!r}?" if close else " (`python -m asyncpolicy config` lists every key)"
+        return ConfigError(f"unknown config key {key!r}{hint}", key=key)
     key = where or "config"
+    choices = next((leaf.choices for leaf in _leaves() if leaf.key == key), ())
+    if choices and message.startswith("Invalid enum value"):
+        message += f"; one of: {', '.join(choices)}"
     return ConfigError(f"config key {key!r}: {message[0].lower()}{message[1:]}", key=key)
+
+
+def _closest_key(key: str) -> str | None:
+    """The key a typo most likely meant: the same name in another section, else the closest spelling."""
+    keys = [leaf.key for leaf in _leaves()]
+    section, _, name = key.rpartition(".")
+    same_name = [k for k in keys if k.rpartition(".")[2] == name]
+    if same_name:
+        return same_name[0]
+    in_section = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == section}
+    close = difflib.get_close_matches(name, in_section, n=1)
+    if close:
+        return in_section[close[0]]
+    sections = sorted({k.rpartition(".")[0] for k in keys if "." in k})
+    candidates = [k for k in keys + sections if not key.startswith(f"{k}.")]  # never its own section
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+class _Leaf(msgspec.Struct, frozen=True):
+    """One settable key: its dotted name, type, default, description and allowed values (enums)."""
+
+    key: str
+    base: Any
+    default: Any
+    description: str
+    choices: tuple[str, ...]
+
+
+@functools.cache
+def _leaves(struct: type[msgspec.Struct] = Config, prefix: str = "") -> tuple[_Leaf, ...]:
+    """Every leaf field of `struct`, depth first in declaration order."""
+    leaves: list[_Leaf] = []
+    instance = struct()
+    hints = typing.get_type_hints(struct, include_extras=True)
+    for name in struct.__struct_fields__:
+        hint = hints[name]
+        base = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+        if isinstance(base, type) and issubclass(base, msgspec.Struct):
+            leaves.extend(_leaves(base, f"{prefix}{name}."))
+            continue
+        desc = next(
+            (m.description for m in getattr(hint, "__metadata__", ()) if isinstance(m, msgspec.Meta) and m.description),
+            "",
+        )
+        choices = tuple(map(str, typing.get_args(base))) if typing.get_origin(base) is Literal else ()
+        leaves.append(_Leaf(f"{prefix}{name}", base, getattr(instance, name), desc, choices))
+    return tuple(leaves)
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Every float finite, every int within 64 bits: msgspec's bounds let `.inf` and 10**30 through."""
+    values = to_dict(cfg)
+    for leaf in _leaves():
+        value: Any = values
+        for part in leaf.key.split("."):
+            value = value[part]
+        if leaf.base is float and not math.isfinite(value):
+            raise ConfigError(f"config key {leaf.key!r}: {value} is not a finite number", key=leaf.key)
+        if leaf.base is int and value not in _INT64:
+            raise ConfigError(f"config key {leaf.key!r}: {value} does not fit in a 64-bit integer", key=leaf.key)
 
 
 def build_config(tree: dict[str, Any]) -> Config:
@@ -323,6 +401,7 @@ def build_config(tree: dict[str, Any]) -> Config:
         cfg = msgspec.convert(_resolve_overrides(tree, Config), Config, strict=False)
     except msgspec.ValidationError as e:
         raise _explain(e) from None
+    _check_numbers(cfg)
     check_consistency(cfg)
     return cfg
 
@@ -425,26 +504,17 @@ def check_consistency(cfg: Config) -> None:
             f"data.train_batch_size={cfg.data.train_batch_size}",
             key="async_training.require_batches",
         )
-    if not math.isfinite(at.generation_timeout):
-        raise ConfigError("config key 'async_training.generation_timeout' must be finite", key="async_training.generation_timeout")
 
 
-def describe_fields(struct: type[msgspec.Struct] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every leaf field: the config reference and `--help`."""
-    rows: list[tuple[str, str, str]] = []
-    instance = struct()
-    hints = typing.get_type_hints(struct, include_extras=True)
-    for name in struct.__struct_fields__:
-        hint = hints[name]
-        base = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
-        if isinstance(base, type) and issubclass(base, msgspec.Struct):
-            rows.extend(describe_fields(base, f"{prefix}{name}."))
-            continue
-        desc = next(
-            (m.description for m in getattr(hint, "__metadata__", ()) if isinstance(m, msgspec.Meta) and m.description),
-            "",
-        )
-        rows.append((f"{prefix}{name}", repr(getattr(instance, name)), desc))
+def describe_fields() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf field: the config reference and `--help`.
+
+    An enum key's description ends with its allowed values, so the reference never has to be guessed at.
+    """
+    rows = []
+    for leaf in _leaves():
+        choices = f" (one of: {', '.join(leaf.choices)})" if leaf.choices else ""
+        rows.append((leaf.key, repr(leaf.default), leaf.description + choices))
     return rows
 
 

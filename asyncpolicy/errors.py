@@ -44,6 +44,12 @@ class EngineTimeout(AsyncPolicyError, TimeoutError):
     """A wait on an engine passed its deadline."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type when empty): error reports stay one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def first_failure(group: BaseExceptionGroup) -> BaseException:
     """The first RunFailed inside (possibly nested) task-group exception groups, else the group.
 

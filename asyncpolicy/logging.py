@@ -1,4 +1,8 @@
-"""structlog set-up: readable key=value lines on the console, JSON lines in the run's events file."""
+"""structlog set-up: readable key=value lines on the console, JSON lines in the run's events file.
+
+Console lines go through `tqdm.write`, so a live progress bar is cleared, the line printed above
+it, and the bar drawn again, instead of the two overwriting each other.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +13,60 @@ from typing import IO, Any
 
 import msgspec
 import structlog
+from tqdm import tqdm
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-class _TeeJSON:
-    """A processor that appends each event as one JSON line to a file, then passes it on."""
+class JsonEvents:
+    """A processor that appends each event as one JSON line to a stream, then passes it on.
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    Without a stream yet it holds the events, and writes them when `open` is given the file: the
+    CLI's run directory exists only once its inputs are checked, and a bad input leaves nothing.
+    """
+
+    def __init__(self, stream: IO[bytes] | None = None) -> None:
         self.stream = stream
+        self._held: list[bytes] = []
+
+    def open(self, path: Path) -> None:
+        """Append to `path` from now on, the held events first."""
+        self.stream = open(path, "ab")  # noqa: SIM115 - lives as long as the process logs
+        self.stream.write(b"".join(self._held))
+        self.stream.flush()
+        self._held.clear()
 
     def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
-        self.stream.write(msgspec.json.encode({k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in event.items()}) + b"\n")
-        self.stream.flush()
+        line = msgspec.json.encode(
+            {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v) for k, v in event.items()}
+        )
+        if self.stream is None:
+            self._held.append(line + b"\n")
+        else:
+            self.stream.write(line + b"\n")
+            self.stream.flush()
         return event
 
 
-def configure_logging(level: str = "info", events_file: Path | None = None) -> None:
-    """Console at `level`; with `events_file`, every event of that level also goes there as JSON."""
+class _ConsoleLogger:
+    """structlog's PrintLogger interface, writing through tqdm so a progress bar stays intact."""
+
+    def msg(self, message: str) -> None:
+        tqdm.write(message, file=sys.stderr)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def configure_logging(level: str = "info", events: JsonEvents | Path | None = None) -> None:
+    """Console at `level`; with `events` (a file, or a tee opened later), every event of that level also as JSON."""
     processors: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if events_file is not None:
-        processors.append(_TeeJSON(open(events_file, "ab")))
+    if isinstance(events, Path):
+        events = JsonEvents(open(events, "ab"))  # noqa: SIM115 - lives as long as the process logs
+    if events is not None:
+        processors.append(events)
     # Plain tracebacks: rich's default shows every local (whole sample batches) and takes seconds.
     processors.append(
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback)
@@ -40,7 +74,7 @@ def configure_logging(level: str = "info", events_file: Path | None = None) -> N
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *args: _ConsoleLogger(),
         cache_logger_on_first_use=False,
     )
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import structlog
@@ -44,7 +46,7 @@ async def _watch_signals(sup: Supervisor, outcome: Outcome, stop_timeout_s: floa
         async for signum in signals:
             outcome.signal = int(signum)
             log.warning("stop_requested", signal=signal.Signals(signum).name, timeout_s=stop_timeout_s)
-            print(f"asyncpolicy: {signal.Signals(signum).name}: stopping after the current step (again to exit now)", file=sys.stderr, flush=True)
+            tqdm.write(f"asyncpolicy: {signal.Signals(signum).name}: stopping after the current step (again to exit now)", file=sys.stderr)
             sup.stop()
             break
         with anyio.move_on_after(stop_timeout_s):
@@ -69,10 +71,10 @@ async def _follow_progress(sup: Supervisor, total: int) -> None:
         bar.close()
 
 
-async def run_cli(cfg: Config) -> Outcome:
+async def run_cli(cfg: Config, on_output_dir: Callable[[Path], None] | None = None) -> Outcome:
     """Run to the end or to a signal; the Outcome carries the result and the exit code."""
     outcome = Outcome()
-    async with Supervisor(cfg) as sup:
+    async with Supervisor(cfg, on_output_dir=on_output_dir) as sup:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_watch_signals, sup, outcome, cfg.stop_timeout_s)
             if _show_progress(cfg):

@@ -13,6 +13,7 @@ threads or processes, so the host's event loop stays free. Works under asyncio a
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -67,9 +68,23 @@ class RunResult(msgspec.Struct, kw_only=True):
     output_dir: str
 
 
-def prepare_output_dir(cfg: Config) -> Path:
+def output_path(cfg: Config) -> Path:
+    """The run's directory as `output_dir` names it (a fresh timestamped one when empty); not created."""
+    return Path(cfg.output_dir or time.strftime("outputs/run-%Y%m%d-%H%M%S"))
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse, without writing anything, a directory that cannot be created or written to."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not a directory" if not existing.is_dir() else "permission denied"
+        raise ConfigError(f"config key 'output_dir': {str(out)!r} is not writable ({str(existing)!r}: {why})", key="output_dir")
+
+
+def prepare_output_dir(out: Path) -> Path:
     """The run's directory, created and checked writable; a clear ConfigError otherwise."""
-    out = Path(cfg.output_dir or time.strftime("outputs/run-%Y%m%d-%H%M%S"))
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -83,8 +98,18 @@ def prepare_output_dir(cfg: Config) -> Path:
 class Supervisor:
     """Runs rollouter, trainer and synchronizer as one structured unit."""
 
-    def __init__(self, cfg: Config, *, engines: EngineSet | None = None, task: TaskData | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        engines: EngineSet | None = None,
+        task: TaskData | None = None,
+        on_output_dir: Callable[[Path], None] | None = None,
+    ) -> None:
+        """`on_output_dir` is called with the run's directory once the inputs are checked and it
+        exists, before anything is written there (the CLI opens its events file in it)."""
         self.cfg = cfg
+        self._on_output_dir = on_output_dir
         self.rng = random.Random(cfg.seed)
         self._engines = engines
         self._task = task
@@ -112,20 +137,25 @@ class Supervisor:
     def _prepare(self) -> None:
         """Check the output dir and resume state, build engines and task, write config.json (worker thread)."""
         cfg = self.cfg
-        self.output_dir = prepare_output_dir(cfg)
-        self.resume_from = checkpoint.resolve_resume(self.output_dir, cfg.resume)
+        # Everything that can reject the input (config, output_dir, resume, model, data, reward) runs
+        # before anything on disk is created or changed: a bad-input run leaves nothing behind.
+        out = output_path(cfg)
+        check_output_dir(out)
+        self.resume_from = checkpoint.resolve_resume(out, cfg.resume)
         self.resume_state = checkpoint.load_state(self.resume_from) if self.resume_from else None
-        metrics_file = self.output_dir / "metrics.jsonl"
+        metrics_file = out / "metrics.jsonl"
         earlier_run = self.resume_state is None and metrics_file.exists() and metrics_file.stat().st_size > 0
         if earlier_run and cfg.resume != "auto":
             raise ConfigError(
-                f"config key 'output_dir': {str(self.output_dir)!r} already holds a run; "
+                f"config key 'output_dir': {str(out)!r} already holds a run; "
                 "pass resume=auto to continue it, or choose another output_dir",
                 key="output_dir",
             )
-        # Everything that can reject the input runs before anything on disk changes.
         self.engines = self._engines or build_engines(cfg, rng=self.rng)
         self.task = self._task or build_task(cfg, self.engines.tokenizer)
+        self.output_dir = prepare_output_dir(out)
+        if self._on_output_dir is not None:
+            self._on_output_dir(self.output_dir)
         if earlier_run:  # resume=auto without a complete checkpoint: start over, keeping the old lines
             aside = metrics_file.with_name(time.strftime("metrics.before-%Y%m%d-%H%M%S.jsonl"))
             metrics_file.replace(aside)

@@ -27,7 +27,7 @@ import structlog
 
 from asyncpolicy.config import Config, load_config
 from asyncpolicy.engines.protocols import EngineSet
-from asyncpolicy.logging import _TeeJSON
+from asyncpolicy.logging import JsonEvents
 from asyncpolicy.metrics import rss_bytes
 from asyncpolicy.supervisor import RunResult, Supervisor
 
@@ -189,7 +189,7 @@ def configure_bench_logging(file: IO[bytes] | None) -> None:
     """Every info event to `file` (a scenario log) as JSON; the console gets bench events only."""
     processors: list[Any] = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True)]
     if file is not None:
-        processors.append(_TeeJSON(file))
+        processors.append(JsonEvents(file))
     processors += [_console_filter, structlog.dev.ConsoleRenderer(colors=False)]
     structlog.configure(
         processors=processors,

@@ -59,7 +59,7 @@ from asyncpolicy.bench.common import (
     run_supervised,
     steady_step_s,
 )
-from asyncpolicy.config import Config, SimulatedRolloutConfig
+from asyncpolicy.config import Config, SimulatedRolloutConfig, load_config
 from asyncpolicy.engines import fsdp_worker as w
 from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
 from asyncpolicy.engines.protocols import EngineSet, GenerationRequest, GenerationResult
@@ -257,10 +257,11 @@ class _EngineCache:
         return list(gpus)
 
     def _worker_init(self, model_dir: str, micro_batch_size: int) -> w.WorkerInit:
-        return w.WorkerInit(
-            rank=0, world_size=1, gpu=None, master_port=0, model_path=model_dir, dtype="float32",
-            gradient_checkpointing=True, lr=1e-6, micro_batch_size=micro_batch_size, staleness_correction="decoupled",
-        )
+        cfg = load_config(overrides=[
+            "model.dtype=float32", "model.gradient_checkpointing=true", "trainer.lr=1e-6", "trainer.warmup_steps=0",
+            f"trainer.micro_batch_size={micro_batch_size}", "algorithm.staleness_correction=decoupled",
+        ])
+        return w.WorkerInit(model_path=model_dir, config=cfg)
 
     async def generation(self) -> Any:
         if self._generation is None:
@@ -613,7 +614,7 @@ async def _train_figures(e: BenchEngines, trainer: FSDPTrainEngine, s: GPUBenchS
     best = max(ms[1:] or ms, key=lambda m: m["perf/train_tokens_per_s"])  # the first step pays one-time costs
     return {
         "ranks": trainer.world_size, "sequences": s.train_groups * s.train_n, "seq_len": s.train_prompt_len + s.train_len,
-        "tokens_per_s": best["perf/train_tokens_per_s"], "step_s": [m["perf/train_step_s"] for m in ms], "mfu": best["perf/mfu"],
+        "tokens_per_s": best["perf/train_tokens_per_s"], "step_s": [m["perf/train_step_s"] for m in ms], "mfu": best.get("perf/mfu", 0.0),  # CUDA only
         "peak_mem_GiB": best.get("perf/gpu_mem_peak_GB", 0.0), "loss_finite": all(math.isfinite(m["losses/loss"]) for m in ms),
     }
 

@@ -1,15 +1,17 @@
 """One FSDP2 training process (one GPU); `FSDPTrainEngine` starts `trainer.n_gpus_per_node` of them.
 
 The process owns a shard of the policy (FSDP2 `fully_shard` per decoder layer, bf16 compute,
-fp32 gradient reduction), its optimizer and LR schedule, and — on rank 0 — the flat bf16 buffer
-that weight syncs send. It obeys typed msgspec commands from a pipe and answers each with one
-`Reply`; every rank gets every command, so collectives (FSDP all-gathers, the optimizer step,
-gathering full weights) line up. On CPU (tests) it runs the same code over gloo.
+fp32 gradient reduction), of the reference policy when `algorithm.kl_coef > 0`, its optimizer and
+LR schedule, and — on rank 0 — the flat bf16 buffer that weight syncs send. It obeys typed msgspec
+commands from a pipe and answers each with one `Reply`; every rank gets every command, so
+collectives (FSDP all-gathers, the optimizer step, gathering full weights) line up. On CPU
+(tests) it runs the same code over gloo.
 
-Loss: the same maths as the CPU trainer (`asyncpolicy.algorithms`): group advantages, PPO-clip
-against the proximal (decoupled) or behaviour logprobs, truncated importance weights,
-token-level aggregation by mini-batch totals so gradient accumulation is exact across
-micro-batches AND ranks.
+A training step is `torch_policy.StepRunner.run`, the CPU trainer's own: collation, loss,
+updates and metrics are shared. What is FSDP's alone lives here (`_ShardedStep`): rows dealt to
+ranks with the same number of micro-batches on each, the global grad norm of DTensors, and one
+all-reduce of the step's sums. Losses are normalised by mini-batch totals over ALL ranks, so
+gradient accumulation is exact across micro-batches and ranks.
 """
 
 from __future__ import annotations
@@ -24,35 +26,22 @@ from typing import Any
 
 import msgspec
 
+from asyncpolicy.config import Config
+from asyncpolicy.engines.torch_policy import PolicyLogprobs, StepRunner, make_optimizer, make_scheduler
 from asyncpolicy.samples import Sample
 
 # ---- messages ---------------------------------------------------------------------------------
 
 
 class WorkerInit(msgspec.Struct, kw_only=True):
-    rank: int
-    world_size: int
-    gpu: int | None  # physical GPU index; None = CPU (gloo), for tests
-    master_port: int
+    """What a rank needs to start: where it sits, the model directory and the run's configuration."""
+
     model_path: str
-    dtype: str = "float32"  # master parameter dtype; compute is bf16 on GPU
-    gradient_checkpointing: bool = True
-    lr: float = 1e-6
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    total_steps: int = 1000
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch_size: int = 8
-    require_batches: int = 1
-    adv_estimator: str = "grpo"
-    norm_adv_by_std: bool = True
-    clip_ratio: float = 0.2
-    staleness_correction: str = "decoupled"
-    tis_cap: float = 2.0
-    loss_agg_mode: str = "token-mean"
-    temperature: float = 1.0  # the sampler's: behaviour logprobs are of softmax(logits / T)
-    seed: int = 0
+    config: Config  # the run's; the trainer, algorithm, model and rollout.temperature sections apply
+    rank: int = 0  # rank, world_size, gpu and master_port are set per process by FSDPTrainEngine.start
+    world_size: int = 1
+    gpu: int | None = None  # physical GPU index; None = CPU (gloo), for tests
+    master_port: int = 0
     peak_flops: float = 989e12  # dense bf16 of one H100/H200 SXM, for MFU
 
 
@@ -141,69 +130,47 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-# ---- batch building (pure, tested on CPU) ------------------------------------------------------
-
-
-class Row(msgspec.Struct, kw_only=True):
-    """One response as the loss sees it."""
-
-    input_ids: list[int]  # prompt + response
-    prompt_len: int
-    advantage: float
-    behaviour_logprobs: list[float]
-
-
-def build_rows(samples: list[Sample], estimator: str, norm_by_std: bool) -> list[Row]:
-    """Every non-empty response of the batch with its group advantage."""
-    import torch
-
-    from asyncpolicy.algorithms.advantages import compute_advantages
-
-    rows: list[Row] = []
-    for s in samples:
-        rewards = torch.tensor([[t.reward for t in s.trajectories]], dtype=torch.float64)  # (1, n)
-        adv = compute_advantages(rewards, estimator, norm_by_std)[0]
-        for t, a in zip(s.trajectories, adv.tolist(), strict=True):
-            if not t.response_tokens:
-                continue
-            rows.append(
-                Row(
-                    input_ids=list(s.prompt.tokens) + list(t.response_tokens),
-                    prompt_len=len(s.prompt.tokens),
-                    advantage=float(a),
-                    behaviour_logprobs=list(t.behaviour_logprobs),
-                )
-            )
-    return rows
-
-
-def shard_rows(rows: list[Row], rank: int, world: int, micro: int) -> list[list[Row]]:
-    """This rank's micro-batches; every rank gets the SAME number (FSDP collectives must line up).
-
-    Rows are sorted by length and dealt round-robin, so ranks get similar token counts and each
-    micro-batch holds similar lengths (little padding). Missing micro-batches are empty lists.
-    """
-    ordered = sorted(rows, key=lambda r: len(r.input_ids), reverse=True)
-    mine = ordered[rank::world]
-    per_rank = math.ceil(len(ordered) / world) if ordered else 0
-    n_micro = max(1, math.ceil(per_rank / micro))
-    out = [mine[i * micro : (i + 1) * micro] for i in range(n_micro)]
-    return out
-
-
 # ---- the process --------------------------------------------------------------------------------
 
 
+class _ShardedStep(StepRunner):
+    """The shared training step on one FSDP rank: its share of the rows, the global grad norm of
+    DTensor gradients, and the step's sums over all ranks."""
+
+    def __init__(self, *args: Any, rank: int, dist: Any) -> None:
+        super().__init__(*args)
+        self.rank = rank
+        self.dist = dist
+
+    def micro_batches(self, rows: range, lengths: list[int]) -> list[list[int]]:
+        """Rows sorted by length and dealt round-robin, so ranks get similar token counts; every
+        rank gets the SAME number of micro-batches (FSDP collectives must line up), padded with
+        empty ones. With one rank: the CPU trainer's micro-batches exactly."""
+        ordered = sorted(rows, key=lambda r: -lengths[r])
+        mine = ordered[self.rank :: self.world_size]
+        size = self.cfg.trainer.micro_batch_size
+        n_micro = max(1, math.ceil(math.ceil(len(ordered) / self.world_size) / size))
+        return [mine[i * size : (i + 1) * size] for i in range(n_micro)]
+
+    def clip_grad_norm(self) -> Any:
+        norm = super().clip_grad_norm()
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor: same on every rank
+
+    def all_reduce(self, sums: Any, maxes: Any) -> None:
+        self.dist.all_reduce(sums)
+        self.dist.all_reduce(maxes, op=self.dist.ReduceOp.MAX)
+
+
 class _Policy:
-    """Model, optimizer, schedule and weight-sync buffers of one rank."""
+    """Model (and reference), optimizer, schedule and weight-sync buffers of one rank."""
 
     def __init__(self, init: WorkerInit) -> None:
         import torch
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
+        cfg = init.config
         self.init = init
         self.torch = torch
         cuda = init.gpu is not None
@@ -219,166 +186,73 @@ class _Policy:
         )
         self.dist = dist
         mesh = init_device_mesh(self.device.type, (init.world_size,))
-        torch.manual_seed(init.seed)  # same random init on every rank when the dir has no weights
-        dtype = getattr(torch, init.dtype)
-        has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(init.model_path))
-        if has_weights:
-            model = AutoModelForCausalLM.from_pretrained(init.model_path, dtype=dtype, attn_implementation="sdpa")
-        else:
-            config = AutoConfig.from_pretrained(init.model_path)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-        if init.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-        # transformers declares `to` with @wraps(nn.Module.to), which types it as unbound (self first)
-        model.to(self.device)  # type: ignore[arg-type]
-        self.names = [n for n, _ in model.named_parameters()]  # HF names; tied weights appear once
-        wrapper = _make_logprob_module()(model, init.temperature)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
+        model = self._load_model()
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.names = [n for n, _ in model.named_parameters()]  # HF names; tied weights appear once
         self.n_params = sum(p.numel() for p in model.parameters())
         # Small models: keep layers gathered from forward to backward (ZeRO-2-like): the memory
         # is small and it saves one all-gather per layer per micro-batch (two with recompute).
         kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self.n_params > 2e9}
         if mp is not None:
             kw["mp_policy"] = mp
-        for layer in model.model.layers:
-            fully_shard(layer, **kw)
-        fully_shard(wrapper, **kw)  # root: embeddings, final norm, lm_head
-        self.module = wrapper
+        self.module = self._shard(PolicyLogprobs(model, cfg.rollout.temperature), kw)
+        ref = None
+        if cfg.algorithm.kl_coef > 0:  # the initial model at model.path, sharded like the policy, frozen
+            ref_model = self._load_model().requires_grad_(False)
+            # no backward to keep its layers gathered for: free them after each forward
+            ref = self._shard(PolicyLogprobs(ref_model, cfg.rollout.temperature), {**kw, "reshard_after_forward": True}).eval()
         self.cfg = model.config
-        self.opt = torch.optim.AdamW(wrapper.parameters(), lr=init.lr, weight_decay=init.weight_decay, betas=(0.9, 0.999))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        self.opt = make_optimizer(self.module.parameters(), cfg)
+        self.sched = make_scheduler(self.opt, cfg)
+        pad = self.cfg.pad_token_id
+        self.step = _ShardedStep(
+            cfg, self.module, ref, self.opt, self.sched, self.device, pad if isinstance(pad, int) else 0,
+            init.world_size, rank=init.rank, dist=dist,
+        )
         self.steps = 0
         self.flat: Any = None
         self.meta: list[tuple[str, list[int], int, int]] = []
         self.group: Any = None
 
-    def _lr_factor(self, step: int) -> float:
-        from asyncpolicy.algorithms.schedule import lr_lambda  # the CPU trainer's schedule, exactly
+    def _load_model(self) -> Any:
+        """The causal LM at model_path; a directory with only a config gets the same seeded random
+        init on every rank (and for the reference)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        return lr_lambda(step, self.init.warmup_steps, self.init.total_steps, self.init.lr_schedule)
+        torch, init = self.torch, self.init
+        torch.manual_seed(init.config.seed)
+        dtype = getattr(torch, init.config.model.dtype)
+        has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(init.model_path))
+        if has_weights:
+            model = AutoModelForCausalLM.from_pretrained(init.model_path, dtype=dtype, attn_implementation="sdpa")
+        else:
+            config = AutoConfig.from_pretrained(init.model_path)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model.config.use_cache = False
+        # transformers declares `to` with @wraps(nn.Module.to), which types it as unbound (self first)
+        return model.to(self.device)  # type: ignore[arg-type]
+
+    def _shard(self, wrapper: Any, kw: dict[str, Any]) -> Any:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in wrapper.model.model.layers:
+            fully_shard(layer, **kw)
+        fully_shard(wrapper, **kw)  # root: embeddings, final norm, lm_head
+        return wrapper
 
     # -- training --
 
-    def _tensors(self, rows: list[Row]) -> tuple[Any, Any, Any, Any, Any]:
-        """Right-padded (B, T) ids and attention mask, and (B, T-1) response mask/advantage/behaviour."""
-        torch = self.torch
-        if not rows:  # an empty micro-batch keeps the collectives in step; it contributes 0
-            rows = [Row(input_ids=[0, 0], prompt_len=1, advantage=0.0, behaviour_logprobs=[0.0])]
-            empty = True
-        else:
-            empty = False
-        T = max(len(r.input_ids) for r in rows)
-        B = len(rows)
-        ids = torch.zeros((B, T), dtype=torch.long)
-        attn = torch.zeros((B, T), dtype=torch.long)
-        resp = torch.zeros((B, T - 1), dtype=torch.bool)
-        adv = torch.zeros((B, T - 1), dtype=torch.float32)
-        behav = torch.zeros((B, T - 1), dtype=torch.float32)
-        for b, r in enumerate(rows):
-            L, P = len(r.input_ids), r.prompt_len
-            ids[b, :L] = torch.tensor(r.input_ids)
-            attn[b, :L] = 1
-            n = L - P  # response tokens, predicted at positions P-1 .. L-2
-            if not empty:
-                resp[b, P - 1 : L - 1] = True
-            adv[b, P - 1 : L - 1] = r.advantage
-            behav[b, P - 1 : L - 1] = torch.tensor(r.behaviour_logprobs[:n], dtype=torch.float32)
-        d = self.device
-        full = bool(attn.all())  # no padding: let SDPA take its fastest causal path
-        return (
-            ids.to(d, non_blocking=True),
-            None if full else attn.to(d, non_blocking=True),
-            resp.to(d, non_blocking=True),
-            adv.to(d, non_blocking=True),
-            behav.to(d, non_blocking=True),
-        )
-
     def train(self, cmd: Train) -> dict[str, float]:
-        torch = self.torch
-        from asyncpolicy.algorithms.importance import anchor_and_weights
-        from asyncpolicy.algorithms.kl import kl_k3
-        from asyncpolicy.algorithms.ppo_loss import aggregate_loss, ppo_clip_token_loss
-
-        i = self.init
-        t0 = time.perf_counter()
-        self.module.train()
-        nb = i.require_batches
-        minis = [cmd.batch[k::nb] for k in range(nb)] if len(cmd.batch) >= nb else [cmd.batch]
-        prox_all: list[list[Any]] | None = None
-        if i.staleness_correction == "decoupled" and len(minis) > 1:
-            # proximal logprobs must come from the weights BEFORE the step's first update
-            prox_all = []
-            with torch.no_grad():
-                for mini in minis:
-                    rows = build_rows(mini, i.adv_estimator, i.norm_adv_by_std)
-                    prox_all.append(
-                        [self.module(*self._tensors(mb)[:3]).float() for mb in shard_rows(rows, i.rank, i.world_size, i.micro_batch_size)]
-                    )
-        sums = torch.zeros(8, dtype=torch.float64, device=self.device)
-        # 0 loss, 1 clipped tokens, 2 k3(behaviour→current) sum, 3 response tokens, 4 all tokens, 5 grad_norm, 6 ratio sum, 7 seqs
-        for k, mini in enumerate(minis):
-            rows = build_rows(mini, i.adv_estimator, i.norm_adv_by_std)
-            total_tokens = float(sum(len(r.input_ids) - r.prompt_len for r in rows))
-            total_seqs = float(len(rows))
-            for m, mb in enumerate(shard_rows(rows, i.rank, i.world_size, i.micro_batch_size)):
-                ids, attn, resp, adv, behav = self._tensors(mb)
-                logp_sel = self.module(ids, attn, resp).float()  # (N,) logprobs of response tokens
-                logp = torch.zeros(resp.shape, dtype=torch.float32, device=self.device)
-                logp = logp.masked_scatter(resp, logp_sel)  # (B, T-1)
-                if prox_all is not None:
-                    prox = torch.zeros_like(logp).masked_scatter(resp, prox_all[k][m])
-                else:
-                    prox = logp.detach()
-                old, weight = anchor_and_weights(i.staleness_correction, behav, prox, i.tis_cap)
-                pg_loss, ratio, clipped = ppo_clip_token_loss(logp, old, adv, i.clip_ratio)
-                mask = resp.float()
-                loss = aggregate_loss(pg_loss * weight, mask, i.loss_agg_mode, total_tokens, total_seqs)
-                # FSDP averages gradients over ranks; each rank's loss is already its share of the
-                # mini-batch total, so scale back up to get the sum.
-                (loss * i.world_size).backward()
-                with torch.no_grad():
-                    sums[0] += loss.double()
-                    sums[1] += (clipped * mask).sum().double()
-                    # k3 estimate of KL(π_behav ‖ π_θ) on tokens sampled from π_behav
-                    sums[2] += (kl_k3(behav, logp.detach()) * mask).sum().double()
-                    sums[3] += mask.sum().double()
-                    sums[4] += float(sum(len(r.input_ids) for r in mb))
-                    sums[6] += (ratio.detach() * mask).sum().double()
-                    sums[7] += float(len(mb))
-            gn = torch.nn.utils.clip_grad_norm_(self.module.parameters(), i.grad_clip)
-            if hasattr(gn, "full_tensor"):
-                gn = gn.full_tensor()
-            sums[5] += float(gn) / len(minis) / i.world_size  # summed over ranks below
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        lr = self.sched.get_last_lr()[0]
-        self.sched.step()
+        m = self.step.run(cmd.batch, cmd.version)
         self.steps += 1
-        self.dist.all_reduce(sums)  # also a sync point: step time below is the slowest rank's
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        s = sums.tolist()
-        tokens = s[4]
-        # 6 N flops per trained token (forward 2N + backward 4N), recompute not counted: model FLOPs
-        flops = 6.0 * self.n_params * tokens
-        stats = {
-            "losses/loss": s[0] / max(1, len(minis)),
-            "losses/clipfrac": s[1] / max(1.0, s[3]),
-            "is/approx_kl_behaviour_k3": s[2] / max(1.0, s[3]),  # KL(behaviour || current), k3 estimator
-            "is/ratio_mean": s[6] / max(1.0, s[3]),
-            "train/grad_norm": s[5],
-            "train/lr": lr,
-            "train/tokens": s[3],
-            "train/seqs": s[7],
-            "perf/train_step_s": dt,
-            "perf/train_tokens_per_s": tokens / dt,  # prompt + response tokens through forward/backward
-            "perf/mfu": flops / dt / (i.peak_flops * i.world_size) if self.device.type == "cuda" else 0.0,
-        }
-        if self.device.type == "cuda":
-            stats["perf/gpu_mem_peak_GB"] = torch.cuda.max_memory_allocated() / 2**30
-        return stats
+            # 6 N flops per trained token (forward 2N + backward 4N), recompute not counted: model FLOPs
+            flops_per_s = 6.0 * self.n_params * m["perf/train_tokens_per_s"]
+            m["perf/mfu"] = flops_per_s / (self.init.peak_flops * self.init.world_size)
+            m["perf/gpu_mem_peak_GB"] = self.torch.cuda.max_memory_allocated() / 2**30
+        return m
 
     # -- weights out --
 
@@ -496,38 +370,6 @@ class _Policy:
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p
                 total += float(full.to(self.torch.bfloat16).double().sum())  # what vLLM holds: bf16
         return total
-
-
-def _logprob_forward(model: Any, ids: Any, attn: Any, resp: Any, temperature: float) -> Any:
-    """Logprobs of the response tokens only: the LM head runs on response positions alone.
-
-    Same quantity as `torch_policy.token_logprobs` (softmax of logits / sampling temperature),
-    without materialising (B, T, V) logits for prompt positions.
-    """
-    import torch
-
-    hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, T, H)
-    h = hidden[:, :-1][resp]  # (N, H) positions that predict a response token
-    targets = ids[:, 1:][resp]  # (N,)
-    logits = model.lm_head(h).float() / temperature  # (N, V)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def _make_logprob_module() -> type:
-    import torch
-
-    class LogprobModule(torch.nn.Module):
-        """Root FSDP unit: its forward gathers embeddings/lm_head, then runs `_logprob_forward`."""
-
-        def __init__(self, model: Any, temperature: float) -> None:
-            super().__init__()
-            self.model = model
-            self.temperature = temperature
-
-        def forward(self, ids: Any, attn: Any, resp: Any) -> Any:
-            return _logprob_forward(self.model, ids, attn, resp, self.temperature)
-
-    return LogprobModule
 
 
 def worker_main(init_blob: bytes, conn: Any) -> None:

@@ -152,10 +152,6 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
     """The engines of a vLLM + FSDP2 run (not started). Raises ConfigError for what cannot work."""
     import_vllm()
     path = resolve_vllm_model(cfg)
-    if cfg.algorithm.kl_coef > 0:
-        raise ConfigError(
-            "config key 'algorithm.kl_coef': the fsdp trainer keeps no reference model yet; use 0", key="algorithm.kl_coef"
-        )
     if cfg.rollout.top_p < 1.0:
         # vLLM's processed logprobs are renormalised over the nucleus; the trainer's are not
         log.warning("top_p_logprob_mismatch", top_p=cfg.rollout.top_p,
@@ -211,33 +207,7 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
 
 def worker_init(cfg: Config, model_path: str) -> w.WorkerInit:
     """What every FSDP rank is started with (rank, world size, GPU and port are filled in per rank)."""
-    t = cfg.trainer
-    a = cfg.algorithm
-    return w.WorkerInit(
-        rank=0,
-        world_size=1,
-        gpu=None,
-        master_port=0,
-        model_path=model_path,
-        dtype=cfg.model.dtype,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-        lr=t.lr,
-        warmup_steps=t.warmup_steps,
-        lr_schedule=t.lr_schedule,
-        total_steps=t.total_training_steps,
-        weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip,
-        micro_batch_size=t.micro_batch_size,
-        require_batches=cfg.async_training.require_batches,
-        adv_estimator=a.adv_estimator,
-        norm_adv_by_std=a.norm_adv_by_std,
-        clip_ratio=a.clip_ratio,
-        staleness_correction=a.staleness_correction,
-        tis_cap=a.tis_cap,
-        loss_agg_mode=a.loss_agg_mode,
-        temperature=cfg.rollout.temperature,
-        seed=cfg.seed,
-    )
+    return w.WorkerInit(model_path=model_path, config=cfg)
 
 
 def _physical(index: int) -> int:

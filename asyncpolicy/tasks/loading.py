@@ -17,7 +17,8 @@ from typing import Any
 import structlog
 
 from asyncpolicy.config import Config
-from asyncpolicy.errors import ConfigError
+from asyncpolicy.errors import ConfigError, first_line
+from asyncpolicy.models.tiny import ALPHABET_TEXT, character_vocabulary
 from asyncpolicy.samples import Prompt
 from asyncpolicy.tasks import builtin
 from asyncpolicy.tasks.base import PromptRecord, PromptSource, TaskData
@@ -70,9 +71,10 @@ def import_reward_fn(path: str) -> Callable[[str, str, str], float]:
         )
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
+    except Exception as e:  # noqa: BLE001 - the user's module may fail any way on import (SyntaxError, its own raise)
         raise ConfigError(
-            f"config key 'task.reward_fn': cannot import module {module_name!r}: {e}", key="task.reward_fn"
+            f"config key 'task.reward_fn': cannot import module {module_name!r}: {type(e).__name__}: {first_line(e)}",
+            key="task.reward_fn",
         ) from None
     fn = getattr(module, attr, None)
     if not callable(fn):
@@ -95,10 +97,25 @@ def _read_rows(path: str, key: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 f"config key {key!r}: {path!r} is Parquet, which needs pyarrow: pip install asyncpolicy[parquet]",
                 key=key,
             ) from None
-        yield from enumerate(pq.read_table(p).to_pylist(), start=1)
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise ConfigError(f"config key {key!r}: {path!r} is not a readable Parquet file: {first_line(e)}", key=key) from None
+        yield from enumerate(rows, start=1)
         return
-    with p.open() as f:
-        for number, line in enumerate(f, start=1):
+    try:
+        f = p.open("rb")
+    except OSError as e:
+        raise ConfigError(f"config key {key!r}: file {path!r} cannot be read: {e.strerror or e}", key=key) from None
+    with f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(
+                    f"config key {key!r}: {path}:{number} is not UTF-8 text ({e.reason} at byte {e.start} of the line)",
+                    key=key,
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -108,6 +125,19 @@ def _read_rows(path: str, key: str) -> Iterator[tuple[int, dict[str, Any]]]:
             if not isinstance(row, dict):
                 raise ConfigError(f"config key {key!r}: {path}:{number} is not a JSON object", key=key)
             yield number, row
+
+
+def _refuse_unknown_chars(known: frozenset[str], texts: tuple[tuple[str, str], ...], key: str, where: str) -> None:
+    """A character-level model would drop these characters without a word: bad input, named."""
+    for text, what in texts:
+        for column, char in enumerate(text, start=1):
+            if char not in known:
+                raise ConfigError(
+                    f"config key {key!r}: {where}: character {char!r} (U+{ord(char):04X}) at position {column} of the "
+                    f"{what} is not in the model's character vocabulary (the embedded model takes {ALPHABET_TEXT}); "
+                    "use a Hugging Face model (model.path) for other text",
+                    key=key,
+                )
 
 
 def fit_prompt(tokens: list[int], cfg: Config, where: str) -> list[int] | None:
@@ -131,6 +161,7 @@ def load_records(cfg: Config, files: list[str], key: str, tokenizer: Any) -> lis
     data = cfg.data
     records: list[PromptRecord] = []
     skipped = 0
+    known_chars = character_vocabulary(tokenizer)
     for path in files:
         before, skipped_before = len(records), skipped
         for number, row in _read_rows(path, key):
@@ -144,11 +175,14 @@ def load_records(cfg: Config, files: list[str], key: str, tokenizer: Any) -> lis
                     f"config key 'data.prompt_key': {where}: prompt is {type(text).__name__}, not a string",
                     key="data.prompt_key",
                 )
+            answer = str(row[data.answer_key])
+            if known_chars is not None:
+                _refuse_unknown_chars(known_chars, ((text, "prompt"), (answer, "ground truth")), key, where)
             tokens = fit_prompt(encode_prompt(tokenizer, text), cfg, where)
             if tokens is None:
                 skipped += 1
                 continue
-            records.append(PromptRecord(text=text, tokens=tokens, ground_truth=str(row[data.answer_key])))
+            records.append(PromptRecord(text=text, tokens=tokens, ground_truth=answer))
         if len(records) == before and skipped == skipped_before:
             raise ConfigError(f"config key {key!r}: file {path!r} holds no prompts", key=key)
     if skipped:

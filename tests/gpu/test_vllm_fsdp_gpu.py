@@ -37,6 +37,7 @@ def model_dir(tmp_path_factory) -> str:
 
 
 async def _engines(model_dir: str, vllm_gpu: int, trainer_gpu: int):
+    from asyncpolicy.config import load_config
     from asyncpolicy.engines import fsdp_worker as w
     from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
     from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings
@@ -44,7 +45,8 @@ async def _engines(model_dir: str, vllm_gpu: int, trainer_gpu: int):
     gen = VLLMGenerationEngine(VLLMSettings(model_path=model_dir, gpus=[vllm_gpu], dummy_weights=True, stop_token_ids=[151645],
                                             max_model_len=1024, gpu_memory_utilization=0.3, enforce_eager=True))
     await gen.start()
-    base = w.WorkerInit(rank=0, world_size=1, gpu=None, master_port=0, model_path=model_dir, micro_batch_size=8)
+    cfg = load_config(overrides=["model.gradient_checkpointing=true", "trainer.lr=1e-6", "trainer.warmup_steps=0", "trainer.micro_batch_size=8"])
+    base = w.WorkerInit(model_path=model_dir, config=cfg)
     trainer = FSDPTrainEngine(base, [trainer_gpu], timeout_s=300)
     await trainer.start()
     return gen, trainer

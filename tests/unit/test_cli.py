@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from asyncpolicy.cli import reward_summary
+from asyncpolicy.models import tiny
+
+ROOT = Path(__file__).resolve().parents[2]
 SIM = ["rollout.engine=simulated", "trainer.engine=simulated", "progress=off"]
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m asyncpolicy ARGS`, run in `cwd` (default: the repository) on this checkout's code."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "asyncpolicy", *args], capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, "-m", "asyncpolicy", *args],
+        capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd, env=env,
     )
 
 
@@ -108,4 +116,155 @@ def test_a_persistent_sync_failure_exits_1_naming_the_trainer_and_the_cause(tmp_
     assert last == (
         "asyncpolicy: run failed: actor 'trainer' failed: SyncFailed: weight sync to version 1 failed after 2 attempt(s): "
         "SimulatedEngineError('simulated weight-transfer failure for version 1')"
+    )
+
+
+# -- bad input leaves nothing behind --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded_model() -> None:
+    """Build the embedded model up front, so a run's stderr holds only its own error line."""
+    tiny.ensure_embedded()
+
+
+def assert_nothing_written(cwd: Path) -> None:
+    assert not (cwd / "outputs").exists(), sorted(p.name for p in (cwd / "outputs").iterdir())
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("seed=99999999999999999999999999", "'seed'"),
+        ("trainer.lr=.inf", "'trainer.lr': inf is not a finite number"),
+        ("async_training.sync_timeout=.inf", "'async_training.sync_timeout'"),
+        ("rollout.engine=ray", "one of: simulated, hf, vllm"),
+    ],
+)
+def test_bad_value_exits_2_and_writes_nothing(tmp_path: Path, override: str, named: str) -> None:
+    assert_bad_input(cli("run", "progress=off", override, cwd=tmp_path), named)
+    assert_nothing_written(tmp_path)
+
+
+def write_rows(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_data_file_that_is_not_utf8_exits_2_naming_file_and_line(tmp_path: Path, embedded_model: None) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(b'{"prompt": "ab>", "ground_truth": "ba"}\n{"prompt": "\xff\xfe", "ground_truth": "x"}\n')
+    (tmp_path / "rewards.py").write_text("def score(prompt, response, ground_truth):\n    return 0.0\n")
+    proc = cli("run", "progress=off", f"data.train_files=[{data}]", "task.reward_fn=rewards:score", cwd=tmp_path)
+    assert_bad_input(proc, "'data.train_files'", f"{data}:2 is not UTF-8 text")
+    assert_nothing_written(tmp_path)
+
+
+def test_character_outside_the_embedded_vocabulary_exits_2_naming_file_line_and_character(
+    tmp_path: Path, embedded_model: None
+) -> None:
+    """A space or a capital is fine now; an 'é' would be dropped without a word, so it is refused."""
+    data = write_rows(
+        tmp_path / "train.jsonl",
+        [{"prompt": "Sort these letters: eszy", "ground_truth": "esyz"}, {"prompt": "caf\u00e9", "ground_truth": "x"}],
+    )
+    (tmp_path / "rewards.py").write_text("def score(prompt, response, ground_truth):\n    return 0.0\n")
+    proc = cli("run", "progress=off", f"data.train_files=[{data}]", "task.reward_fn=rewards:score", cwd=tmp_path)
+    assert_bad_input(proc, f"{data}:2: character 'é' (U+00E9) at position 4 of the prompt", "printable ASCII")
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "source, named",
+    [
+        ("def score(prompt, response, ground_truth:\n    return 0.0\n", "SyntaxError: "),
+        ("raise RuntimeError('no GPU here')\n", "RuntimeError: no GPU here"),
+    ],
+)
+def test_reward_module_that_fails_on_import_exits_2(tmp_path: Path, embedded_model: None, source: str, named: str) -> None:
+    data = write_rows(tmp_path / "train.jsonl", [{"prompt": "ab>", "ground_truth": "ba"}])
+    (tmp_path / "broken_reward.py").write_text(source)
+    proc = cli("run", "progress=off", f"data.train_files=[{data}]", "task.reward_fn=broken_reward:score", cwd=tmp_path)
+    assert_bad_input(proc, "'task.reward_fn'", "cannot import module 'broken_reward'", named)
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "config_json, named",
+    [("{not json", "is not valid JSON"), ('{"model_type": "no-such-model"}', "is not a model config transformers can load")],
+)
+def test_model_directory_with_a_corrupt_config_exits_2(tmp_path: Path, config_json: str, named: str) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(config_json)
+    (model / "tokenizer.json").write_text("{}")
+    assert_bad_input(cli("run", "progress=off", f"model.path={model}", cwd=tmp_path), "'model.path'", named)
+    assert_nothing_written(tmp_path)
+
+
+def test_model_directory_with_corrupt_weights_exits_2(tmp_path: Path) -> None:
+    model = Path(tiny.ensure_embedded())
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in model.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "model.safetensors").write_bytes(b"\x00" * 16)
+    proc = cli("run", "progress=off", f"model.path={copy}", cwd=tmp_path)
+    assert_bad_input(proc, "'model.path'", "model.safetensors' is not a readable safetensors file")
+    assert_nothing_written(tmp_path)
+
+
+# -- the console script and `python -m` find the same modules ------------------------------------
+
+
+def console_script(tmp_path: Path) -> Path:
+    """The wrapper pip writes for `[project.scripts] asyncpolicy`, placed outside the working directory."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "asyncpolicy"
+    script.write_text("import sys\nfrom asyncpolicy.cli import main\nif __name__ == '__main__':\n    sys.exit(main())\n")
+    return script
+
+
+def test_console_script_and_python_m_import_a_reward_module_from_the_current_directory(
+    tmp_path: Path, embedded_model: None
+) -> None:
+    """Both report the module's own error, so both found ./cwd_reward.py (not 'No module named ...')."""
+    work = tmp_path / "work"
+    work.mkdir()
+    data = write_rows(work / "train.jsonl", [{"prompt": "ab>", "ground_truth": "ba"}])
+    (work / "cwd_reward.py").write_text("raise RuntimeError('found in the current directory')\n")
+    args = ["run", "progress=off", f"data.train_files=[{data}]", "task.reward_fn=cwd_reward:score"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = subprocess.run(
+        [sys.executable, str(console_script(tmp_path)), *args],
+        capture_output=True, text=True, timeout=120, check=False, cwd=work, env=env,
+    )
+    module = cli(*args, cwd=work)
+    for proc in (script, module):
+        assert_bad_input(proc, "cannot import module 'cwd_reward': RuntimeError: found in the current directory")
+    assert script.stderr == module.stderr
+
+
+# -- the summary line ---------------------------------------------------------------------------
+
+
+def test_summary_line_shows_first_and_last_reward(tmp_path: Path) -> None:
+    proc = cli("run", *SIM, "trainer.total_training_steps=20", f"output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = (sum(r["reward_mean"] for r in part) / 2 for part in (rows[:2], rows[-2:]))
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("finished 20 steps in ")
+    assert f": reward {first:.3f} -> {last:.3f} (mean of the first and last 2 step(s)); made " in last_line
+
+
+def test_reward_summary_includes_the_latest_validation(tmp_path: Path) -> None:
+    rows = [{"step": s, "reward_mean": s / 10, "val_reward_mean": None, "val_step": None} for s in range(1, 11)]
+    rows[4].update(val_reward_mean=0.25, val_step=5)
+    rows[9].update(val_reward_mean=0.75, val_step=10)
+    rows[8]["reward_mean"] = None  # a step without a finite reward is left out, not counted as 0
+    write_rows(tmp_path / "metrics.jsonl", rows)  # type: ignore[arg-type]
+    assert reward_summary(tmp_path / "metrics.jsonl") == (
+        "reward 0.100 -> 1.000 (mean of the first and last 1 step(s)), validation reward 0.750 (step 10)"
     )

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncpolicy.cli import main
-from asyncpolicy.config import Config, describe_fields, load_config
+from asyncpolicy.config import Config, describe_fields, load_config, to_dict
 from asyncpolicy.errors import ConfigError
 
 
@@ -76,7 +76,24 @@ def test_empty_yaml_file_means_defaults(tmp_path: Path) -> None:
 )
 def test_unknown_key_is_named(override: str, key: str) -> None:
     err = error_of(override)
-    assert str(err) == f"unknown config key {key!r}" and err.key == key
+    assert str(err).startswith(f"unknown config key {key!r}") and err.key == key
+
+
+@pytest.mark.parametrize(
+    "override, meant",
+    [
+        ("trainer.lr_schedul=cosine", "trainer.lr_schedule"),  # a typo in the name
+        ("data.lr=0.1", "trainer.lr"),  # the right name in the wrong section
+        ("outputdir=x", "output_dir"),
+        ("trainr.lr=0.1", "trainer"),  # a typo in the section
+    ],
+)
+def test_unknown_key_suggests_the_closest_one(override: str, meant: str) -> None:
+    assert str(error_of(override)).endswith(f"; did you mean {meant!r}?")
+
+
+def test_unknown_key_without_a_close_one_points_to_the_reference() -> None:
+    assert str(error_of("foo=1")) == "unknown config key 'foo' (`python -m asyncpolicy config` lists every key)"
 
 
 def test_wrong_type_names_the_key_and_the_types() -> None:
@@ -109,12 +126,52 @@ def test_require_batches_must_divide_the_batch() -> None:
     assert str(err) == "config key 'async_training.require_batches': 3 does not divide data.train_batch_size=16"
 
 
-def test_infinite_generation_timeout_is_refused() -> None:
-    assert error_of("async_training.generation_timeout=.inf").key == "async_training.generation_timeout"
+def default_of(key: str) -> object:
+    value: object = to_dict(Config())
+    for part in key.split("."):
+        value = value[part]  # type: ignore[index]
+    return value
 
 
-def test_unknown_engine_names_the_key() -> None:
-    assert str(error_of("rollout.engine=foo")) == "config key 'rollout.engine': invalid enum value 'foo'"
+FLOAT_KEYS = [key for key, _, _ in describe_fields() if isinstance(default_of(key), float)]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_every_float_key_refuses_non_finite_values(key: str, value: str) -> None:
+    """No key gives infinity a meaning: timeouts bound every wait, and an infinite LR only makes NaN losses."""
+    assert error_of(f"{key}={value}").key == key
+
+
+def test_the_timeouts_follow_one_rule() -> None:
+    timeouts = [key for key in FLOAT_KEYS if "timeout" in key]
+    assert len(timeouts) == 5
+    docs = {key: desc for key, _, desc in describe_fields()}
+    assert all(docs[key].endswith("(finite)") for key in timeouts)
+    assert str(error_of("trainer.lr=.inf")) == "config key 'trainer.lr': inf is not a finite number"
+
+
+@pytest.mark.parametrize("override", ["seed=99999999999999999999999999", "seed=-1"])
+def test_seed_out_of_range_is_refused(override: str) -> None:
+    assert error_of(override).key == "seed"
+
+
+def test_an_int_beyond_64_bits_is_refused() -> None:
+    err = error_of("trainer.total_training_steps=100000000000000000000")
+    assert str(err) == "config key 'trainer.total_training_steps': 100000000000000000000 does not fit in a 64-bit integer"
+
+
+def test_unknown_engine_names_the_key_and_the_choices() -> None:
+    assert str(error_of("rollout.engine=foo")) == (
+        "config key 'rollout.engine': invalid enum value 'foo'; one of: simulated, hf, vllm"
+    )
+    assert str(error_of("algorithm.adv_estimator=ppo")).endswith("; one of: grpo, rloo")
+
+
+def test_the_reference_lists_every_enum_keys_values() -> None:
+    docs = {key: desc for key, _, desc in describe_fields()}
+    assert docs["algorithm.adv_estimator"].endswith("(one of: grpo, rloo)")
+    assert docs["rollout.engine"].endswith("(one of: simulated, hf, vllm)")
 
 
 @pytest.mark.parametrize(
@@ -181,7 +238,7 @@ def test_a_file_that_is_not_a_mapping_is_named(tmp_path: Path) -> None:
 def test_unknown_key_in_a_file_is_named_with_its_section(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  train_batchsize: 2\n")
-    assert str(error_of(path=path)) == "unknown config key 'data.train_batchsize'"
+    assert str(error_of(path=path)) == "unknown config key 'data.train_batchsize'; did you mean 'data.train_batch_size'?"
 
 
 # -- any override: a config or a ConfigError, nothing else --------------------------------------

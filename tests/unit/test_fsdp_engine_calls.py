@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
+from asyncpolicy.config import load_config
 from asyncpolicy.engines import fsdp_worker as w
 from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine, WorkerDied
 from asyncpolicy.errors import RunFailed
@@ -44,7 +45,7 @@ def fake_rank(conn: Any, rank: int, gate: str, fail_pack: bool) -> None:
 
 
 def engine_with_fake_ranks(tmp_path: Path, fail_pack: bool) -> tuple[FSDPTrainEngine, Path]:
-    base = w.WorkerInit(rank=0, world_size=2, gpu=None, master_port=0, model_path=str(tmp_path))
+    base = w.WorkerInit(model_path=str(tmp_path), config=load_config())
     eng = FSDPTrainEngine(base, [None, None], timeout_s=120)
     ctx = multiprocessing.get_context("spawn")
     gate = tmp_path / "gate"

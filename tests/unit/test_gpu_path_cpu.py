@@ -1,5 +1,6 @@
 """CPU-checkable parts of the GPU path: placement, vLLM absence, the generation engine's
-streaming/abort bookkeeping over a fake AsyncLLM, and FSDP2 training over gloo (2 ranks = 1 rank)."""
+streaming/abort bookkeeping over a fake AsyncLLM, and FSDP2 training over gloo: one rank's step
+equals the CPU trainer's (loss, grad norm, weights, metric keys), and 2 ranks equal 1 rank."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from typing import Any
 
 import anyio
 import pytest
+import torch
 
-from asyncpolicy.config import load_config
+from asyncpolicy.config import Config, load_config
 from asyncpolicy.engines import fsdp_worker as w
 from asyncpolicy.engines import weight_sync
+from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
 from asyncpolicy.engines.protocols import GenerationRequest
+from asyncpolicy.engines.torch_policy import StepRunner
 from asyncpolicy.engines.vllm_fsdp import place, stop_token_ids
 from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings, import_vllm
 from asyncpolicy.errors import ConfigError
@@ -249,45 +253,114 @@ async def test_tokens_observed_after_a_version_change_carry_the_new_version() ->
     assert 0 < first_new < 40 and res.token_versions == [0] * first_new + [1] * (40 - first_new)
 
 
-def _batch(seed: int) -> list:
+def _batch(seed: int, vocab: int = 200, versions: tuple[int, ...] = (0,)) -> list:
     rng = random.Random(seed)
     out = []
     for i in range(3):
-        p = Prompt(index=i, epoch=0, text="", tokens=[rng.randrange(200) for _ in range(4)])
+        p = Prompt(index=i, epoch=0, text="", tokens=[rng.randrange(vocab) for _ in range(4)])
         trajs = []
         for _ in range(3):
             n = rng.randint(1, 6)
-            trajs.append(Trajectory(response_tokens=[rng.randrange(200) for _ in range(n)], behaviour_logprobs=[-5.3] * n,
-                                    token_versions=[0] * n, finish_reason="stop", reward=rng.random()))
+            trajs.append(Trajectory(response_tokens=[rng.randrange(vocab) for _ in range(n)],
+                                    behaviour_logprobs=[rng.uniform(-5.0, -3.0) for _ in range(n)],
+                                    token_versions=[rng.choice(versions) for _ in range(n)], finish_reason="stop",
+                                    reward=rng.random()))
         out.append(make_sample(p, trajs, 0))
     return out
 
 
-def test_shard_rows_gives_every_rank_the_same_number_of_micro_batches() -> None:
-    rows = w.build_rows(_batch(0), "grpo", True)
-    shards = [w.shard_rows(rows, r, 2, 2) for r in range(2)]
-    assert len(shards[0]) == len(shards[1])
-    assert sorted(len(r.input_ids) for s in shards for mb in s for r in mb) == sorted(len(r.input_ids) for r in rows)
+def _config(*overrides: str) -> Config:
+    return load_config(overrides=["trainer.threads=1", "trainer.micro_batch_size=2", "trainer.lr=1e-3",
+                                  "trainer.warmup_steps=0", "data.train_batch_size=3", "rollout.n=3", *overrides])
+
+
+def _sharded(cfg: Config, rank: int, world: int) -> w._ShardedStep:
+    return w._ShardedStep(cfg, None, None, None, None, torch.device("cpu"), 0, world, rank=rank, dist=None)
+
+
+def test_ranks_get_the_same_number_of_micro_batches_and_one_rank_gets_the_cpu_trainers() -> None:
+    cfg = _config()
+    lengths = [random.Random(3).randint(2, 30) for _ in range(9)]
+    shards = [_sharded(cfg, r, 2).micro_batches(range(9), lengths) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 3 and shards[1][-1] == []  # 4 rows on rank 1: padded
+    assert sorted(i for s in shards for mb in s for i in mb) == list(range(9))
+    cpu = StepRunner(cfg, None, None, None, None, torch.device("cpu"), 0)  # type: ignore[arg-type]
+    assert _sharded(cfg, 0, 1).micro_batches(range(9), lengths) == cpu.micro_batches(range(9), lengths)
+
+
+def _fsdp_weights(directory: str, out: str) -> dict[str, torch.Tensor]:
+    """The model weights of an FSDP checkpoint (torch.distributed.checkpoint format), read offline."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(directory, out)
+    return torch.load(out, weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+@pytest.mark.anyio
+async def test_a_one_rank_fsdp_step_equals_the_cpu_trainers(tmp_path, monkeypatch, kl_coef: float) -> None:
+    """Same config, same batches (two mini-batches, tokens of two versions, then a poisoned one whose
+    update is skipped): equal metrics with equal keys, equal grad norms and equal weights after."""
+    from asyncpolicy.engines.hf_torch import build_hf_torch_engines
+    from asyncpolicy.models.tiny import load_model, resolve_model_path
+
+    monkeypatch.setenv("ASYNCPOLICY_CACHE", str(tmp_path / "cache"))
+    cfg = _config(f"algorithm.kl_coef={kl_coef}", "async_training.require_batches=3", "rollout.temperature=0.8")
+    path = resolve_model_path(cfg)
+    poisoned = _batch(2, vocab=40, versions=(1, 2))
+    poisoned[0].trajectories[0].behaviour_logprobs[0] = float("nan")  # the first update's gradient is NaN
+    steps = [(_batch(0, vocab=40, versions=(0, 1)), 1), (_batch(1, vocab=40, versions=(1, 2)), 2), (poisoned, 2)]
+
+    cpu = build_hf_torch_engines(cfg).trainer
+    await cpu.start()
+    fsdp = FSDPTrainEngine(w.WorkerInit(model_path=path, config=cfg), [None], timeout_s=120)
+    await fsdp.start()
+    try:
+        for batch, version in steps:
+            a, b = await cpu.train_step(batch, version), await fsdp.train_step(batch, version)
+            assert set(a) == set(b)
+            for key in a:
+                if not key.startswith("perf/"):
+                    assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6, nan_ok=True), key
+        assert a["train/skipped_updates"] == 1 and a["train/updates"] == 9
+        assert "is/mismatch_kl" in a and ("losses/kl_ref" in a) == (kl_coef > 0)
+        await fsdp.save_state(str(tmp_path / "fsdp"))
+        sharded = _fsdp_weights(str(tmp_path / "fsdp"), str(tmp_path / "fsdp.pt"))
+    finally:
+        await fsdp.aclose()
+    if kl_coef > 0:
+        assert a["losses/kl_ref"] > 0
+    local = cpu.step.policy.state_dict()
+    names = [n for n, _ in cpu.step.policy.named_parameters()]
+    assert names and set(names) <= set(sharded)
+    for name in names:
+        assert torch.allclose(sharded[name], local[name], rtol=1e-4, atol=1e-6), name
+    initial = load_model(path).state_dict()
+    assert all(not torch.equal(initial[name.removeprefix("model.")], local[name]) for name in names)  # both trained
+    await cpu.aclose()
 
 
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_fsdp_two_ranks_match_one_rank(tmp_path) -> None:
     """Gradient accumulation over micro-batches AND ranks gives the same step as one rank."""
-    from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
-
     (tmp_path / "config.json").write_text(json.dumps({
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 200,
         "max_position_embeddings": 64, "tie_word_embeddings": True,
     }))
-    losses = {}
+    cfg = _config("trainer.lr=1e-2", "async_training.require_batches=3", "algorithm.kl_coef=0.1")
+    runs: dict[int, list[dict[str, float]]] = {}
     for world in (1, 2):
-        base = w.WorkerInit(rank=0, world_size=1, gpu=None, master_port=0, model_path=str(tmp_path), lr=1e-2, micro_batch_size=2)
-        eng = FSDPTrainEngine(base, [None] * world, timeout_s=120)
+        eng = FSDPTrainEngine(w.WorkerInit(model_path=str(tmp_path), config=cfg), [None] * world, timeout_s=120)
         await eng.start()
         try:
-            losses[world] = [(await eng.train_step(_batch(0), s))["losses/loss"] for s in range(2)]
+            runs[world] = [await eng.train_step(_batch(0, versions=(0, 1)), s) for s in range(2)]
         finally:
             await eng.aclose()
-    assert losses[1] == pytest.approx(losses[2], rel=1e-4, abs=1e-6)
+    assert runs[2][1]["losses/kl_ref"] > 0 and runs[2][1]["is/mismatch_tokens"] > 0
+    for one, two in zip(runs[1], runs[2], strict=True):
+        assert set(one) == set(two)
+        for key in one:
+            if not key.startswith("perf/"):
+                assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key

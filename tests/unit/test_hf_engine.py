@@ -62,7 +62,7 @@ def trainer_logprobs(
     ]
     batch = collate(samples, 0, AlgorithmConfig(), pad_id=0)
     with torch.no_grad():
-        logprobs, _ = token_logprobs(model, batch, temperature)
+        logprobs = token_logprobs(model, batch, temperature)
     return logprobs, batch.behaviour_logprobs, batch.response_mask
 
 

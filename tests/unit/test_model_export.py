@@ -93,8 +93,8 @@ async def test_fsdp_checkpoint_exports_the_gathered_model(model_path: str, tmp_p
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoModelForCausalLM
 
-    base = w.WorkerInit(rank=0, world_size=1, gpu=None, master_port=0, model_path=model_path, lr=1e-2,
-                        micro_batch_size=2, gradient_checkpointing=False)
+    cfg = load_config(overrides=["trainer.lr=1e-2", "trainer.warmup_steps=0", "trainer.micro_batch_size=2"])
+    base = w.WorkerInit(model_path=model_path, config=cfg)
     eng = FSDPTrainEngine(base, [None, None], timeout_s=300)
     await eng.start()
     ckpt = tmp_path / "step-00000002"

@@ -215,3 +215,29 @@ def test_builtin_prompts_follow_truncation_too(tokenizer: Any) -> None:
         build_real_task(
             load_config(overrides=["task.name=add", "data.max_prompt_length=3", "data.truncation=error"]), tokenizer
         )
+
+
+@pytest.mark.parametrize(
+    "row, where",
+    [
+        ({"prompt": "na\u00efve>", "ground_truth": "x"}, "character 'ï' (U+00EF) at position 3 of the prompt"),
+        ({"prompt": "ab>", "ground_truth": "b\u2192a"}, "character '→' (U+2192) at position 2 of the ground truth"),
+    ],
+)
+def test_characters_the_embedded_model_lacks_are_refused(
+    tmp_path: Path, tokenizer: Any, reward_module: str, row: dict[str, str], where: str
+) -> None:
+    """The embedded tokenizer would drop them without a word; the error names file, line and character."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Sort: ab", "ground_truth": "ab"}, row])
+    cfg = load_config(overrides=[f"data.train_files=[{train}]", f"task.reward_fn={reward_module}"])
+    with pytest.raises(ConfigError) as info:
+        build_real_task(cfg, tokenizer)
+    assert info.value.key == "data.train_files"
+    assert str(info.value).startswith(f"config key 'data.train_files': {train}:2: {where}")
+
+
+def test_prompts_with_spaces_and_capitals_keep_them(tmp_path: Path, tokenizer: Any, reward_module: str) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Sort these letters: eszy", "ground_truth": "esyz"}])
+    task = build_real_task(load_config(overrides=[f"data.train_files=[{train}]", f"task.reward_fn={reward_module}"]), tokenizer)
+    prompt = task.train.next()
+    assert tokenizer.decode(prompt.tokens, skip_special_tokens=True) == "Sort these letters: eszy"

@@ -73,3 +73,25 @@ def test_directory_without_tokenizer_names_the_tokenizer(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="no tokenizer file") as info:
         tiny.resolve_model_path(load_config(overrides=[f"model.path={tmp_path}"]))
     assert info.value.key == "model.path"
+
+
+def test_tokenizer_takes_printable_ascii_newline_and_tab(cache: Path) -> None:
+    """User prompts keep their spaces and capitals: one token per character, decoded back unchanged."""
+    loaded = tiny.load_tokenizer(tiny.resolve_model_path(load_config()))
+    built = tiny.build_tokenizer()
+    text = "Sort these letters: eszy\n\t~ !"
+    for tokenizer in (loaded, built):
+        ids = tokenizer(text)["input_ids"]
+        assert len(ids) == len(text) + 1
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert loaded(text)["input_ids"] == built(text)["input_ids"]
+    assert set(tiny.ALPHABET) == {chr(c) for c in range(32, 127)} | {"\n", "\t"}
+    assert tiny.character_vocabulary(loaded) == tiny.character_vocabulary(built) == frozenset(tiny.ALPHABET)
+
+
+def test_a_subword_tokenizer_has_no_character_limit() -> None:
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    assert tiny.character_vocabulary(PreTrainedTokenizerFast(tokenizer_object=core)) is None

@@ -1,7 +1,9 @@
-"""The torch trainer: a step improves the policy on its batch; accumulation is exact; the LR schedule survives a resume."""
+"""The torch trainer: a step improves the policy on its batch; accumulation is exact; the LR schedule survives a
+resume; a non-finite gradient skips its update; the trainer's logprobs agree with the engine's (mismatch KL)."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 from asyncpolicy.config import Config, load_config
 from asyncpolicy.engines.hf_torch import build_hf_torch_engines
 from asyncpolicy.engines.protocols import GenerationRequest, TrainEngine
-from asyncpolicy.engines.torch_policy import LossTotals, collate, micro_batch_loss, token_logprobs
+from asyncpolicy.engines.torch_policy import LossTotals, PolicyLogprobs, collate, micro_batch_loss, token_logprobs
 from asyncpolicy.algorithms.schedule import lr_lambda
 from asyncpolicy.engines.torch_trainer import TorchTrainEngine
 from asyncpolicy.models import tiny
@@ -38,10 +40,16 @@ def config(*overrides: str) -> Config:
     return load_config(overrides=["trainer.threads=1", "rollout.n=4", "data.train_batch_size=4", *overrides])
 
 
-async def rollout_batch(cfg: Config, seed: int = 0) -> list[Sample]:
-    """Real responses of the embedded model, rewarded for starting with the letter 'a' (token 3)."""
+async def rollout_batch(cfg: Config, seed: int = 0, perturb: float = 0.0) -> list[Sample]:
+    """Real responses of the embedded model (its weights plus `perturb`-sized noise), at the run's
+    temperature; half of each group is rewarded."""
     engines = build_hf_torch_engines(cfg)
     await engines.generation.start()
+    if perturb:
+        noise = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in engines.generation.model.parameters():
+                p.add_(torch.randn(p.shape, generator=noise) * perturb)
     rng = random.Random(seed)
     samples = []
     for g in range(cfg.data.train_batch_size):
@@ -50,7 +58,8 @@ async def rollout_batch(cfg: Config, seed: int = 0) -> list[Sample]:
         for i in range(cfg.rollout.n):
             r = await engines.generation.generate(
                 GenerationRequest(
-                    request_id=f"{g}/{i}", prompt_tokens=prompt.tokens, max_tokens=6, seed=seed * 100 + g * 10 + i
+                    request_id=f"{g}/{i}", prompt_tokens=prompt.tokens, max_tokens=6, seed=seed * 100 + g * 10 + i,
+                    temperature=cfg.rollout.temperature,
                 )
             )
             t = Trajectory(
@@ -75,7 +84,7 @@ async def started_trainer(cfg: Config) -> TorchTrainEngine:
 def good_minus_bad_logprob(trainer: TorchTrainEngine, cfg: Config, batch: list[Sample]) -> float:
     pb = collate(batch, 0, cfg.algorithm, pad_id=0)
     with torch.no_grad():
-        lp, _ = token_logprobs(trainer.model, pb, 1.0)
+        lp = token_logprobs(trainer.model, pb, 1.0)
     seq = (lp * pb.response_mask).sum(-1)  # (N,) sequence logprobs
     return float(seq[pb.rewards > 0.5].mean() - seq[pb.rewards < 0.5].mean())
 
@@ -104,14 +113,19 @@ async def test_micro_batches_accumulate_to_the_full_batch_gradient(cache: None) 
     cfg = config()
     batch = await rollout_batch(cfg, seed=1)
     model = tiny.load_model(tiny.resolve_model_path(cfg))
+    policy = PolicyLogprobs(model, 1.0)
     pb = collate(batch, 0, cfg.algorithm, pad_id=0)
-    pb.prox_logprobs = pb.behaviour_logprobs + 0.05  # a proximal policy a little off the behaviour one
-    totals = LossTotals(tokens=pb.num_tokens, seqs=float(pb.input_ids.shape[0]))
+    prox = pb.behaviour_logprobs + 0.05  # a proximal policy a little off the behaviour one
+    totals = LossTotals.of(pb, slice(0, 16))
     grads = []
     for micro in (16, 3):
         model.zero_grad()
         for lo in range(0, 16, micro):
-            loss, _ = micro_batch_loss(model, pb.select(slice(lo, lo + micro)), cfg.algorithm, 1.0, totals)
+            rows = list(range(lo, min(lo + micro, 16)))
+            mb = pb.micro(rows, torch.device("cpu"))
+            logprobs, entropy = policy(mb.input_ids, mb.attention_mask, mb.response_index, with_entropy=True)
+            pre = prox[rows, : mb.response_mask.shape[1]]
+            loss, _, _ = micro_batch_loss(logprobs, entropy, mb, cfg.algorithm, totals, pre)
             loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert grads[0].abs().max() > 0
@@ -183,3 +197,41 @@ async def test_push_copies_trainer_weights_into_generation(cache: None) -> None:
     assert set(r.token_versions) == {1}
     await engines.generation.aclose()
     await engines.trainer.aclose()
+
+
+async def test_a_non_finite_gradient_skips_its_update_and_is_counted(cache: None) -> None:
+    cfg = config("algorithm.staleness_correction=behaviour", "async_training.require_batches=2", "trainer.warmup_steps=0")
+    batch = await rollout_batch(cfg)
+    batch[0].trajectories[0].behaviour_logprobs[0] = float("nan")  # poisons the first mini-batch only
+    trainer = await started_trainer(cfg)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    m = await trainer.train_step(batch, version=0)
+    assert m["train/skipped_updates"] == 1 and m["train/updates"] == 2
+    assert math.isnan(m["train/grad_norm"]) and m["train/lr"] == pytest.approx(cfg.trainer.lr)  # the 2nd was taken
+    changed = [not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True)]
+    assert any(changed)  # only the healthy mini-batch moved the weights...
+    batch[2].trajectories[0].behaviour_logprobs[0] = float("nan")  # ...now both are poisoned
+    after_one = [p.detach().clone() for p in trainer.model.parameters()]
+    m = await trainer.train_step(batch, version=0)
+    assert m["train/skipped_updates"] == 2 and m["train/lr"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(after_one, trainer.model.parameters(), strict=True))
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    await trainer.aclose()
+
+
+async def test_mismatch_kl_is_zero_on_the_engines_own_weights_and_positive_on_other_ones(cache: None) -> None:
+    """The engine's sampling logprobs and the trainer's recomputation agree (is/mismatch_kl ≈ 0, only
+    float noise), and the metric sees a real difference in weights."""
+    cfg = config("rollout.temperature=0.7")
+    same = await rollout_batch(cfg)
+    tokens = sum(len(t.response_tokens) for s in same for t in s.trajectories)
+    m = await (await started_trainer(cfg)).train_step(same, version=0)
+    assert m["is/mismatch_tokens"] == tokens
+    assert 0.0 <= m["is/mismatch_kl"] < 1e-8  # logprobs equal up to float noise (~1e-6): its square
+    perturbed = await rollout_batch(cfg, perturb=0.02)
+    trainer = await started_trainer(cfg)
+    m = await trainer.train_step(perturbed, version=0)
+    assert m["is/mismatch_kl"] > 1e-3
+    m = await trainer.train_step(perturbed, version=1)  # no token is from the trainer's version 1
+    assert m["is/mismatch_tokens"] == 0 and "is/mismatch_kl" not in m
+    await trainer.aclose()
