@@ -10,7 +10,7 @@ import os
 import random
 import sys
 
-from asyncpolicy.config import Config
+from asyncpolicy.config import Config, replica_count
 from asyncpolicy.engines.protocols import EngineSet
 from asyncpolicy.errors import ConfigError
 
@@ -89,9 +89,13 @@ def build_engines(cfg: Config, *, rng: random.Random) -> EngineSet:
         return build_remote_engines(cfg)
     pair = (cfg.rollout.engine, cfg.trainer.engine)
     if pair == ("simulated", "simulated"):
+        from asyncpolicy.engines.replicas import ReplicatedGeneration
         from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTrainEngine, SimulatedTransport
 
-        gen = SimulatedGenerationEngine(cfg.rollout.simulated, rng)
+        n = replica_count(cfg)
+        gen: SimulatedGenerationEngine | ReplicatedGeneration = SimulatedGenerationEngine(cfg.rollout.simulated, rng)
+        if n > 1:  # replicas share the run's Random: one seed still replays the whole run
+            gen = ReplicatedGeneration.for_config(cfg, [SimulatedGenerationEngine(cfg.rollout.simulated, rng) for _ in range(n)])
         return EngineSet(
             generation=gen,
             trainer=SimulatedTrainEngine(cfg.trainer.simulated),

@@ -219,7 +219,7 @@ class RemoteGenerationEngine:
             log.error("rollout_server_lost", server=server.address, error=server.lost, live=[s.address for s in self.live])
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        group = request.request_id.rpartition("/")[0] or request.request_id  # "{tag}/{uid}/{i}" → "{tag}/{uid}"
+        group = request.group or request.request_id.rpartition("/")[0]  # the rollouter's, else "{tag}/{uid}" of "{tag}/{uid}/{i}"
         server = self._pick(group)
         server.in_flight += 1
         server.sent += 1
@@ -444,38 +444,62 @@ def build_remote_engines(cfg: Config) -> EngineSet:
     return EngineSet(generation=generation, trainer=trainer, transport=transport, tokenizer=tokenizer, sync_at_start=True)
 
 
-def make_nccl_transport(generation: RemoteGenerationEngine, trainer: Any, host: str) -> Any:
+def make_nccl_transport(generation: RemoteGenerationEngine, trainer: Any, host: str) -> RemoteNCCLTransport:
     """`WeightTransport` from FSDP2 rank 0 to every server's vLLM workers over one NCCL group (TCP rendezvous)."""
-    from asyncpolicy.engines import fsdp_worker as w
-    from asyncpolicy.engines.weight_sync import _FlatTransport
+    return RemoteNCCLTransport(generation, trainer, host)
 
-    class RemoteNCCLTransport(_FlatTransport):
-        kind = "remote-nccl"
 
-        def __init__(self) -> None:
-            super().__init__(generation, trainer)  # type: ignore[arg-type]  # duck-types the vLLM engine
-            self._group_of = -1  # the engine incarnation (servers started, none lost) the group was made with
+class RemoteNCCLTransport:
+    """`WeightTransport` to vLLM servers: FSDP2 packs one flat bf16 buffer (`stage`), rank 0 broadcasts it to
+    every server's workers (`push`), as `weight_sync.NCCLTransport` does for local vLLM engines.
 
-        async def _prepare(self) -> None:
-            if self._group_of == generation.incarnation:
-                return
-            port = w.free_port()
-            world: list[int] = []
+    Invariant: the servers are resumed on every path out of `push`; the version moves only after every
+    server has loaded the weights.
+    """
 
-            async def join() -> None:
-                world.append(await generation.nccl_init(host, port))
+    kind = "remote-nccl"
 
-            async with anyio.create_task_group() as tg:  # both sides join the rendezvous together
-                tg.start_soon(join)
-                tg.start_soon(trainer.call, w.NcclInit(host=host, port=port, world_size=1 + sum(
-                    s.health.workers if s.health is not None else 1 for s in generation.live)))
-            self._group_of = generation.incarnation
-            log.info("nccl_group_ready", transport=self.kind, world_size=world[0], host=host, port=port)
+    def __init__(self, generation: RemoteGenerationEngine, trainer: Any, host: str) -> None:
+        self.generation = generation
+        self.trainer = trainer  # an FSDPTrainEngine
+        self.host = host  # this machine's address as the servers reach it: the group's rendezvous
+        self._staged: tuple[int, Meta] | None = None
+        self._group_of = -1  # the engine incarnation (servers started, none lost) the group was made with
 
-        async def _transfer(self, meta: Meta) -> None:
-            numel = sum(n for *_, n in meta)
+    async def stage(self, version: int) -> None:
+        self._staged = (version, await self.trainer.pack())
+
+    async def _prepare(self) -> None:
+        if self._group_of == self.generation.incarnation:
+            return
+        from asyncpolicy.engines import fsdp_worker as w
+
+        port = w.free_port()
+        world = 1 + sum(s.health.workers if s.health is not None else 1 for s in self.generation.live)
+        async with anyio.create_task_group() as tg:  # both sides join the rendezvous together
+            tg.start_soon(self.generation.nccl_init, self.host, port)
+            tg.start_soon(self.trainer.call, w.NcclInit(host=self.host, port=port, world_size=world))
+        self._group_of = self.generation.incarnation
+        log.info("nccl_group_ready", transport=self.kind, world_size=world, host=self.host, port=port)
+
+    async def push(self, version: int) -> None:
+        from asyncpolicy.engines import fsdp_worker as w
+
+        if self._staged is None or self._staged[0] != version:
+            await self.stage(version)  # a forced push (start of a run, engine restart): pack now
+        assert self._staged is not None
+        meta = self._staged[1]
+        numel = sum(n for *_, n in meta)
+        t0 = time.perf_counter()
+        await self.generation.wait_ready()
+        await self._prepare()
+        await self.generation.pause()
+        try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(trainer.call, w.NcclSend())
-                tg.start_soon(generation.nccl_load, meta, numel, self._staged[0] if self._staged else 0)
-
-    return RemoteNCCLTransport()
+                tg.start_soon(self.trainer.call, w.NcclSend())
+                tg.start_soon(self.generation.nccl_load, meta, numel, version)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.generation.resume()
+        self.generation.set_version(version)
+        log.info("weights_pushed", transport=self.kind, version=version, bytes=2 * numel, push_s=round(time.perf_counter() - t0, 4))
