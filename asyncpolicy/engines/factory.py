@@ -14,11 +14,12 @@ from asyncpolicy.config import Config, replica_count
 from asyncpolicy.engines.protocols import EngineSet
 from asyncpolicy.errors import ConfigError
 
-_MODULES = {
-    ("simulated", "simulated"): ("asyncpolicy.engines.simulated",),
+_MODULES = {  # what each pair of config.ENGINE_PAIRS imports; only the vllm pair needs vllm itself
+    ("simulated", "simulated"): ("asyncpolicy.engines.simulated", "asyncpolicy.engines.replicas"),
     ("hf", "torch"): ("asyncpolicy.engines.hf_torch",),
+    ("hf", "fsdp"): ("asyncpolicy.engines.hf_fsdp",),
+    ("vllm", "fsdp"): ("asyncpolicy.engines.vllm_fsdp",),
 }
-_GPU_MODULES = ("asyncpolicy.engines.vllm_fsdp",)
 
 
 def _preload_torch_libraries() -> None:
@@ -72,9 +73,9 @@ def import_engine_modules(cfg: Config) -> None:
         if cfg.trainer.engine in trainer:
             importlib.import_module(trainer[cfg.trainer.engine])
         return
-    for name in _MODULES.get(pair, _GPU_MODULES):
+    for name in _MODULES[pair]:
         module = importlib.import_module(name)
-    if pair not in _MODULES:
+    if pair == ("vllm", "fsdp"):
         module.import_vllm()  # vllm itself (a ConfigError naming the extra when it is missing)
 
 

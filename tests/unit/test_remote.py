@@ -176,3 +176,15 @@ async def test_an_unreachable_server_is_named(closed_port: int) -> None:
 def test_server_bookkeeping_starts_clean() -> None:
     s = _Server("h:1")
     assert (s.url, s.in_flight, s.sent, s.lost) == ("http://h:1", 0, 0, "")
+
+
+def test_a_trainer_on_vllm_servers_imports_no_vllm() -> None:
+    """vLLM runs on the servers: the trainer's start-up imports the client and the FSDP trainer, never vllm."""
+    import sys
+
+    from asyncpolicy.engines.factory import import_engine_modules
+
+    cfg = load_config(None, ["rollout.engine=vllm", "trainer.engine=fsdp", "rollout.servers=[127.0.0.1:8100]"])
+    import_engine_modules(cfg)  # without the servers' rewiring this asks for vllm (a ConfigError where it is absent)
+    assert "asyncpolicy.engines.remote" in sys.modules and "asyncpolicy.engines.fsdp_trainer" in sys.modules
+    assert "vllm" not in sys.modules
