@@ -137,8 +137,13 @@ def _run(args: argparse.Namespace) -> int:
     assert result is not None
     rewards = reward_summary(Path(result.output_dir) / "metrics.jsonl")
     structlog.get_logger("asyncpolicy").info("run_complete", rewards=rewards, **msgspec.to_builtins(result))
+    done = (
+        f"finished {result.steps} steps"
+        if result.finished
+        else f"stopped after {result.steps} of {cfg.trainer.total_training_steps} steps (resume=auto continues)"
+    )
     print(
-        f"finished {result.steps} steps in {result.elapsed_s:.1f}s: {rewards}; made {result.made} samples"
+        f"{done} in {result.elapsed_s:.1f}s: {rewards}; made {result.made} samples"
         f" = trained {result.trained} + dropped stale {result.dropped_stale} + queued {result.queued}"
         f" ({result.in_flight} in flight); outputs in {result.output_dir}",
         file=sys.stderr,
