@@ -121,7 +121,7 @@ class TrainerConfig(_Section):
     ] = False
     logprob_chunk_tokens: Annotated[
         int, _doc("response tokens per chunk of fp32 LM-head logits, recomputed in backward; 0 = all at once", ge=0)
-    ] = 4096
+    ] = 2048
     compile: Annotated[bool, _doc("torch.compile each decoder layer (GPU trainers; the first steps compile)")] = False
     attn_implementation: Annotated[
         Literal["sdpa", "eager", "flash_attention_2", "flex_attention"],

@@ -308,11 +308,11 @@ class PolicyLogprobs(torch.nn.Module):
     def _head(self, h: torch.Tensor, targets: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One chunk: (chunk,) logprobs of `targets` and (chunk,) entropy (no grad; zeros unless asked)."""
         logits = self.model.lm_head(h).float() / self.temperature  # (chunk, V)
-        lp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (chunk,)
+        lse = torch.logsumexp(logits, dim=-1)  # (chunk,)
+        lp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (chunk,)
         with torch.no_grad():
-            if with_entropy:
-                logp = torch.log_softmax(logits, dim=-1)  # (chunk, V)
-                ent = -(logp.exp() * logp).sum(-1)
+            if with_entropy:  # H = -Σ p log p = lse - Σ p·logits: one (chunk, V) temporary besides the logits
+                ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
             else:
                 ent = lp.new_zeros(lp.shape)
         return lp, ent
