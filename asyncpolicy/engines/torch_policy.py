@@ -257,7 +257,7 @@ class PolicyLogprobs(torch.nn.Module):
     weights are the rollout's. The LM head runs on response positions alone (no (B, T, V) logits
     for the prompt), `chunk_tokens` of them at a time: each chunk's fp32 (chunk, V) logits give
     its logprobs and entropy in one pass and are dropped; backward recomputes them
-    (torch.utils.checkpoint), so no (K, V) logits are ever held. It is the root module an FSDP
+    (torch.utils.checkpoint), so no more than one chunk's logits are ever held. It is the root module an FSDP
     rank shards, so its forward gathers the embeddings and LM head; it expects a transformers
     CausalLM with `.model` and `.lm_head`.
     """
@@ -284,7 +284,8 @@ class PolicyLogprobs(torch.nn.Module):
         h = hidden[:, :-1].reshape(B * (T - 1), -1).index_select(0, response_index)  # (K, H)
         targets = input_ids[:, 1:].reshape(-1).index_select(0, response_index)  # (K,)
         size = self.chunk_tokens or max(h.shape[0], 1)
-        recompute = self.chunk_tokens > 0 and torch.is_grad_enabled()
+        # one chunk holds its logits for backward as before: recomputing costs a matmul and buys nothing then
+        recompute = 0 < self.chunk_tokens < h.shape[0] and torch.is_grad_enabled()
         lps, ents = [], []
         for hc, tc in zip(h.split(size), targets.split(size), strict=True):
             if recompute:
