@@ -168,6 +168,7 @@ class GPUBenchSettings(msgspec.Struct, kw_only=True):
     train_compile: list[bool] = msgspec.field(default_factory=lambda: [False])
     train_max_tokens: int = 16384  # trainer.max_tokens_per_micro_batch; 0 = micro_batch_size sequences (the first trainer's)
     train_recompute: bool = True  # model.gradient_checkpointing
+    train_attn: str = "sdpa"  # trainer.attn_implementation: packed rows want flash_attention_2 (varlen) or flex_attention
     micro_batch_size: int = 16
     async_prompts: int = 32  # data.train_batch_size of the supervised runs
     async_n: int = 4
@@ -628,6 +629,7 @@ def variant_overrides(s: GPUBenchSettings, packing: bool, compile_: bool) -> tup
     return (
         f"trainer.packing={str(packing).lower()}", f"trainer.compile={str(compile_).lower()}",
         f"trainer.max_tokens_per_micro_batch={s.train_max_tokens}", f"model.gradient_checkpointing={str(s.train_recompute).lower()}",
+        f"trainer.attn_implementation={s.train_attn}",
     )
 
 
@@ -646,7 +648,7 @@ async def _train_figures(e: BenchEngines, gpus: list[int], s: GPUBenchSettings) 
                 rows.append({
                     "ranks": trainer.world_size, "sequences": groups * s.train_n, "seq_len": s.train_prompt_len + s.train_len,
                     "tokens": sum(len(x.prompt.tokens) + len(t.response_tokens) for x in batch for t in x.trajectories),
-                    "packing": packing, "compile": compile_, "max_tokens": s.train_max_tokens, "recompute": s.train_recompute,
+                    "packing": packing, "compile": compile_, "max_tokens": s.train_max_tokens, "recompute": s.train_recompute, "attn": s.train_attn,
                     "tokens_per_s": best["perf/train_tokens_per_s"], "step_s": [m["perf/train_step_s"] for m in ms],
                     "mfu": best.get("perf/mfu", 0.0), "peak_mem_GiB": max(m.get("perf/gpu_mem_peak_GB", 0.0) for m in ms),  # CUDA only
                     "loss_finite": all(math.isfinite(m["losses/loss"]) for m in ms),
@@ -760,7 +762,7 @@ def _mid(xs: list[float]) -> float:
 
 def _variant_key(x: dict[str, Any]) -> tuple[Any, ...]:
     """What a one-rank and a two-rank train figure must share to be compared."""
-    return (x["sequences"], x["seq_len"], x["packing"], x["compile"], x["max_tokens"], x["recompute"])
+    return (x["sequences"], x["seq_len"], x["packing"], x["compile"], x["max_tokens"], x["recompute"], x["attn"])
 
 
 def table_rows(res: GPUBenchResult) -> list[TableRow]:
@@ -791,7 +793,8 @@ def table_rows(res: GPUBenchResult) -> list[TableRow]:
                 v["vs_one_rank"] = x["tokens_per_s"] / one_rank[_variant_key(x)]
                 scaling = f", {v['vs_one_rank']:.2f}× one rank"
             budget = f"≤ {x['max_tokens']} tok" if x["max_tokens"] else "fixed count"
-            variant = f"packing {'on' if x['packing'] else 'off'}, compile {'on' if x['compile'] else 'off'}, micro-batches {budget}"
+            variant = (f"packing {'on' if x['packing'] else 'off'}, compile {'on' if x['compile'] else 'off'}, micro-batches {budget}, "
+                       f"{x['attn']}, recompute {'on' if x['recompute'] else 'off'}")
             rows.append(TableRow(
                 section=k, figure=f"FSDP2 trainer, {x['ranks']} rank(s), {x['sequences']} seqs ≤ {x['seq_len']} tokens, {variant}", values=v,
                 text=f"{v['tokens_per_s']:.0f} tok/s, MFU {v['mfu']:.3f}, peak {v['peak_mem_GiB']:.1f} GiB{scaling}",
@@ -862,6 +865,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-max-tokens", type=int, default=d.train_max_tokens, help="tokens per micro-batch; 0 = 16 sequences")
     p.add_argument("--train-len-min", type=int, default=d.train_len_min, help="> 0: response lengths uniform in [this, 512]")
     p.add_argument("--train-recompute", default=_ONOFF[d.train_recompute], help="gradient checkpointing: on or off")
+    p.add_argument("--train-attn", default=d.train_attn, choices=["sdpa", "eager", "flash_attention_2", "flex_attention"],
+                   help="the trainer's attention kernel")
     p.add_argument("--gen-reps", type=int, default=d.gen_reps)
     p.add_argument("--async-prompts", type=int, default=d.async_prompts)
     p.add_argument("--async-len", type=int, default=d.async_len)
@@ -908,6 +913,7 @@ def gpu_main(argv: list[str]) -> int:
         gen_reps=args.gen_reps, async_prompts=args.async_prompts, async_len=args.async_len, async_steps=args.async_steps,
         async_staleness=args.async_staleness, train_seqs=train_seqs, train_packing=train_packing, train_compile=train_compile,
         train_max_tokens=args.train_max_tokens, train_len_min=args.train_len_min, train_recompute=train_recompute,
+        train_attn=args.train_attn,
     )
     out = Path(args.out_dir) if args.out_dir else new_results_dir()
     out.mkdir(parents=True, exist_ok=True)
