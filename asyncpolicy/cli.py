@@ -44,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("--markdown", action="store_true", help="print the reference as a Markdown table (docs/config.md)")
     cfg.add_argument("overrides", nargs="*", metavar="key=value")
     sub.add_parser("bench", help="run benchmark suites and write benchmark_results_<time>/ (bench --help)", add_help=False)
+    serve = sub.add_parser(
+        "serve-rollout",
+        help="serve a generation engine over HTTP for runs with rollout.servers=[host:port, ...]",
+        description="Start rollout.engine (hf, simulated or vllm, with the same keys as a run) behind an HTTP server "
+        "that a run reaches through rollout.servers=[HOST:PORT,...]. Stops on SIGINT/SIGTERM.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8100, help="port to listen on; 0 = any free port (printed once ready)")
+    serve.add_argument("--config", metavar="FILE", help="YAML or TOML config file")
+    serve.add_argument("overrides", nargs="*", metavar="key=value")
     export = sub.add_parser(
         "export",
         help="copy a checkpoint's model out as a Hugging Face directory (transformers, vLLM)",
@@ -136,6 +146,20 @@ def _run(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
+def _serve_rollout(args: argparse.Namespace) -> int:
+    from asyncpolicy.logging import configure_logging
+    from asyncpolicy.serve import RolloutServer, bind, load_server_config, serve
+
+    cfg = load_server_config(args.config, args.overrides)
+    configure_logging(cfg.log_level)
+    sock = bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    with sock:
+        server = RolloutServer(cfg, announce=f"{host}:{port}")  # bad model.path etc.: exit 2 before serving
+        anyio.run(serve, server, sock)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # `python -m asyncpolicy` puts the current directory first on sys.path; the installed
@@ -153,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             return _print_config(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "serve-rollout":
+            return _serve_rollout(args)
         return _run(args)
     except ConfigError as e:
         print(f"asyncpolicy: error: {e}", file=sys.stderr)

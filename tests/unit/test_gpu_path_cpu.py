@@ -173,13 +173,15 @@ class _RecordingTransport(weight_sync._FlatTransport):
 
     def __init__(self, generation, trainer, fail: bool = False) -> None:
         super().__init__(generation, trainer)
+        self.engine = generation
         self.fail = fail
         self.paused_during_transfer: list[bool] = []
 
-    async def _transfer(self, meta) -> None:
-        self.paused_during_transfer.append(self.generation.llm.paused)
+    async def _transfer(self, meta, targets):
+        self.paused_during_transfer.append(self.engine.llm.paused)
         if self.fail:
             raise RuntimeError("link down")
+        return {k: 0.0 for k, _ in targets}, {}
 
 
 @pytest.mark.anyio
