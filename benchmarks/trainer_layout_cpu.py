@@ -52,13 +52,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     runners = {}
+    vocab = 0
     for name, overrides in VARIANTS.items():
         cfg = load_config(overrides=["trainer.threads=1", *overrides])
         model = tiny.load_model(tiny.resolve_model_path(cfg))
         opt = make_optimizer(model.parameters(), cfg)
         policy = PolicyLogprobs(model, 1.0, cfg.trainer.logprob_chunk_tokens)
         runners[name] = StepRunner(cfg, policy, None, opt, make_scheduler(opt, cfg), torch.device("cpu"), 0)
-    vocab = int(next(iter(runners.values())).policy.model.config.vocab_size)
+        vocab = int(model.config.vocab_size)
     times: dict[str, list[float]] = {n: [] for n in VARIANTS}
     for rep in range(args.reps + 1):
         batch = make_batch(rep, vocab, args.resp_max)

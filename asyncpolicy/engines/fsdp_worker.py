@@ -144,7 +144,8 @@ class _ShardedStep(StepRunner):
     step's sums over all ranks (its share of the rows is `StepRunner.micro_batches`' by rank)."""
 
     def __init__(self, *args: Any, rank: int, dist: Any) -> None:
-        super().__init__(*args, rank=rank)  # the micro-batch plan deals rows by rank (plan_micro_batches)
+        super().__init__(*args)
+        self.rank = rank  # the micro-batch plan deals rows by rank (plan_micro_batches)
         self.dist = dist
 
     def clip_grad_norm(self) -> Any:
