@@ -130,7 +130,23 @@ class TrainerConfig(_Section):
     lr_schedule: Annotated[Literal["constant", "cosine"], _doc("LR after warm-up")] = "constant"
     weight_decay: Annotated[float, _doc("AdamW weight decay", ge=0)] = 0.0
     grad_clip: Annotated[float, _doc("max global gradient norm", gt=0)] = 1.0
-    micro_batch_size: Annotated[int, _doc("responses per forward/backward (gradient accumulation)", ge=1)] = 32
+    micro_batch_size: Annotated[
+        int, _doc("responses per forward/backward (gradient accumulation) when max_tokens_per_micro_batch is 0", ge=1)
+    ] = 32
+    max_tokens_per_micro_batch: Annotated[
+        int, _doc("token budget of one forward/backward (prompt + response, padding included); 0 = micro_batch_size responses", ge=0)
+    ] = 0
+    packing: Annotated[
+        bool, _doc("concatenate a micro-batch's sequences into one row without padding (positions restart per sequence)")
+    ] = False
+    logprob_chunk_tokens: Annotated[
+        int, _doc("response tokens per chunk of fp32 LM-head logits, recomputed in backward; 0 = all at once", ge=0)
+    ] = 2048
+    compile: Annotated[bool, _doc("torch.compile each decoder layer (GPU trainers; the first steps compile)")] = False
+    attn_implementation: Annotated[
+        Literal["sdpa", "eager", "flash_attention_2", "flex_attention"],
+        _doc("the trained model's attention kernel; flash_attention_2 (needs flash-attn) runs packed rows varlen"),
+    ] = "sdpa"
     step_timeout_s: Annotated[
         float, _doc("seconds one training step or checkpoint write may take before the run fails (finite)", gt=0)
     ] = 900.0
