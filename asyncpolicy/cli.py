@@ -52,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--config", metavar="FILE", help="YAML or TOML config file (the run's)")
     node.add_argument("overrides", nargs="*", metavar="key=value")
     sub.add_parser("bench", help="run benchmark suites and write benchmark_results_<time>/ (bench --help)", add_help=False)
+    serve = sub.add_parser(
+        "serve-rollout",
+        help="serve a generation engine over HTTP for runs with rollout.servers=[host:port, ...]",
+        description="Start rollout.engine (hf, simulated or vllm, with the same keys as a run) behind an HTTP server "
+        "that a run reaches through rollout.servers=[HOST:PORT,...]. Stops on SIGINT/SIGTERM.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8100, help="port to listen on; 0 = any free port (printed once ready)")
+    serve.add_argument("--config", metavar="FILE", help="YAML or TOML config file")
+    serve.add_argument("overrides", nargs="*", metavar="key=value")
     export = sub.add_parser(
         "export",
         help="copy a checkpoint's model out as a Hugging Face directory (transformers, vLLM)",
@@ -141,8 +151,13 @@ def _run(args: argparse.Namespace) -> int:
     assert result is not None
     rewards = reward_summary(Path(result.output_dir) / "metrics.jsonl")
     structlog.get_logger("asyncpolicy").info("run_complete", rewards=rewards, **msgspec.to_builtins(result))
+    done = (
+        f"finished {result.steps} steps"
+        if result.finished
+        else f"stopped after {result.steps} of {cfg.trainer.total_training_steps} steps (resume=auto continues)"
+    )
     print(
-        f"finished {result.steps} steps in {result.elapsed_s:.1f}s: {rewards}; made {result.made} samples"
+        f"{done} in {result.elapsed_s:.1f}s: {rewards}; made {result.made} samples"
         f" = trained {result.trained} + dropped stale {result.dropped_stale} + queued {result.queued}"
         f" ({result.in_flight} in flight); outputs in {result.output_dir}",
         file=sys.stderr,
@@ -158,6 +173,20 @@ def _trainer_node(args: argparse.Namespace) -> int:
     check_node_config(cfg)
     configure_logging(cfg.log_level)
     return run_trainer_node(cfg)
+
+
+def _serve_rollout(args: argparse.Namespace) -> int:
+    from asyncpolicy.logging import configure_logging
+    from asyncpolicy.serve import RolloutServer, bind, load_server_config, serve
+
+    cfg = load_server_config(args.config, args.overrides)
+    configure_logging(cfg.log_level)
+    sock = bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    with sock:
+        server = RolloutServer(cfg, announce=f"{host}:{port}")  # bad model.path etc.: exit 2 before serving
+        anyio.run(serve, server, sock)
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "trainer-node":
             return _trainer_node(args)
+        if args.command == "serve-rollout":
+            return _serve_rollout(args)
         return _run(args)
     except ConfigError as e:
         print(f"asyncpolicy: error: {e}", file=sys.stderr)

@@ -69,7 +69,20 @@ class SimulatedRolloutConfig(_Section):
 class RolloutConfig(_Section):
     engine: Annotated[Literal["simulated", "hf", "vllm"], _doc("generation engine")] = "hf"
     n: Annotated[int, _doc("responses per prompt (GRPO group size)", ge=1)] = 8
-    n_gpus_per_node: Annotated[int, _doc("GPUs for generation (vllm engine)", ge=0)] = 1
+    n_gpus_per_node: Annotated[
+        int, _doc("GPUs for generation (vllm engine): rollout.replicas engines of tensor_parallel_size GPUs each", ge=0)
+    ] = 1
+    tensor_parallel_size: Annotated[
+        int, _doc("vllm: GPUs per generation engine (tensor parallel); must divide n_gpus_per_node", ge=1)
+    ] = 1
+    replicas: Annotated[
+        int,
+        _doc(
+            "independent generation engines (data parallel; a prompt's group stays on one); "
+            "0 = n_gpus_per_node / tensor_parallel_size for vllm, 1 otherwise",
+            ge=0,
+        ),
+    ] = 0
     max_concurrency: Annotated[int, _doc("most responses generated at once", ge=1)] = 64
     temperature: Annotated[float, _doc("sampling temperature", gt=0)] = 1.0
     top_p: Annotated[float, _doc("nucleus sampling mass", gt=0, le=1)] = 1.0
@@ -83,6 +96,13 @@ class RolloutConfig(_Section):
         bool, _doc("vllm+fsdp: trainer and vLLM share one GPU (weights move over CUDA IPC) instead of disjoint GPUs")
     ] = False
     enforce_eager: Annotated[bool, _doc("vllm: no CUDA graphs (starts faster, decodes slower)")] = False
+    servers: Annotated[
+        list[str],
+        _doc(
+            "host:port of rollout servers started with `python -m asyncpolicy serve-rollout` (running rollout.engine); "
+            "empty = generate in this process"
+        ),
+    ] = []
     simulated: Annotated[SimulatedRolloutConfig, _doc("simulated engine settings")] = msgspec.field(
         default_factory=SimulatedRolloutConfig
     )
@@ -110,7 +130,23 @@ class TrainerConfig(_Section):
     lr_schedule: Annotated[Literal["constant", "cosine"], _doc("LR after warm-up")] = "constant"
     weight_decay: Annotated[float, _doc("AdamW weight decay", ge=0)] = 0.0
     grad_clip: Annotated[float, _doc("max global gradient norm", gt=0)] = 1.0
-    micro_batch_size: Annotated[int, _doc("responses per forward/backward (gradient accumulation)", ge=1)] = 32
+    micro_batch_size: Annotated[
+        int, _doc("responses per forward/backward (gradient accumulation) when max_tokens_per_micro_batch is 0", ge=1)
+    ] = 32
+    max_tokens_per_micro_batch: Annotated[
+        int, _doc("token budget of one forward/backward (prompt + response, padding included); 0 = micro_batch_size responses", ge=0)
+    ] = 0
+    packing: Annotated[
+        bool, _doc("concatenate a micro-batch's sequences into one row without padding (positions restart per sequence)")
+    ] = False
+    logprob_chunk_tokens: Annotated[
+        int, _doc("response tokens per chunk of fp32 LM-head logits, recomputed in backward; 0 = all at once", ge=0)
+    ] = 2048
+    compile: Annotated[bool, _doc("torch.compile each decoder layer (GPU trainers; the first steps compile)")] = False
+    attn_implementation: Annotated[
+        Literal["sdpa", "eager", "flash_attention_2", "flex_attention"],
+        _doc("the trained model's attention kernel; flash_attention_2 (needs flash-attn) runs packed rows varlen"),
+    ] = "sdpa"
     step_timeout_s: Annotated[
         float, _doc("seconds one training step or checkpoint write may take before the run fails (finite)", gt=0)
     ] = 900.0
@@ -417,6 +453,54 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 ENGINE_PAIRS = {("simulated", "simulated"), ("hf", "torch"), ("vllm", "fsdp"), ("hf", "fsdp")}
 
 
+def replica_count(cfg: Config) -> int:
+    """How many generation engines the run has (`rollout.replicas`, 0 resolved per engine)."""
+    r = cfg.rollout
+    if r.replicas:
+        return r.replicas
+    if r.engine == "vllm":
+        return max(1, r.n_gpus_per_node // r.tensor_parallel_size)
+    return 1
+
+
+def _check_replicas(cfg: Config) -> None:
+    r = cfg.rollout
+    if r.engine != "vllm":
+        if r.tensor_parallel_size != 1:
+            raise ConfigError(
+                f"config key 'rollout.tensor_parallel_size': {r.tensor_parallel_size} applies to rollout.engine=vllm "
+                f"only (got rollout.engine={r.engine!r}); leave it at 1",
+                key="rollout.tensor_parallel_size",
+            )
+        if r.engine == "hf" and r.replicas > 1:
+            raise ConfigError(
+                f"config key 'rollout.replicas': {r.replicas} replicas need rollout.engine=vllm or simulated; "
+                "the hf engine runs one",
+                key="rollout.replicas",
+            )
+        return
+    if r.n_gpus_per_node % r.tensor_parallel_size:
+        raise ConfigError(
+            f"config key 'rollout.n_gpus_per_node': {r.n_gpus_per_node} GPUs do not split into engines of "
+            f"rollout.tensor_parallel_size={r.tensor_parallel_size}; use a multiple of it",
+            key="rollout.n_gpus_per_node",
+        )
+    derived = r.n_gpus_per_node // r.tensor_parallel_size
+    if r.replicas and r.replicas != derived:
+        raise ConfigError(
+            f"config key 'rollout.replicas': {r.replicas} does not match rollout.n_gpus_per_node / "
+            f"rollout.tensor_parallel_size = {r.n_gpus_per_node} / {r.tensor_parallel_size} = {derived}; "
+            "leave it at 0 (derived) or set n_gpus_per_node to replicas x tensor_parallel_size",
+            key="rollout.replicas",
+        )
+    if r.colocate and replica_count(cfg) > 1:
+        raise ConfigError(
+            f"config key 'rollout.colocate': the colocated mode runs one vLLM engine on the trainer's GPU, "
+            f"not {replica_count(cfg)} replicas; use disjoint GPUs (rollout.colocate=false)",
+            key="rollout.colocate",
+        )
+
+
 def check_consistency(cfg: Config) -> None:
     """Values each fine alone but impossible together: each would deadlock or silently misbehave."""
     pair = (cfg.rollout.engine, cfg.trainer.engine)
@@ -435,6 +519,8 @@ def check_consistency(cfg: Config) -> None:
             key="trainer.n_gpus_per_node",
         )
     _check_nodes(cfg)
+    _check_servers(cfg)
+    _check_replicas(cfg)
     at = cfg.async_training
     if at.max_queue_size < cfg.data.train_batch_size:
         raise ConfigError(
@@ -454,6 +540,38 @@ def check_consistency(cfg: Config) -> None:
             f"config key 'async_training.require_batches': {at.require_batches} does not divide "
             f"data.train_batch_size={cfg.data.train_batch_size}",
             key="async_training.require_batches",
+        )
+
+
+def split_server_address(address: str) -> tuple[str, int]:
+    """`host:port` (an IPv6 host in brackets) → (host, port); ValueError saying what is wrong."""
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not host:port")
+    return host, int(port)
+
+
+def _check_servers(cfg: Config) -> None:
+    """rollout.servers: each entry host:port, none twice, and a transport that can reach them."""
+    servers = cfg.rollout.servers
+    for address in servers:
+        try:
+            split_server_address(address)
+        except ValueError as e:
+            raise ConfigError(f"config key 'rollout.servers': {e} (e.g. 127.0.0.1:8100)", key="rollout.servers") from None
+    if len(set(servers)) != len(servers):
+        raise ConfigError(f"config key 'rollout.servers': a server is listed twice in {servers}", key="rollout.servers")
+    if servers and cfg.rollout.replicas > 1:
+        raise ConfigError(
+            f"config key 'rollout.replicas': {cfg.rollout.replicas} local replicas with rollout.servers; each server is "
+            "one engine: list more servers instead",
+            key="rollout.replicas",
+        )
+    if servers and cfg.rollout.colocate:
+        raise ConfigError(
+            "config key 'rollout.colocate': remote rollout servers (rollout.servers) cannot share the trainer's GPU",
+            key="rollout.colocate",
         )
 
 

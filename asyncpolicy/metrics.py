@@ -58,6 +58,9 @@ class StepMetrics(msgspec.Struct, kw_only=True, omit_defaults=False):
     val_reward_mean: float | None = None  # latest validation score, when validation has run
     val_step: int | None = None
     val_failures_total: int = 0  # validations abandoned because their generations failed
+    # generation replicas (rollout.replicas > 1): requests moved off a replica that died, replica restarts
+    replica_failovers: int = msgspec.field(default=0, name="rollout/replica_failovers")
+    replica_restarts: int = msgspec.field(default=0, name="rollout/replica_restarts")
 
 
 def batch_reward_stats(rewards: list[float]) -> tuple[float, float]:

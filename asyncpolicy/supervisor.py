@@ -36,6 +36,7 @@ from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import Config, to_dict
 from asyncpolicy.engines.factory import build_engines, import_engine_modules
 from asyncpolicy.engines.protocols import EngineSet, ModelExporter
+from asyncpolicy.engines.replicas import ReplicaCounters, ReplicatedGeneration
 from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed, RunFailed, first_failure
 from asyncpolicy.logging import quiet_unless_configured
 from asyncpolicy.metrics import MetricsSink, StepMetrics, batch_reward_stats, rss_bytes
@@ -228,11 +229,15 @@ class Supervisor:
             await self._start_engines()
             if self.resume_state is not None:
                 await self._restore(self.resume_state)
+            elif self.engines.sync_at_start:  # rollout servers may hold another run's weights and version
+                await self.synchronizer.sync(self.trainer.version, force=True)
             with anyio.CancelScope() as self._actors:
                 try:
                     async with anyio.create_task_group() as actors:
                         await actors.start(self._run_actor, self.rollouter.name, self._rollout_with_restarts)
                         await actors.start(self._run_actor, self.trainer.name, self._train_then_stop)
+                        if isinstance(self.engines.generation, ReplicatedGeneration):  # restarts dead replicas
+                            await actors.start(self._run_actor, "replicas", self._serve_replicas)
                         if self._validating:
                             await actors.start(self._run_actor, self.validator.name, self.validator.run)
                         task_status.started()
@@ -302,8 +307,16 @@ class Supervisor:
         with anyio.fail_after(self.cfg.async_training.generation_timeout * 10):
             await gen.aclose()
             await gen.start()
-            async with self.trainer.weights_lock:  # weights must not change while they are read
-                await self.synchronizer.sync(self.trainer.version, force=True)
+            await self._reload_weights()
+
+    async def _reload_weights(self) -> None:
+        """Push the trainer's current weights to a (re)started engine, whatever version it reports."""
+        async with self.trainer.weights_lock:  # weights must not change while they are read
+            await self.synchronizer.sync(self.trainer.version, force=True)
+
+    async def _serve_replicas(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        assert isinstance(self.engines.generation, ReplicatedGeneration)
+        await self.engines.generation.serve(self._reload_weights, task_status=task_status)
 
     async def _restore(self, state: checkpoint.RunState) -> None:
         """Put every piece back as the checkpoint holds it, then serve the trainer's weights."""
@@ -397,6 +410,8 @@ class Supervisor:
         rewards = [r for s in report.batch for r in s.rewards]
         reward_mean, reward_std = batch_reward_stats(rewards)
         lengths = [len(t.response_tokens) for s in report.batch for t in s.trajectories]
+        gen = self.engines.generation
+        replicas = gen.counters if isinstance(gen, ReplicatedGeneration) else ReplicaCounters()
         metrics = StepMetrics(
             step=report.step,
             param_version=report.version,
@@ -424,6 +439,8 @@ class Supervisor:
             val_reward_mean=self.validator.latest.reward_mean if self.validator.latest else None,
             val_step=self.validator.latest.step if self.validator.latest else None,
             val_failures_total=self.validator.failures,
+            replica_failovers=replicas.failovers,
+            replica_restarts=replicas.restarts,
         )
         row = msgspec.to_builtins(metrics)
         row.update(report.engine_metrics)

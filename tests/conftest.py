@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -192,3 +196,52 @@ def rollouter_for() -> Callable[..., tuple[Rollouter, Any, VersionedChannel[Samp
         return Rollouter(cfg, engine, channel, task.train, scorer or task.scorer), engine, channel
 
     return make
+
+
+class RolloutServers:
+    """`python -m asyncpolicy serve-rollout` processes on 127.0.0.1, each on a port the kernel picks.
+
+    `start(*overrides)` returns the server's host:port once it has printed that it listens (its
+    engine is up); `kill(address)` ends one with SIGKILL; `close()` ends the rest (tests call it in
+    a finally, or use the `rollout_servers` fixture, which does).
+    """
+
+    def __init__(self, directory: Any) -> None:
+        self.directory = directory
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, *overrides: str, ready_within_s: float = 300.0) -> str:
+        log_path = self.directory / f"server-{len(self.procs)}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "asyncpolicy", "serve-rollout", "--port", "0", "log_level=warning", *overrides],
+                stdout=log, stderr=log, start_new_session=True,
+            )
+        deadline = time.monotonic() + ready_within_s  # a hang guard only: a started server answers at once
+        while True:
+            found = re.search(r"listening on (\S+:\d+)", log_path.read_text(errors="replace"))
+            if found:
+                self.procs[found.group(1)] = proc
+                return found.group(1)
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"serve-rollout did not start (exit {proc.poll()}): {log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def kill(self, address: str) -> None:
+        proc = self.procs.pop(address)
+        proc.kill()
+        proc.wait()
+
+    def close(self) -> None:
+        for address in list(self.procs):
+            self.kill(address)
+
+
+@pytest.fixture
+def rollout_servers(tmp_path: Any) -> Iterator[RolloutServers]:
+    servers = RolloutServers(tmp_path)
+    try:
+        yield servers
+    finally:
+        servers.close()

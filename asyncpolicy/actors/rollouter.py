@@ -238,6 +238,7 @@ class Rollouter:
         cfg = self.cfg
         request = GenerationRequest(
             request_id=f"{tag}/{prompt.uid}/{i}",
+            group=f"{tag}/{prompt.uid}",
             prompt_tokens=prompt.tokens,
             max_tokens=cfg.data.max_response_length,
             temperature=cfg.rollout.temperature,

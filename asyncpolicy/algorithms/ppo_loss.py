@@ -32,6 +32,7 @@ def aggregate_loss(
     mode: str,
     total_tokens: float,
     total_seqs: float,
+    seq_tokens: torch.Tensor | None = None,  # (B, T) token count of each position's response; None = one response per row
 ) -> torch.Tensor:
     """This micro-batch's share of the mini-batch loss.
 
@@ -43,6 +44,8 @@ def aggregate_loss(
     * "seq-mean-token-sum": sum each response's tokens, average over responses (Dr. GRPO's
       length-unbiased form when responses share a max length); sum of per-response sums / `total_seqs`.
 
+    A packed row holds several responses, so its per-response means come from `seq_tokens`.
+
     Dividing by mini-batch totals, not micro-batch ones, makes gradient accumulation over
     micro-batches give exactly the gradient of the whole mini-batch.
     """
@@ -50,6 +53,8 @@ def aggregate_loss(
     if mode == "token-mean":
         return masked.sum() / max(total_tokens, 1.0)
     if mode == "seq-mean-token-mean":
+        if seq_tokens is not None:  # each token's share of its response's mean
+            return (masked / seq_tokens.clamp(min=1.0)).sum() / max(total_seqs, 1.0)
         per_seq = masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)  # (B,)
         return per_seq.sum() / max(total_seqs, 1.0)
     if mode == "seq-mean-token-sum":

@@ -5,8 +5,10 @@ Sections (each independent; a failing one is recorded with its traceback and the
          engine, same prompts, fixed lengths (EOS ignored); then abort and continue a response
   ipc    colocated: a trainer rank on vLLM's GPU, CUDA IPC weight sync (pause → resume), checksums
   nccl   disjoint: vLLM on GPU 0, trainer on GPU 1: the bare broadcast, then NCCL weight syncs
-  train  FSDP2 trainer tokens/s and MFU on 16 × 640-token sequences, one rank
-  fsdp2  the same over 2 ranks (GPUs 0 and 1)
+  train  FSDP2 trainer tokens/s, MFU and peak memory, one rank: batches of 16, 64 and 256
+         sequences of 128 + 512 tokens, per variant (packing on/off, torch.compile on/off,
+         micro-batches of at most --train-max-tokens tokens); one trainer per variant
+  fsdp2  the same over 2 ranks (GPUs 0 and 1), and each figure ÷ the one-rank one when both ran
   async  the Supervisor, as users run it: the same run (same steps, same engines) with
          staleness_threshold=0 (generate → train → sync) and with staleness ≥ 1 (overlapped);
          measured generation time per batch g and training time per step t, the ideal speedup
@@ -156,11 +158,17 @@ class GPUBenchSettings(msgspec.Struct, kw_only=True):
     abort_len: int = 1800  # responses long enough to be running when abort_all comes
     abort_after_s: float = 1.0
     sync_reps: int = 6
-    train_groups: int = 4  # 4 prompts × 4 responses = 16 sequences of 128 + 512 tokens: the baseline's batch
+    train_seqs: list[int] = msgspec.field(default_factory=lambda: [16, 64, 256])  # sequences per step, rollout.n = train_n
     train_n: int = 4
     train_prompt_len: int = 128
     train_len: int = 512
+    train_len_min: int = 0  # > 0: response lengths uniform in [train_len_min, train_len] (packing's case); 0 = all train_len
     train_steps: int = 5
+    train_packing: list[bool] = msgspec.field(default_factory=lambda: [False, True])
+    train_compile: list[bool] = msgspec.field(default_factory=lambda: [False])
+    train_max_tokens: int = 16384  # trainer.max_tokens_per_micro_batch; 0 = micro_batch_size sequences (the first trainer's)
+    train_recompute: bool = True  # model.gradient_checkpointing
+    train_attn: str = "sdpa"  # trainer.attn_implementation: packed rows want flash_attention_2 (varlen) or flex_attention
     micro_batch_size: int = 16
     async_prompts: int = 32  # data.train_batch_size of the supervised runs
     async_n: int = 4
@@ -173,8 +181,9 @@ def cpu_settings(model_dir: str, sections: list[str] | None = None) -> GPUBenchS
     """Tiny sizes for `CPUPlumbing`: every section in well under a minute on 2 cores."""
     return GPUBenchSettings(
         model_dir=model_dir, sections=list(sections or SECTION_NAMES), gen_prompts=8, gen_prompt_len=4, gen_len=12,
-        gen_reps=1, abort_len=64, abort_after_s=0.02, sync_reps=2, train_groups=2, train_n=2, train_prompt_len=4,
-        train_len=6, train_steps=2, micro_batch_size=4, async_prompts=2, async_n=2, async_len=6,
+        gen_reps=1, abort_len=64, abort_after_s=0.02, sync_reps=2, train_seqs=[4, 8], train_n=2, train_prompt_len=4,
+        train_len=6, train_len_min=2, train_steps=2, train_packing=[False, True], train_max_tokens=24, micro_batch_size=4,
+        async_prompts=2, async_n=2, async_len=6,
         async_steps=WARMUP + 3, async_staleness=1,
     )
 
@@ -184,18 +193,20 @@ def vocab_size(model_dir: str) -> int:
         return int(json.load(f)["vocab_size"])
 
 
-def fixed_batch(groups: int, n: int, prompt_len: int, resp_len: int, vocab: int, seed: int) -> list[Sample]:
-    """`groups` samples of `n` responses of exactly `resp_len` tokens: a training batch of known size."""
+def fixed_batch(groups: int, n: int, prompt_len: int, resp_len: int, vocab: int, seed: int, min_len: int = 0) -> list[Sample]:
+    """`groups` samples of `n` responses of exactly `resp_len` tokens (of `min_len`..`resp_len`
+    tokens, seeded, when `min_len` > 0): a training batch of known size."""
     rng = random.Random(seed)
     out = []
     for i in range(groups):
         p = Prompt(index=i, epoch=0, text="", tokens=[rng.randrange(vocab) for _ in range(prompt_len)])
+        lengths = [rng.randint(min_len, resp_len) if min_len > 0 else resp_len for _ in range(n)]
         trajs = [
             Trajectory(
-                response_tokens=[rng.randrange(vocab) for _ in range(resp_len)], behaviour_logprobs=[-math.log(vocab)] * resp_len,
-                token_versions=[0] * resp_len, finish_reason="length", reward=rng.random(),
+                response_tokens=[rng.randrange(vocab) for _ in range(k)], behaviour_logprobs=[-math.log(vocab)] * k,
+                token_versions=[0] * k, finish_reason="length", reward=rng.random(),
             )
-            for _ in range(n)
+            for k in lengths
         ]
         out.append(make_sample(p, trajs, 0))
     return out
@@ -214,11 +225,11 @@ class BenchEngines(Protocol):
         """The vLLM-shaped generation engine on GPU 0, started once."""
         ...
 
-    async def trainer(self, gpus: list[int]) -> FSDPTrainEngine:
-        """An FSDP2 trainer over `gpus`, started once per placement."""
+    async def trainer(self, gpus: list[int], overrides: tuple[str, ...] = ()) -> FSDPTrainEngine:
+        """An FSDP2 trainer over `gpus` with config `overrides`, started once per placement and overrides."""
         ...
 
-    async def drop_trainer(self, gpus: list[int]) -> None: ...
+    async def drop_trainer(self, gpus: list[int], overrides: tuple[str, ...] = ()) -> None: ...
 
     def transport(self, kind: str, generation: Any, trainer: FSDPTrainEngine) -> Any:
         """The weight transport of `kind` ("ipc" or "nccl") between the two."""
@@ -248,7 +259,7 @@ class _EngineCache:
         self.settings = settings
         self.vocab = vocab_size(settings.model_dir)
         self._generation: Any = None
-        self._trainers: dict[tuple[Any, ...], FSDPTrainEngine] = {}
+        self._trainers: dict[tuple[tuple[int | None, ...], tuple[str, ...]], FSDPTrainEngine] = {}
 
     def _new_generation(self) -> Any:
         raise NotImplementedError
@@ -256,10 +267,10 @@ class _EngineCache:
     def _trainer_gpus(self, gpus: list[int]) -> list[int | None]:
         return list(gpus)
 
-    def _worker_init(self, model_dir: str, micro_batch_size: int) -> w.WorkerInit:
+    def _worker_init(self, model_dir: str, micro_batch_size: int, overrides: tuple[str, ...] = ()) -> w.WorkerInit:
         cfg = load_config(overrides=[
             "model.dtype=float32", "model.gradient_checkpointing=true", "trainer.lr=1e-6", "trainer.warmup_steps=0",
-            f"trainer.micro_batch_size={micro_batch_size}", "algorithm.staleness_correction=decoupled",
+            f"trainer.micro_batch_size={micro_batch_size}", "algorithm.staleness_correction=decoupled", *overrides,
         ])
         return w.WorkerInit(model_path=model_dir, config=cfg)
 
@@ -271,11 +282,12 @@ class _EngineCache:
             log.info("bench_gpu_engine", engine="generation", start_s=round(gen.start_s, 1))
         return self._generation
 
-    async def trainer(self, gpus: list[int]) -> FSDPTrainEngine:
+    async def trainer(self, gpus: list[int], overrides: tuple[str, ...] = ()) -> FSDPTrainEngine:
         placed = self._trainer_gpus(gpus)
-        key = tuple(placed)
+        key = (tuple(placed), overrides)
         if key not in self._trainers:
-            t = FSDPTrainEngine(self._worker_init(self.settings.model_dir, self.settings.micro_batch_size), placed, timeout_s=600)
+            init = self._worker_init(self.settings.model_dir, self.settings.micro_batch_size, overrides)
+            t = FSDPTrainEngine(init, placed, timeout_s=600)
             t0 = time.perf_counter()
             try:
                 await t.start()
@@ -284,11 +296,11 @@ class _EngineCache:
                     await t.aclose()
                 raise
             self._trainers[key] = t
-            log.info("bench_gpu_engine", engine="trainer", gpus=gpus, start_s=round(time.perf_counter() - t0, 1), params_M=round(t.n_params / 1e6, 2))
+            log.info("bench_gpu_engine", engine="trainer", gpus=gpus, overrides=list(overrides), start_s=round(time.perf_counter() - t0, 1), params_M=round(t.n_params / 1e6, 2))
         return self._trainers[key]
 
-    async def drop_trainer(self, gpus: list[int]) -> None:
-        t = self._trainers.pop(tuple(self._trainer_gpus(gpus)), None)
+    async def drop_trainer(self, gpus: list[int], overrides: tuple[str, ...] = ()) -> None:
+        t = self._trainers.pop((tuple(self._trainer_gpus(gpus)), overrides), None)
         if t is not None:
             await _close(t)
 
@@ -608,26 +620,51 @@ async def section_nccl(e: BenchEngines, s: GPUBenchSettings, ctx: BenchContext) 
     return {"link_init_s": transport.init_s, "link_broadcast_s": link, "link_GB_per_s": nbytes / link / 1e9, **figures}
 
 
-async def _train_figures(e: BenchEngines, trainer: FSDPTrainEngine, s: GPUBenchSettings) -> dict[str, Any]:
-    batch = fixed_batch(s.train_groups, s.train_n, s.train_prompt_len, s.train_len, e.vocab, 1)
-    ms = [await trainer.train_step(batch, step) for step in range(s.train_steps)]
-    best = max(ms[1:] or ms, key=lambda m: m["perf/train_tokens_per_s"])  # the first step pays one-time costs
-    return {
-        "ranks": trainer.world_size, "sequences": s.train_groups * s.train_n, "seq_len": s.train_prompt_len + s.train_len,
-        "tokens_per_s": best["perf/train_tokens_per_s"], "step_s": [m["perf/train_step_s"] for m in ms], "mfu": best.get("perf/mfu", 0.0),  # CUDA only
-        "peak_mem_GiB": best.get("perf/gpu_mem_peak_GB", 0.0), "loss_finite": all(math.isfinite(m["losses/loss"]) for m in ms),
-    }
+def train_variants(s: GPUBenchSettings) -> list[tuple[bool, bool]]:
+    """(packing, compile) of every trainer the train sections start, in order."""
+    return [(p, c) for c in s.train_compile for p in s.train_packing]
+
+
+def variant_overrides(s: GPUBenchSettings, packing: bool, compile_: bool) -> tuple[str, ...]:
+    return (
+        f"trainer.packing={str(packing).lower()}", f"trainer.compile={str(compile_).lower()}",
+        f"trainer.max_tokens_per_micro_batch={s.train_max_tokens}", f"model.gradient_checkpointing={str(s.train_recompute).lower()}",
+        f"trainer.attn_implementation={s.train_attn}",
+    )
+
+
+async def _train_figures(e: BenchEngines, gpus: list[int], s: GPUBenchSettings) -> dict[str, Any]:
+    """Every variant × batch size on `gpus`: one trainer per variant (closed before the next)."""
+    rows = []
+    for packing, compile_ in train_variants(s):
+        overrides = variant_overrides(s, packing, compile_)
+        trainer = await e.trainer(gpus, overrides)
+        try:
+            for seqs in s.train_seqs:
+                groups = max(1, seqs // s.train_n)
+                batch = fixed_batch(groups, s.train_n, s.train_prompt_len, s.train_len, e.vocab, 1, s.train_len_min)
+                ms = [await trainer.train_step(batch, step) for step in range(s.train_steps)]
+                best = max(ms[1:] or ms, key=lambda m: m["perf/train_tokens_per_s"])  # the first step pays one-time costs (compile)
+                rows.append({
+                    "ranks": trainer.world_size, "sequences": groups * s.train_n, "seq_len": s.train_prompt_len + s.train_len,
+                    "tokens": sum(len(x.prompt.tokens) + len(t.response_tokens) for x in batch for t in x.trajectories),
+                    "packing": packing, "compile": compile_, "max_tokens": s.train_max_tokens, "recompute": s.train_recompute, "attn": s.train_attn,
+                    "tokens_per_s": best["perf/train_tokens_per_s"], "step_s": [m["perf/train_step_s"] for m in ms],
+                    "mfu": best.get("perf/mfu", 0.0), "peak_mem_GiB": max(m.get("perf/gpu_mem_peak_GB", 0.0) for m in ms),  # CUDA only
+                    "loss_finite": all(math.isfinite(m["losses/loss"]) for m in ms),
+                })
+                log.info("bench_gpu_train", **{k: v for k, v in rows[-1].items() if k != "step_s"})
+        finally:
+            await e.drop_trainer(gpus, overrides)  # one variant's memory is not kept for the next
+    return {"ranks": len(gpus), "rows": rows}
 
 
 async def section_train(e: BenchEngines, s: GPUBenchSettings, ctx: BenchContext) -> dict[str, Any]:
-    return await _train_figures(e, await e.trainer([s.trainer_gpu]), s)
+    return await _train_figures(e, [s.trainer_gpu], s)
 
 
 async def section_fsdp2(e: BenchEngines, s: GPUBenchSettings, ctx: BenchContext) -> dict[str, Any]:
-    try:
-        return await _train_figures(e, await e.trainer([0, 1]), s)
-    finally:
-        await e.drop_trainer([0, 1])  # two ranks' memory is not kept for later sections
+    return await _train_figures(e, [0, 1], s)
 
 
 def _steady_mean(run: ScenarioRun, key: str) -> float:
@@ -723,6 +760,11 @@ def _mid(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
+def _variant_key(x: dict[str, Any]) -> tuple[Any, ...]:
+    """What a one-rank and a two-rank train figure must share to be compared."""
+    return (x["sequences"], x["seq_len"], x["packing"], x["compile"], x["max_tokens"], x["recompute"], x["attn"])
+
+
 def table_rows(res: GPUBenchResult) -> list[TableRow]:
     """The summary table, one row per figure, from the sections that ran."""
     s, rows = res.sections, []
@@ -742,12 +784,21 @@ def table_rows(res: GPUBenchResult) -> list[TableRow]:
             v = {"min_s": min(x["pause_to_resume_s"]), "median_s": _mid(x["pause_to_resume_s"]), "pack_s": min(x["pack_s"]), "checksum_match": float(x["checksum_match"])}
             rows.append(TableRow(section=k, figure=f"weight sync {k} ({x['transport']}), pause → resume s (min / median)", values=v,
                                  text=f"{v['min_s']:.4f} / {v['median_s']:.4f}; pack {v['pack_s']:.4f} s; checksums equal: {x['checksum_match']}"))
+    one_rank = {_variant_key(x): x["tokens_per_s"] for x in s.get("train", {}).get("rows", [])}
     for k in ("train", "fsdp2"):
-        if k in s:
-            x = s[k]
+        for x in s.get(k, {}).get("rows", []):
             v = {"tokens_per_s": x["tokens_per_s"], "mfu": x["mfu"], "peak_mem_GiB": x["peak_mem_GiB"], "loss_finite": float(x["loss_finite"])}
-            rows.append(TableRow(section=k, figure=f"FSDP2 trainer, {x['ranks']} rank(s), {x['sequences']} × {x['seq_len']} tokens", values=v,
-                                 text=f"{v['tokens_per_s']:.0f} tok/s, MFU {v['mfu']:.3f}, peak {v['peak_mem_GiB']:.1f} GiB"))
+            scaling = ""
+            if k == "fsdp2" and _variant_key(x) in one_rank:
+                v["vs_one_rank"] = x["tokens_per_s"] / one_rank[_variant_key(x)]
+                scaling = f", {v['vs_one_rank']:.2f}× one rank"
+            budget = f"≤ {x['max_tokens']} tok" if x["max_tokens"] else "fixed count"
+            variant = (f"packing {'on' if x['packing'] else 'off'}, compile {'on' if x['compile'] else 'off'}, micro-batches {budget}, "
+                       f"{x['attn']}, recompute {'on' if x['recompute'] else 'off'}")
+            rows.append(TableRow(
+                section=k, figure=f"FSDP2 trainer, {x['ranks']} rank(s), {x['sequences']} seqs ≤ {x['seq_len']} tokens, {variant}", values=v,
+                text=f"{v['tokens_per_s']:.0f} tok/s, MFU {v['mfu']:.3f}, peak {v['peak_mem_GiB']:.1f} GiB{scaling}",
+            ))
     if "async" in s:
         a = s["async"]
         keys = ("speedup", "ideal_speedup", "fraction_of_ideal", "gen_s", "train_s", "sync_s", "step_sync_s", "step_async_s", "wall_sync_s", "wall_async_s")
@@ -773,6 +824,31 @@ def format_table(res: GPUBenchResult) -> str:
 # -- command line --------------------------------------------------------------------------------
 
 
+_ONOFF = {False: "off", True: "on"}
+
+
+def _train_lists(args: argparse.Namespace) -> tuple[list[int], list[bool], list[bool], bool]:
+    """The train sections' list options; ValueError naming the option on bad input."""
+    def onoff(opt: str, text: str) -> list[bool]:
+        vals = [x for x in text.split(",") if x]
+        if not vals or any(x not in ("on", "off") for x in vals):
+            raise ValueError(f"{opt} takes on, off or off,on (got {text!r})")
+        return [x == "on" for x in vals]
+
+    try:
+        seqs = [int(x) for x in args.train_seqs.split(",") if x]
+    except ValueError:
+        seqs = []
+    if not seqs or min(seqs) < 1:
+        raise ValueError(f"--train-seqs takes positive integers, comma-separated (got {args.train_seqs!r})")
+    if args.train_max_tokens < 0 or args.train_len_min < 0:
+        raise ValueError("--train-max-tokens and --train-len-min must be 0 or more")
+    recompute = onoff("--train-recompute", args.train_recompute)
+    if len(recompute) != 1:
+        raise ValueError(f"--train-recompute takes on or off (got {args.train_recompute!r})")
+    return seqs, onoff("--train-packing", args.train_packing), onoff("--train-compile", args.train_compile), recompute[0]
+
+
 def _parser() -> argparse.ArgumentParser:
     d = GPUBenchSettings()
     p = argparse.ArgumentParser(prog="python -m asyncpolicy bench gpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -783,6 +859,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--util", type=float, default=d.util, help="vLLM gpu_memory_utilization")
     p.add_argument("--trainer-gpu", type=int, default=d.trainer_gpu, help="the train section's GPU")
     p.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs")
+    p.add_argument("--train-seqs", default=",".join(map(str, d.train_seqs)), help="train/fsdp2: sequences per step, comma-separated")
+    p.add_argument("--train-packing", default=",".join(_ONOFF[x] for x in d.train_packing), help="train/fsdp2: on, off or off,on")
+    p.add_argument("--train-compile", default=",".join(_ONOFF[x] for x in d.train_compile), help="train/fsdp2: on, off or off,on")
+    p.add_argument("--train-max-tokens", type=int, default=d.train_max_tokens, help="tokens per micro-batch; 0 = 16 sequences")
+    p.add_argument("--train-len-min", type=int, default=d.train_len_min, help="> 0: response lengths uniform in [this, 512]")
+    p.add_argument("--train-recompute", default=_ONOFF[d.train_recompute], help="gradient checkpointing: on or off")
+    p.add_argument("--train-attn", default=d.train_attn, choices=["sdpa", "eager", "flash_attention_2", "flex_attention"],
+                   help="the trainer's attention kernel")
     p.add_argument("--gen-reps", type=int, default=d.gen_reps)
     p.add_argument("--async-prompts", type=int, default=d.async_prompts)
     p.add_argument("--async-len", type=int, default=d.async_len)
@@ -806,6 +890,11 @@ def gpu_main(argv: list[str]) -> int:
     if args.async_steps <= WARMUP or args.async_staleness < 1:
         print(f"asyncpolicy bench gpu: --async-steps must exceed {WARMUP} and --async-staleness be at least 1", file=sys.stderr)
         return EXIT_BAD_INPUT
+    try:
+        train_seqs, train_packing, train_compile, train_recompute = _train_lists(args)
+    except ValueError as e:
+        print(f"asyncpolicy bench gpu: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     import torch
 
     if not torch.cuda.is_available():
@@ -822,7 +911,9 @@ def gpu_main(argv: list[str]) -> int:
     settings = GPUBenchSettings(
         model_dir=args.model_dir, sections=sections, util=args.util, trainer_gpu=args.trainer_gpu, eager=args.eager,
         gen_reps=args.gen_reps, async_prompts=args.async_prompts, async_len=args.async_len, async_steps=args.async_steps,
-        async_staleness=args.async_staleness,
+        async_staleness=args.async_staleness, train_seqs=train_seqs, train_packing=train_packing, train_compile=train_compile,
+        train_max_tokens=args.train_max_tokens, train_len_min=args.train_len_min, train_recompute=train_recompute,
+        train_attn=args.train_attn,
     )
     out = Path(args.out_dir) if args.out_dir else new_results_dir()
     out.mkdir(parents=True, exist_ok=True)

@@ -10,15 +10,16 @@ import os
 import random
 import sys
 
-from asyncpolicy.config import Config
+from asyncpolicy.config import Config, replica_count
 from asyncpolicy.engines.protocols import EngineSet
+from asyncpolicy.errors import ConfigError
 
-_MODULES = {
-    ("simulated", "simulated"): ("asyncpolicy.engines.simulated",),
+_MODULES = {  # what each pair of config.ENGINE_PAIRS imports; only the vllm pair needs vllm itself
+    ("simulated", "simulated"): ("asyncpolicy.engines.simulated", "asyncpolicy.engines.replicas"),
     ("hf", "torch"): ("asyncpolicy.engines.hf_torch",),
-    ("hf", "fsdp"): ("asyncpolicy.engines.hf_fsdp",),  # the FSDP trainer on the CPU: no vLLM
+    ("hf", "fsdp"): ("asyncpolicy.engines.hf_fsdp",),
+    ("vllm", "fsdp"): ("asyncpolicy.engines.vllm_fsdp",),
 }
-_GPU_MODULES = ("asyncpolicy.engines.vllm_fsdp",)
 
 
 def _preload_torch_libraries() -> None:
@@ -60,9 +61,21 @@ def import_engine_modules(cfg: Config) -> None:
     pair = (cfg.rollout.engine, cfg.trainer.engine)
     if pair != ("simulated", "simulated"):
         _preload_torch_libraries()
-    for name in _MODULES.get(pair, _GPU_MODULES):
+    if cfg.rollout.servers:  # generation runs on the servers: this process needs the client and the trainer only
+        try:
+            importlib.import_module("asyncpolicy.engines.remote")
+        except ImportError as e:
+            raise ConfigError(
+                f"rollout.servers needs httpx, which is not importable ({e}); install it with `pip install asyncpolicy[remote]`",
+                key="rollout.servers",
+            ) from None
+        trainer = {"torch": "asyncpolicy.engines.torch_trainer", "fsdp": "asyncpolicy.engines.fsdp_trainer"}
+        if cfg.trainer.engine in trainer:
+            importlib.import_module(trainer[cfg.trainer.engine])
+        return
+    for name in _MODULES[pair]:
         module = importlib.import_module(name)
-    if pair not in _MODULES:
+    if pair == ("vllm", "fsdp"):
         module.import_vllm()  # vllm itself (a ConfigError naming the extra when it is missing)
 
 
@@ -71,11 +84,19 @@ def build_engines(cfg: Config, *, rng: random.Random) -> EngineSet:
 
     The pair of engines was checked with the config (`config.ENGINE_PAIRS`).
     """
+    if cfg.rollout.servers:
+        from asyncpolicy.engines.remote import build_remote_engines
+
+        return build_remote_engines(cfg)
     pair = (cfg.rollout.engine, cfg.trainer.engine)
     if pair == ("simulated", "simulated"):
+        from asyncpolicy.engines.replicas import ReplicatedGeneration
         from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTrainEngine, SimulatedTransport
 
-        gen = SimulatedGenerationEngine(cfg.rollout.simulated, rng)
+        n = replica_count(cfg)
+        gen: SimulatedGenerationEngine | ReplicatedGeneration = SimulatedGenerationEngine(cfg.rollout.simulated, rng)
+        if n > 1:  # replicas share the run's Random: one seed still replays the whole run
+            gen = ReplicatedGeneration.for_config(cfg, [SimulatedGenerationEngine(cfg.rollout.simulated, rng) for _ in range(n)])
         return EngineSet(
             generation=gen,
             trainer=SimulatedTrainEngine(cfg.trainer.simulated),

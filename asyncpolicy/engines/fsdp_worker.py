@@ -36,7 +36,13 @@ from typing import Any
 import msgspec
 
 from asyncpolicy.config import Config
-from asyncpolicy.engines.torch_policy import PolicyLogprobs, StepRunner, make_optimizer, make_scheduler
+from asyncpolicy.engines.torch_policy import (
+    PolicyLogprobs,
+    StepRunner,
+    compile_layers,
+    make_optimizer,
+    make_scheduler,
+)
 from asyncpolicy.errors import RunFailed, first_line
 from asyncpolicy.samples import Sample
 
@@ -165,23 +171,13 @@ def free_port() -> int:
 
 
 class _ShardedStep(StepRunner):
-    """The shared training step on one FSDP rank: its share of the rows, the global grad norm of
-    DTensor gradients, and the step's sums over all ranks."""
+    """The shared training step on one FSDP rank: the global grad norm of DTensor gradients and the
+    step's sums over all ranks (its share of the rows is `StepRunner.micro_batches`' by rank)."""
 
     def __init__(self, *args: Any, rank: int, dist: Any) -> None:
         super().__init__(*args)
-        self.rank = rank
+        self.rank = rank  # the micro-batch plan deals rows by rank (plan_micro_batches)
         self.dist = dist
-
-    def micro_batches(self, rows: range, lengths: list[int]) -> list[list[int]]:
-        """Rows sorted by length and dealt round-robin, so ranks get similar token counts; every
-        rank gets the SAME number of micro-batches (FSDP collectives must line up), padded with
-        empty ones. With one rank: the CPU trainer's micro-batches exactly."""
-        ordered = sorted(rows, key=lambda r: -lengths[r])
-        mine = ordered[self.rank :: self.world_size]
-        size = self.cfg.trainer.micro_batch_size
-        n_micro = max(1, math.ceil(math.ceil(len(ordered) / self.world_size) / size))
-        return [mine[i * size : (i + 1) * size] for i in range(n_micro)]
 
     def clip_grad_norm(self) -> Any:
         norm = super().clip_grad_norm()
@@ -214,6 +210,8 @@ class _Policy:
         model = self._load_model()
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.trainer.compile:
+            compile_layers(model)  # before sharding: fully_shard wraps the compiled layers
         self.names = [n for n, _ in model.named_parameters()]  # HF names; tied weights appear once
         self.n_params = sum(p.numel() for p in model.parameters())
         # Small models: keep layers gathered from forward to backward (ZeRO-2-like): the memory
@@ -221,12 +219,13 @@ class _Policy:
         kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self.n_params > 2e9}
         if mp is not None:
             kw["mp_policy"] = mp
-        self.module = self._shard(PolicyLogprobs(model, cfg.rollout.temperature), kw)
+        chunk = cfg.trainer.logprob_chunk_tokens
+        self.module = self._shard(PolicyLogprobs(model, cfg.rollout.temperature, chunk), kw)
         ref = None
         if cfg.algorithm.kl_coef > 0:  # the initial model at model.path, sharded like the policy, frozen
             ref_model = self._load_model().requires_grad_(False)
             # no backward to keep its layers gathered for: free them after each forward
-            ref = self._shard(PolicyLogprobs(ref_model, cfg.rollout.temperature), {**kw, "reshard_after_forward": True}).eval()
+            ref = self._shard(PolicyLogprobs(ref_model, cfg.rollout.temperature, chunk), {**kw, "reshard_after_forward": True}).eval()
         self.cfg = model.config
         self.opt = make_optimizer(self.module.parameters(), cfg)
         self.sched = make_scheduler(self.opt, cfg)
@@ -248,12 +247,13 @@ class _Policy:
         torch, init = self.torch, self.init
         torch.manual_seed(init.config.seed)
         dtype = getattr(torch, init.config.model.dtype)
+        attn = init.config.trainer.attn_implementation
         has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(init.model_path))
         if has_weights:
-            model = AutoModelForCausalLM.from_pretrained(init.model_path, dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_pretrained(init.model_path, dtype=dtype, attn_implementation=attn)
         else:
             config = AutoConfig.from_pretrained(init.model_path)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         model.config.use_cache = False
         # transformers declares `to` with @wraps(nn.Module.to), which types it as unbound (self first)
         return model.to(self.device)  # type: ignore[arg-type]
@@ -269,6 +269,8 @@ class _Policy:
     # -- training --
 
     def train(self, cmd: Train) -> dict[str, float]:
+        if self.device.type == "cuda":
+            self.torch.cuda.reset_peak_memory_stats()  # the peak of this step, not of the process so far
         m = self.step.run(cmd.batch, cmd.version)
         self.steps += 1
         if self.device.type == "cuda":

@@ -24,6 +24,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
 
     request_id: str
     prompt_tokens: list[int]
+    group: str = ""  # the requests of one prompt's group share it: replicated engines keep them on one replica (prefix cache)
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -133,3 +134,4 @@ class EngineSet(msgspec.Struct, kw_only=True):
     trainer: Any  # TrainEngine
     transport: Any  # WeightTransport
     tokenizer: Any = None  # a transformers tokenizer for real models; None for simulated engines
+    sync_at_start: bool = False  # push the trainer's weights before a fresh run (remote servers may hold others)

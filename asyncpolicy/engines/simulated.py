@@ -18,6 +18,7 @@ import msgspec
 
 from asyncpolicy.config import SimulatedRolloutConfig, SimulatedTrainerConfig
 from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
+from asyncpolicy.engines.replicas import ReplicatedGeneration
 from asyncpolicy.samples import Sample
 
 VOCAB = 64
@@ -46,6 +47,12 @@ class SimulatedGenerationEngine:
 
     def load_weights(self, version: int) -> None:
         self._version = version
+
+    @property
+    def errored(self) -> bool:
+        """Dead (die_after_requests reached): every call fails until `start` runs again."""
+        limit = self.cfg.die_after_requests
+        return bool(limit) and self._requests_since_start >= limit
 
     async def start(self) -> None:
         self._abort = anyio.Event()
@@ -150,9 +157,12 @@ class SimulatedTrainEngine:
 
 
 class SimulatedTransport:
-    """Sets the generation engine's version after a fixed delay; fails `sync_failures` times per sync."""
+    """Sets the generation engine's version after a fixed delay; fails `sync_failures` times per sync.
 
-    def __init__(self, generation: SimulatedGenerationEngine, cfg: SimulatedTrainerConfig) -> None:
+    `generation` is one simulated engine or a `ReplicatedGeneration` of them (which loads every replica).
+    """
+
+    def __init__(self, generation: SimulatedGenerationEngine | ReplicatedGeneration, cfg: SimulatedTrainerConfig) -> None:
         self.generation = generation
         self.cfg = cfg
         self._failures_left: dict[int, int] = {}

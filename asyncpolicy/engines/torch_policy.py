@@ -12,6 +12,13 @@ of the logits predicts token t+1, so every per-token tensor below has T-1 column
 0..L-1 for real tokens — the same positions the generation engine gives under left padding — and
 causal attention never lets a real token see the padding after it.
 
+With `trainer.packing` a micro-batch is instead ONE row: its sequences concatenated without
+padding, position ids restarting at 0 for each. transformers reads those restarts (no attention
+mask given) as packed sequences and builds a block-diagonal causal mask (sdpa/flex) or runs
+varlen kernels (flash_attention_2), so no token sees another sequence. The per-token tensors
+follow the row: the last position of a sequence predicts the next sequence's first token and is
+masked out.
+
 Statistics stay tensors on the policy's device until the end of the step: the one device→host
 copy is the final `tolist()`, plus one grad-norm read per optimizer update (the skip decision).
 """
@@ -21,6 +28,8 @@ from __future__ import annotations
 import math
 import time
 from typing import Any
+
+import torch.utils.checkpoint
 
 import msgspec
 import structlog
@@ -36,7 +45,6 @@ from asyncpolicy.samples import Sample
 
 log = structlog.get_logger(__name__)
 
-ENTROPY_CHUNK = 4096  # response tokens per softmax when measuring entropy: bounds its (chunk, V) memory
 
 
 # ---- the batch ----------------------------------------------------------------------------------
@@ -73,12 +81,15 @@ class PolicyBatch(msgspec.Struct, kw_only=True):
             staleness=self.staleness[rows],
         )
 
-    def micro(self, rows: list[int], device: torch.device) -> MicroBatch:
-        """Rows `rows` as a MicroBatch on `device`; no rows = one padding row that adds exactly 0.
+    def micro(self, rows: list[int], device: torch.device, packed: bool = False) -> MicroBatch:
+        """Rows `rows` as a MicroBatch on `device` (one packed row with `packed`); no rows = one
+        padding row that adds exactly 0.
 
         An FSDP rank with fewer rows than the others still runs every forward/backward (the
         collectives must line up), so an empty micro-batch is a real one whose masks are all 0.
         """
+        if rows and packed:
+            return self._packed(rows, device)
         if rows:
             sub = self.select(rows)
         else:
@@ -105,6 +116,43 @@ class PolicyBatch(msgspec.Struct, kw_only=True):
             same_version_mask=put(sub.same_version_mask),
         )
 
+    def _packed(self, rows: list[int], device: torch.device) -> MicroBatch:
+        """Rows `rows` concatenated into one (1, S) row: S = their real tokens, no padding."""
+        lengths = self.attention_mask[rows].sum(dim=1).tolist()
+        ids, pos = [], []
+        per_token: dict[str, list[torch.Tensor]] = {k: [] for k in _PER_TOKEN}
+        seq_tokens = []
+        for r, L in zip(rows, lengths, strict=True):
+            ids.append(self.input_ids[r, :L])
+            pos.append(torch.arange(L))
+            for k in _PER_TOKEN:  # a sequence's L-1 targets, then 0 where its last token meets the next sequence
+                per_token[k].append(torch.cat([getattr(self, k)[r, : L - 1], torch.zeros(1)]))
+            n = self.response_mask[r].sum()
+            seq_tokens.append(n.expand(L))  # the response's token count on each of its positions
+        if sum(lengths) < 2:  # one 1-token sequence: add a padding position so the row has a target column
+            ids.append(torch.zeros(1, dtype=torch.long))
+            pos.append(torch.zeros(1, dtype=torch.long))
+            for k in _PER_TOKEN:
+                per_token[k].append(torch.zeros(1))
+            seq_tokens.append(torch.zeros(1))
+
+        def row(parts: list[torch.Tensor], cut: bool = True) -> torch.Tensor:
+            t = torch.cat(parts).unsqueeze(0)  # (1, S)
+            return (t[:, :-1] if cut else t).to(device, non_blocking=True)  # per-token tensors: (1, S-1)
+
+        response_mask = torch.cat(per_token["response_mask"])[:-1]
+        return MicroBatch(
+            input_ids=row(ids, cut=False),
+            attention_mask=None,
+            position_ids=row(pos, cut=False),
+            response_index=response_mask.nonzero().squeeze(1).to(device, non_blocking=True),
+            seq_tokens=row(seq_tokens),
+            **{k: row(v) for k, v in per_token.items()},
+        )
+
+
+_PER_TOKEN = ("response_mask", "behaviour_logprobs", "advantages", "same_version_mask")  # PolicyBatch's (N, T-1) tensors
+
 
 class MicroBatch(msgspec.Struct, kw_only=True):
     """One forward/backward's rows, on the policy's device."""
@@ -116,6 +164,8 @@ class MicroBatch(msgspec.Struct, kw_only=True):
     behaviour_logprobs: torch.Tensor  # (B, T-1)
     advantages: torch.Tensor  # (B, T-1)
     same_version_mask: torch.Tensor  # (B, T-1)
+    position_ids: torch.Tensor | None = None  # (1, S) restarting at 0 per sequence when packed; None = 0..T-1 per row
+    seq_tokens: torch.Tensor | None = None  # (1, S-1) packed: the token count of each position's response
 
 
 def collate(samples: list[Sample], version: int, algo: AlgorithmConfig, pad_id: int) -> PolicyBatch:
@@ -205,40 +255,75 @@ class PolicyLogprobs(torch.nn.Module):
 
     The temperature scaling is the sampler's, so these equal the behaviour logprobs when the
     weights are the rollout's. The LM head runs on response positions alone (no (B, T, V) logits
-    for the prompt). It is the root module an FSDP rank shards, so its forward gathers the
-    embeddings and LM head; it expects a transformers CausalLM with `.model` and `.lm_head`.
+    for the prompt), `chunk_tokens` of them at a time: each chunk's fp32 (chunk, V) logits give
+    its logprobs and entropy in one pass and are dropped; backward recomputes them
+    (torch.utils.checkpoint), so no more than one chunk's logits are ever held. It is the root module an FSDP
+    rank shards, so its forward gathers the embeddings and LM head; it expects a transformers
+    CausalLM with `.model` and `.lm_head`.
     """
 
-    def __init__(self, model: Any, temperature: float) -> None:
+    def __init__(self, model: Any, temperature: float, chunk_tokens: int = 0) -> None:
         super().__init__()
         self.model = model  # the name is part of FSDP checkpoints' keys
         self.temperature = temperature
+        self.chunk_tokens = chunk_tokens  # 0 = all response tokens in one chunk, not recomputed
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, response_index: torch.Tensor,
-        with_entropy: bool = False,
+        with_entropy: bool = False, position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T-1) logprobs (0 off the response) and, on request, (B, T-1) entropy without grad."""
+        """(B, T-1) logprobs (0 off the response) and, on request, (B, T-1) entropy without grad.
+
+        `position_ids` restarting at 0 within a row mark packed sequences (attention_mask None)."""
         B, T = input_ids.shape
-        position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)  # (B, T)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)  # (B, T)
         hidden = self.model.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, T, H)
         h = hidden[:, :-1].reshape(B * (T - 1), -1).index_select(0, response_index)  # (K, H)
         targets = input_ids[:, 1:].reshape(-1).index_select(0, response_index)  # (K,)
-        logits = self.model.lm_head(h).float() / self.temperature  # (K, V)
-        lp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (K,)
+        size = self.chunk_tokens or max(h.shape[0], 1)
+        # one chunk holds its logits for backward as before: recomputing costs a matmul and buys nothing then
+        recompute = 0 < self.chunk_tokens < h.shape[0] and torch.is_grad_enabled()
+        lps, ents = [], []
+        for hc, tc in zip(h.split(size), targets.split(size), strict=True):
+            if recompute:
+                lp_c, ent_c = torch.utils.checkpoint.checkpoint(
+                    self._head, hc, tc, with_entropy, use_reentrant=False
+                )
+            else:
+                lp_c, ent_c = self._head(hc, tc, with_entropy)
+            lps.append(lp_c)
+            ents.append(ent_c)
+        lp = torch.cat(lps) if lps else h.new_zeros(0, dtype=torch.float32)  # (K,)
         # back to (B, T-1), out of place: FSDP's backward hooks must see a fresh tensor, not a view
         where = (response_index // (T - 1), response_index % (T - 1))
         logprobs = lp.new_zeros((B, T - 1)).index_put(where, lp)
         entropy = None
         if with_entropy:
-            with torch.no_grad():
-                chunks = (torch.log_softmax(c, dim=-1) for c in logits.detach().split(ENTROPY_CHUNK))
-                ent = [-(c.exp() * c).sum(-1) for c in chunks]
-                flat = torch.cat(ent) if ent else lp.new_zeros(0)  # (K,)
-                entropy = lp.new_zeros((B, T - 1)).index_put(where, flat)
+            flat = torch.cat(ents) if ents else lp.new_zeros(0)  # (K,)
+            entropy = lp.new_zeros((B, T - 1)).index_put(where, flat.detach())
         return logprobs, entropy
+
+    def _head(self, h: torch.Tensor, targets: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk: (chunk,) logprobs of `targets` and (chunk,) entropy (no grad; zeros unless asked)."""
+        logits = self.model.lm_head(h).float() / self.temperature  # (chunk, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (chunk,)
+        lp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (chunk,)
+        with torch.no_grad():
+            if with_entropy:  # H = -Σ p log p = lse - Σ p·logits: one (chunk, V) temporary besides the logits
+                ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+            else:
+                ent = lp.new_zeros(lp.shape)
+        return lp, ent
+
+
+def compile_layers(model: Any) -> None:
+    """`trainer.compile`: torch.compile each decoder layer in place, so parameter names, state
+    dicts and FSDP's per-layer sharding stay as they are (compile first, then shard)."""
+    for layer in model.model.layers:
+        layer.compile()
 
 
 def token_logprobs(model: Any, batch: PolicyBatch, temperature: float) -> torch.Tensor:
@@ -299,7 +384,7 @@ def micro_batch_loss(
             raise ValueError("algorithm.kl_coef > 0 needs reference logprobs")
         kl_ref = kl_k3(logprobs, ref_logprobs)  # (B, T-1)
         token_loss = token_loss + algo.kl_coef * kl_ref
-    loss = aggregate_loss(token_loss, mask, algo.loss_agg_mode, totals.tokens, totals.seqs)
+    loss = aggregate_loss(token_loss, mask, algo.loss_agg_mode, totals.tokens, totals.seqs, mb.seq_tokens)
     with torch.no_grad():
         lp = logprobs.detach()
         same = mb.same_version_mask if pre_update is not None else torch.zeros_like(mask)
@@ -326,6 +411,57 @@ def micro_batch_loss(
     return loss, stats, weight_max.double().reshape(1)
 
 
+# ---- micro-batches ------------------------------------------------------------------------------
+
+
+def plan_micro_batches(
+    rows: range, lengths: list[int], *, world_size: int, rank: int, micro_batch_size: int, max_tokens: int, packed: bool,
+) -> list[list[int]]:
+    """Rank `rank`'s micro-batches of `rows` (`lengths[r]`: row r's real tokens), longest first.
+
+    Every rank computes every rank's plan from the same batch, and gets the same NUMBER of
+    micro-batches (FSDP collectives must line up), padded with empty ones.
+    * `max_tokens` 0: rows sorted by length and dealt round-robin, `micro_batch_size` per micro-batch.
+    * a token budget: rows dealt longest first to the rank with the fewest tokens so far, then
+      filled into micro-batches of at most `max_tokens` tokens — real tokens when `packed`
+      (first fit), rows × the longest row when padded (in order). A row over the budget goes alone.
+    With one rank and a count, these are the CPU trainer's micro-batches exactly.
+    """
+    ordered = sorted(rows, key=lambda r: -lengths[r])
+    if max_tokens <= 0:
+        n_micro = max(1, math.ceil(math.ceil(len(ordered) / world_size) / micro_batch_size))
+        mine = ordered[rank::world_size]
+        return [mine[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(n_micro)]
+    dealt: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for r in ordered:
+        k = min(range(world_size), key=lambda j: (load[j], j))
+        dealt[k].append(r)
+        load[k] += lengths[r]
+    plans = [_fill(d, lengths, max_tokens, packed) for d in dealt]
+    n_micro = max(1, *(len(p) for p in plans))
+    return plans[rank] + [[] for _ in range(n_micro - len(plans[rank]))]
+
+
+def _fill(rows: list[int], lengths: list[int], budget: int, packed: bool) -> list[list[int]]:
+    """`rows` (longest first) into micro-batches of at most `budget` tokens."""
+    bins: list[list[int]] = []
+    used: list[int] = []
+    for r in rows:
+        n = lengths[r]
+        if packed:  # first fit: real tokens add up
+            k = next((i for i, u in enumerate(used) if u + n <= budget), None)
+        else:  # padded to the micro-batch's first (longest) row: next fit keeps similar lengths together
+            k = len(bins) - 1 if bins and (len(bins[-1]) + 1) * lengths[bins[-1][0]] <= budget else None
+        if k is None:
+            bins.append([r])
+            used.append(n)
+        else:
+            bins[k].append(r)
+            used[k] += n
+    return bins
+
+
 # ---- optimizer and schedule -----------------------------------------------------------------------
 
 
@@ -347,8 +483,9 @@ class StepRunner:
     """One training step over a policy this thread or process holds.
 
     A step = `async_training.require_batches` optimizer updates, one per mini-batch of whole
-    groups, each accumulated over micro-batches of `trainer.micro_batch_size` responses sorted by
-    length (little padding). An update whose gradient norm is not finite is skipped (the weights
+    groups, each accumulated over micro-batches of `trainer.micro_batch_size` responses or of at
+    most `trainer.max_tokens_per_micro_batch` tokens, sorted by length (little padding), packed
+    into one row each with `trainer.packing`. An update whose gradient norm is not finite is skipped (the weights
     stay, the schedule advances: it counts updates planned) and counted in `train/skipped_updates`.
     """
 
@@ -362,6 +499,7 @@ class StepRunner:
         device: torch.device,
         pad_id: int,
         world_size: int = 1,
+        rank: int = 0,
     ) -> None:
         self.cfg = cfg
         self.policy = policy
@@ -371,14 +509,17 @@ class StepRunner:
         self.device = device
         self.pad_id = pad_id
         self.world_size = world_size
+        self.rank = rank
 
     # -- what a sharded policy replaces --
 
     def micro_batches(self, rows: range, lengths: list[int]) -> list[list[int]]:
-        """This process's micro-batches of `rows`: longest first, `trainer.micro_batch_size` each."""
-        ordered = sorted(rows, key=lambda r: -lengths[r])
-        size = self.cfg.trainer.micro_batch_size
-        return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+        """This process's micro-batches of `rows` (see `plan_micro_batches`)."""
+        tr = self.cfg.trainer
+        return plan_micro_batches(
+            rows, lengths, world_size=self.world_size, rank=self.rank, micro_batch_size=tr.micro_batch_size,
+            max_tokens=tr.max_tokens_per_micro_batch, packed=tr.packing,
+        )
 
     def clip_grad_norm(self) -> torch.Tensor:
         """Clip the gradients to `trainer.grad_clip`; the global norm before clipping."""
@@ -417,8 +558,8 @@ class StepRunner:
         totals = LossTotals.of(pb, mini)
         self.optimizer.zero_grad(set_to_none=True)
         for m, rows in enumerate(micros):
-            mb = pb.micro(rows, self.device)
-            logprobs, entropy = self.policy(mb.input_ids, mb.attention_mask, mb.response_index, with_entropy=True)
+            mb = pb.micro(rows, self.device, self.cfg.trainer.packing)
+            logprobs, entropy = self._forward(self.policy, mb, with_entropy=True)
             # before the first update the current weights ARE the pre-update ones: no extra forward
             pre_update = logprobs.detach() if k == 0 else proximal.get((k, m))
             loss, stats, weight_max = micro_batch_loss(
@@ -440,15 +581,22 @@ class StepRunner:
         with torch.no_grad():
             for k, (_mini, micros) in enumerate(plan[1:], start=1):
                 for m, rows in enumerate(micros):
-                    mb = pb.micro(rows, self.device)
-                    out[(k, m)] = self.policy(mb.input_ids, mb.attention_mask, mb.response_index)[0]
+                    mb = pb.micro(rows, self.device, self.cfg.trainer.packing)
+                    out[(k, m)] = self._forward(self.policy, mb)[0]
         return out
 
     def _ref_logprobs(self, mb: MicroBatch) -> torch.Tensor | None:
         if self.ref is None:
             return None
         with torch.no_grad():
-            return self.ref(mb.input_ids, mb.attention_mask, mb.response_index)[0]
+            return self._forward(self.ref, mb)[0]
+
+    @staticmethod
+    def _forward(policy: torch.nn.Module, mb: MicroBatch, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out: tuple[torch.Tensor, torch.Tensor | None] = policy(
+            mb.input_ids, mb.attention_mask, mb.response_index, with_entropy=with_entropy, position_ids=mb.position_ids
+        )
+        return out
 
     def _apply_update(self, version: int) -> tuple[float, float]:
         """Clip, then step unless the norm is inf/NaN (one poisoned mini-batch must not destroy the

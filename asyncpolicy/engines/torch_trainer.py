@@ -22,7 +22,7 @@ import structlog
 import torch
 
 from asyncpolicy.config import Config
-from asyncpolicy.engines.torch_policy import PolicyLogprobs, StepRunner, make_optimizer, make_scheduler
+from asyncpolicy.engines.torch_policy import PolicyLogprobs, StepRunner, compile_layers, make_optimizer, make_scheduler
 from asyncpolicy.samples import Sample
 
 log = structlog.get_logger(__name__)
@@ -59,23 +59,25 @@ class TorchTrainEngine:
         if tr.threads:
             torch.set_num_threads(tr.threads)
         torch.manual_seed(cfg.seed)
-        model = load_model(self.model_path, cfg.model.dtype)
+        model = load_model(self.model_path, cfg.model.dtype, tr.attn_implementation)
         if cfg.model.gradient_checkpointing:
             # transformers 5 renamed it; older versions only have the first name
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
             model.config.use_cache = False
+        if tr.compile:
+            compile_layers(model)
         model.train()
         self.model = model
         ref = None
         if cfg.algorithm.kl_coef > 0:  # the reference is always the initial model at model.path, even on resume
-            ref_model = load_model(self.model_path, cfg.model.dtype).eval().requires_grad_(False)
-            ref = PolicyLogprobs(ref_model, cfg.rollout.temperature).eval()
+            ref_model = load_model(self.model_path, cfg.model.dtype, tr.attn_implementation).eval().requires_grad_(False)
+            ref = PolicyLogprobs(ref_model, cfg.rollout.temperature, tr.logprob_chunk_tokens).eval()
         self.optimizer = make_optimizer(model.parameters(), cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.step = StepRunner(
-            cfg, PolicyLogprobs(model, cfg.rollout.temperature), ref, self.optimizer, self.scheduler,
+            cfg, PolicyLogprobs(model, cfg.rollout.temperature, tr.logprob_chunk_tokens), ref, self.optimizer, self.scheduler,
             torch.device("cpu"), pad_id,
         )
         per_step = cfg.async_training.require_batches

@@ -1,8 +1,11 @@
 """The GPU engine set: vLLM generation + FSDP2 training + a weight transport that joins them.
 
 Placement (`rollout.colocate`):
-* disjoint (default, the seed's layout): vLLM on GPUs 0..R-1 (tensor parallel over them), the
-  trainer's ranks on GPUs R..R+T-1; weights move over NCCL.
+* disjoint (default, the seed's layout): vLLM on GPUs 0..R-1, the trainer's ranks on GPUs
+  R..R+T-1; weights move over NCCL. The R rollout GPUs hold R / `rollout.tensor_parallel_size`
+  replicas, each its own AsyncLLM on consecutive GPUs (replica k on GPUs k*TP..k*TP+TP-1), behind
+  one router (`replicas.ReplicatedGeneration`); one NCCL group joins the trainer's rank 0 and every
+  replica's workers, so a sync is one broadcast.
 * colocated: vLLM and a one-rank trainer share GPU 0 (memory split by
   `rollout.gpu_memory_utilization`); weights move over CUDA IPC, no copy between processes.
 
@@ -26,6 +29,7 @@ from asyncpolicy.config import Config
 from asyncpolicy.engines import fsdp_worker as w
 from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
 from asyncpolicy.engines.protocols import EngineSet
+from asyncpolicy.engines.replicas import ReplicatedGeneration
 from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings, import_vllm
 from asyncpolicy.engines.weight_sync import IPCTransport, NCCLTransport
 from asyncpolicy.errors import ConfigError
@@ -81,6 +85,12 @@ def place(cfg: Config, n_visible: int) -> tuple[list[int], list[int]]:
     return rollout, trainer
 
 
+def replica_gpus(cfg: Config, rollout_gpus: list[int]) -> list[list[int]]:
+    """The rollout GPUs cut into consecutive slices of `rollout.tensor_parallel_size`, one per replica."""
+    tp = cfg.rollout.tensor_parallel_size
+    return [rollout_gpus[i : i + tp] for i in range(0, len(rollout_gpus), tp)]
+
+
 def _visible_gpus() -> int:
     """GPUs visible to this process, counted without creating a CUDA context here."""
     import torch
@@ -105,6 +115,13 @@ class _InitialSync:
 
 
 class _GatedGeneration(VLLMGenerationEngine):
+    gate: _InitialSync
+
+    async def start(self) -> None:
+        await self.gate.run_start(super().start)
+
+
+class _GatedReplicas(ReplicatedGeneration):
     gate: _InitialSync
 
     async def start(self) -> None:
@@ -151,20 +168,27 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
         stops.append(int(tokenizer.eos_token_id))
     gate = _InitialSync()
-    gen = _GatedGeneration(
-        VLLMSettings(
+
+    def settings(gpus: list[int], replica: int) -> VLLMSettings:
+        return VLLMSettings(
             model_path=path,
-            gpus=rollout_gpus,
+            gpus=gpus,
             dummy_weights=dummy,
             stop_token_ids=stops,
             max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length + 8,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
             max_num_seqs=max(8, min(1024, cfg.rollout.max_concurrency)),
             enforce_eager=cfg.rollout.enforce_eager,
-            seed=cfg.seed,
+            seed=cfg.seed + replica,  # replicas sample different streams
             rpc_timeout_s=cfg.async_training.sync_timeout,
         )
-    )
+
+    slices = replica_gpus(cfg, rollout_gpus)
+    gen: _GatedGeneration | _GatedReplicas
+    if len(slices) == 1:
+        gen = _GatedGeneration(settings(slices[0], 0))
+    else:
+        gen = _GatedReplicas.for_config(cfg, [VLLMGenerationEngine(settings(gpus, k)) for k, gpus in enumerate(slices)])
     base = worker_init(cfg, path)
     trainer = _GatedTrainer(base, [_physical(g) for g in trainer_gpus], timeout_s=cfg.trainer.worker_timeout_s)
     transport = IPCTransport(gen, trainer) if cfg.rollout.colocate else NCCLTransport(gen, trainer)
@@ -173,7 +197,7 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
     trainer.gate = gate
     log.info(
         "gpu_placement",
-        rollout_gpus=rollout_gpus,
+        rollout_gpus=slices,
         trainer_gpus=trainer_gpus,
         transport=transport.kind,
         dummy_weights=dummy,

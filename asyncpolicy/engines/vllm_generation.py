@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import threading
 import time
 from typing import Any
 
@@ -42,6 +43,8 @@ from asyncpolicy.errors import ConfigError, EngineTimeout
 log = structlog.get_logger("asyncpolicy.vllm")
 
 WORKER_EXTENSION = "asyncpolicy.engines.vllm_worker_ext.AsyncPolicyWorkerExt"
+# CUDA_VISIBLE_DEVICES is process-wide: one engine is built at a time (replicas restarting together)
+_BUILD_LOCK = threading.Lock()
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
@@ -131,6 +134,11 @@ class VLLMGenerationEngine:
             raise RuntimeError("VLLMGenerationEngine used before start()")
         return self._llm
 
+    @property
+    def errored(self) -> bool:
+        """The engine core died: every call fails until the engine is restarted."""
+        return self._llm is not None and bool(getattr(self._llm, "errored", False))
+
     def set_version(self, version: int) -> None:
         """Called by the weight transport once `version`'s weights are loaded (generation paused)."""
         self._version = version
@@ -161,7 +169,7 @@ class VLLMGenerationEngine:
 
         def build() -> None:
             # Shielded: the engine core it forks never sees the terminal's SIGINT/SIGTERM (module notes).
-            with visible_devices(s.gpus), children_shielded(ignore=False):
+            with _BUILD_LOCK, visible_devices(s.gpus), children_shielded(ignore=False):
                 built.append(AsyncLLM.from_engine_args(args))
 
         # Built in a worker thread: the engine's start (tens of seconds: config, engine-core process,

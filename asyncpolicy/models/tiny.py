@@ -226,10 +226,11 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
-def load_model(path: str, dtype: str = "float32") -> Any:
-    """The causal LM from a local directory, in `model.dtype`."""
+def load_model(path: str, dtype: str = "float32", attn_implementation: str | None = None) -> Any:
+    """The causal LM from a local directory, in `model.dtype` (attention: transformers' default unless given)."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True, **kw)

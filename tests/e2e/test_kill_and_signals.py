@@ -130,6 +130,7 @@ def test_signal_stops_gracefully_with_a_checkpoint(tmp_path: Path, sig: signal.S
     state = checkpoint.load_state(latest_checkpoint(out))
     assert state.reason == "stop"
     assert state.trainer.step == steps_written(out)
+    assert f"stopped after {state.trainer.step} of 100000 steps" in console(out)  # not "finished"
     resumed = subprocess.run(
         [*RUN, f"trainer.total_training_steps={state.trainer.step + 5}", f"output_dir={out}", "resume=auto"],
         capture_output=True,

@@ -51,12 +51,46 @@ def test_every_section_runs_on_cpu_and_fills_its_rows(tmp_path: Path) -> None:
     for k in ("ipc", "nccl"):  # the packed buffer, loaded by its meta, holds the trainer's weights
         assert s[k]["checksum_match"] and s[k]["bytes_GB"] > 0
         assert s[k]["post_sync_versions"] == [s[k]["engine_version"]]
-    assert s["fsdp2"]["ranks"] == 2 and s["train"]["ranks"] == 1 and s["train"]["loss_finite"]
+    assert s["fsdp2"]["ranks"] == 2 and s["train"]["ranks"] == 1
+    settings = gpu.cpu_settings("")
+    for k in ("train", "fsdp2"):  # every batch size × packing on/off, with finite losses, two ranks ÷ one in the table
+        got = [(x["sequences"], x["packing"], x["compile"]) for x in s[k]["rows"]]
+        assert got == [(n, p, False) for p in (False, True) for n in settings.train_seqs]
+        assert all(x["loss_finite"] and x["tokens_per_s"] > 0 and x["ranks"] == s[k]["ranks"] for x in s[k]["rows"])
+    assert sum("vs_one_rank" in r.values for r in rows) == len(s["fsdp2"]["rows"])
     a = s["async"]
     assert a["gen_s"] > 0 and a["train_s"] > 0 and a["ideal_speedup"] >= 1
     assert a["async_age_max"] <= a["staleness"]
     for staleness in (0, a["staleness"]):  # both supervised runs went through the Supervisor and wrote their logs
         assert (tmp_path / "out" / f"gpu_async_staleness_{staleness}.log").exists()
+
+
+@pytest.mark.slow
+def test_the_train_section_runs_compiled_variants_on_cpu(tmp_path: Path) -> None:
+    """trainer.compile=true through the FSDP worker (torch.compile on the CPU takes a minute or more)."""
+    model = gpu.make_model_dir(str(tmp_path / "model"), gpu.TINY_QWEN, tokenizer=False)
+    settings = gpu.cpu_settings(model, ["train"])
+    settings.train_seqs, settings.train_packing, settings.train_compile = [4], [True], [False, True]
+    ctx = BenchContext(tmp_path / "out", quick=True, overrides=[], machine=MACHINE, command="pytest")
+
+    async def main() -> gpu.GPUBenchResult:
+        async with gpu.CPUPlumbing(settings) as engines:
+            return await gpu.run_sections(engines, settings, ctx)
+
+    res = anyio.run(main, backend="asyncio")
+    assert res.errors == {}, "\n".join(res.errors.values())
+    rows = res.sections["train"]["rows"]
+    assert [x["compile"] for x in rows] == [False, True] and all(x["loss_finite"] for x in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train-seqs", "16,x"], "--train-seqs takes positive integers"),
+    (["--train-packing", "yes"], "--train-packing takes on, off or off,on"),
+    (["--train-recompute", "on,off"], "--train-recompute takes on or off"),
+])
+def test_bench_gpu_bad_train_options_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_main(["gpu", "--sections", "train", *argv]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_a_failing_section_is_recorded_not_raised(tmp_path: Path) -> None:

@@ -173,13 +173,15 @@ class _RecordingTransport(weight_sync._FlatTransport):
 
     def __init__(self, generation, trainer, fail: bool = False) -> None:
         super().__init__(generation, trainer)
+        self.engine = generation
         self.fail = fail
         self.paused_during_transfer: list[bool] = []
 
-    async def _transfer(self, meta) -> None:
-        self.paused_during_transfer.append(self.generation.llm.paused)
+    async def _transfer(self, meta, targets):
+        self.paused_during_transfer.append(self.engine.llm.paused)
         if self.fail:
             raise RuntimeError("link down")
+        return {k: 0.0 for k, _ in targets}, {}
 
 
 @pytest.mark.anyio
@@ -341,24 +343,29 @@ async def test_a_one_rank_fsdp_step_equals_the_cpu_trainers(tmp_path, monkeypatc
 @pytest.mark.slow
 @pytest.mark.anyio
 async def test_fsdp_two_ranks_match_one_rank(tmp_path) -> None:
-    """Gradient accumulation over micro-batches AND ranks gives the same step as one rank."""
+    """Gradient accumulation over micro-batches AND ranks gives the same step as one rank: with
+    micro-batches of a fixed count of rows, and packed under a token budget (the ranks then
+    run different row counts in the same number of micro-batches)."""
     (tmp_path / "config.json").write_text(json.dumps({
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 200,
         "max_position_embeddings": 64, "tie_word_embeddings": True,
     }))
     cfg = _config("trainer.lr=1e-2", "async_training.require_batches=3", "algorithm.kl_coef=0.1")
-    runs: dict[int, list[dict[str, float]]] = {}
-    for world in (1, 2):
-        eng = FSDPTrainEngine(w.WorkerInit(model_path=str(tmp_path), config=cfg), [None] * world, timeout_s=120)
+    packed = _config("trainer.lr=1e-2", "async_training.require_batches=3", "algorithm.kl_coef=0.1",
+                     "trainer.max_tokens_per_micro_batch=12", "trainer.packing=true", "trainer.logprob_chunk_tokens=4")
+    runs: dict[str, list[dict[str, float]]] = {}
+    for name, world, c in (("one", 1, cfg), ("two", 2, cfg), ("two_packed", 2, packed)):
+        eng = FSDPTrainEngine(w.WorkerInit(model_path=str(tmp_path), config=c), [None] * world, timeout_s=120)
         await eng.start()
         try:
-            runs[world] = [await eng.train_step(_batch(0, versions=(0, 1)), s) for s in range(2)]
+            runs[name] = [await eng.train_step(_batch(0, versions=(0, 1)), s) for s in range(2)]
         finally:
             await eng.aclose()
-    assert runs[2][1]["losses/kl_ref"] > 0 and runs[2][1]["is/mismatch_tokens"] > 0
-    for one, two in zip(runs[1], runs[2], strict=True):
-        assert set(one) == set(two)
-        for key in one:
-            if not key.startswith("perf/"):
-                assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    assert runs["two"][1]["losses/kl_ref"] > 0 and runs["two"][1]["is/mismatch_tokens"] > 0
+    for name in ("two", "two_packed"):
+        for one, two in zip(runs["one"], runs[name], strict=True):
+            assert set(one) == set(two)
+            for key in one:
+                if not key.startswith("perf/"):
+                    assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), (name, key)

@@ -12,8 +12,9 @@ import anyio
 import msgspec
 import pytest
 
-from asyncpolicy.config import Config
-from asyncpolicy.errors import ActorFailed, GenerationFailed, SyncFailed
+from asyncpolicy.config import ENGINE_PAIRS, Config, load_config
+from asyncpolicy.engines.factory import import_engine_modules
+from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed, SyncFailed
 from asyncpolicy.samples import Prompt
 from asyncpolicy.supervisor import RunResult, Supervisor
 from asyncpolicy.tasks.registry import simulated_task
@@ -219,3 +220,22 @@ async def test_validation_survives_a_generation_engine_restart(sim_config: Make,
             result = await sup.wait()
     assert result.finished and result.steps == 2
     assert sup.validator.failures >= 1, "no validation met the dead engine: the test proved nothing"
+
+
+@pytest.mark.parametrize("pair", sorted(ENGINE_PAIRS))
+def test_every_engine_pair_imports_what_its_build_needs(pair: tuple[str, str]) -> None:
+    """Start-up imports each pair's modules ahead of building it; only the vLLM pair asks for vLLM."""
+    overrides = [f"rollout.engine={pair[0]}", f"trainer.engine={pair[1]}"]
+    if pair == ("hf", "fsdp"):
+        overrides.append("trainer.n_gpus_per_node=0")
+    cfg = load_config(None, overrides)
+    if pair != ("vllm", "fsdp"):
+        import_engine_modules(cfg)
+        return
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"asyncpolicy\[vllm\]"):
+            import_engine_modules(cfg)
+    else:
+        import_engine_modules(cfg)
