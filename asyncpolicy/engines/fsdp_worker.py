@@ -688,11 +688,11 @@ def _handle(policy: _Policy, cmd: Any, rank: int) -> Reply:
     if isinstance(cmd, Checksum):
         return Reply(rank=rank, ok=True, value=policy.checksum())
     if isinstance(cmd, SaveState):
-        _agree_directory_is_shared(policy, cmd.directory, cmd.shared_check)
+        _agree_directory_is_shared(policy.init, policy.dist, cmd.directory, cmd.shared_check)
         policy.save_state(cmd.directory)
         return Reply(rank=rank, ok=True)
     if isinstance(cmd, LoadState):
-        _agree_directory_is_shared(policy, cmd.directory, cmd.shared_check)
+        _agree_directory_is_shared(policy.init, policy.dist, cmd.directory, cmd.shared_check)
         policy.load_state(cmd.directory)
         return Reply(rank=rank, ok=True)
     if isinstance(cmd, SaveModel):
@@ -706,7 +706,7 @@ def _handle(policy: _Policy, cmd: Any, rank: int) -> Reply:
 
 
 
-def _agree_directory_is_shared(policy: _Policy, directory: str, token: str) -> None:
+def _agree_directory_is_shared(init: WorkerInit, dist: Any, directory: str, token: str) -> None:
     """Several nodes: every rank must read the token node 0 wrote into `directory`, or none writes.
 
     Each rank writes its own DCP shards; a node that writes them to a disk of its own leaves a
@@ -720,9 +720,8 @@ def _agree_directory_is_shared(policy: _Policy, directory: str, token: str) -> N
             seen = f.read() == token
     except OSError:
         seen = False
-    init = policy.init
     seen_by: list[Any] = [None] * init.world_size
-    policy.dist.all_gather_object(seen_by, seen)
+    dist.all_gather_object(seen_by, seen)
     blind = [r for r, ok in enumerate(seen_by) if not ok]
     if blind:
         nodes = sorted({_node_of(init, r) for r in blind})

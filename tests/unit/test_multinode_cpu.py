@@ -245,3 +245,23 @@ def test_ctrl_c_on_every_node_stops_with_a_checkpoint_of_both_ranks(tmp_path: Pa
         node.kill()
     assert _shards(out) == ["__0_0.distcp", "__1_0.distcp"]
     assert "trainer_node_signal" in (tmp_path / "node1.log").read_text()
+
+
+def test_a_checkpoint_directory_a_rank_cannot_see_fails_the_command(tmp_path: Path) -> None:
+    """Before DCP writes or reads shards, every rank must read back node 0's token from the directory."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        init = w.WorkerInit(model_path="", config=load_config())
+        w._agree_directory_is_shared(init, dist, str(tmp_path), "")  # one node: no check
+        with pytest.raises(RunFailed) as info:
+            w._agree_directory_is_shared(init, dist, str(tmp_path), "token")  # nothing written there: another disk
+        assert str(info.value) == (
+            f"checkpoint directory {tmp_path} is not shared: node(s) 0 (rank(s) 0) do not see what node 0 wrote there; "
+            "with trainer.nnodes > 1, output_dir (and a resume path) must be on a filesystem every node mounts at the same path"
+        )
+        (tmp_path / w.SHARED_CHECK_FILE).write_text("token")
+        w._agree_directory_is_shared(init, dist, str(tmp_path), "token")
+    finally:
+        dist.destroy_process_group()
