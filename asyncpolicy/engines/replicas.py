@@ -333,8 +333,12 @@ class ReplicatedGeneration:
                 self._loading.add(k)
                 try:
                     await reload_weights()
+                    loaded = k in self._loading  # a push that failed on k took it out (report_failure)
                 finally:
                     self._loading.discard(k)
+                if not loaded:  # the sync went ahead without k: it holds no current weights, so stays down
+                    log.error("replica_reload_failed", replica=k, restart=self.restarts_of[k])
+                    return
                 self.router.mark_up(k)
                 log.info("replica_up", replica=k, version=self._version)
         finally:

@@ -234,6 +234,30 @@ async def test_a_restarted_replica_gets_the_current_weights_before_it_serves_aga
 
 
 @pytest.mark.anyio
+async def test_a_restarted_replica_whose_reload_failed_stays_down() -> None:
+    """The forced sync went ahead without it (its push failed): it must not serve its initial weights."""
+    replicas = [_sim(die_after=2), _sim()]
+    gen = ReplicatedGeneration(replicas, max_restarts=1)
+    await gen.start()
+    gen.load_weights(5)
+
+    async def reload() -> None:  # the transport saw replica 0 fail, dropped it, and loaded the rest
+        gen.report_failure(0, RuntimeError("load failed"))
+        gen.load_weights(7)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(gen.serve, reload)
+        for req in _requests(4, 1):  # the first replica dies on its third request
+            await gen.generate(req)
+        with anyio.fail_after(10):
+            while gen.counters.restarts < 1 or gen._restarting:
+                await anyio.sleep(0.001)
+        tg.cancel_scope.cancel()
+    assert gen.router.up == [False, True]  # its one restart is spent: it stays out of routing
+    assert replicas[1].version == 7 and replicas[0].version != 7
+
+
+@pytest.mark.anyio
 async def test_a_failure_on_a_replica_that_stays_up_goes_to_the_callers_retry_path() -> None:
     """An isolated failure is the rollouter's to retry (on the same replica), not a failover."""
     flaky = SimulatedGenerationEngine(SimulatedRolloutConfig(failure_rate=1.0), random.Random(0))
