@@ -450,6 +450,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 # (rollout.engine, trainer.engine); hf + fsdp is the FSDP trainer on the CPU (trainer.n_gpus_per_node=0)
+FSDP_START_TIMEOUT_S = 900.0  # an FSDP engine's own bound on its start (processes, model load, rendezvous)
 ENGINE_PAIRS = {("simulated", "simulated"), ("hf", "torch"), ("vllm", "fsdp"), ("hf", "fsdp")}
 
 

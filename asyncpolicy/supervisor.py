@@ -33,7 +33,7 @@ from asyncpolicy.actors.synchronizer import ParameterSynchronizer
 from asyncpolicy.actors.trainer import StepReport, Trainer
 from asyncpolicy.actors.validator import Validator
 from asyncpolicy.channels import VersionedChannel
-from asyncpolicy.config import Config, to_dict
+from asyncpolicy.config import FSDP_START_TIMEOUT_S, Config, replica_count, to_dict
 from asyncpolicy.engines.factory import build_engines, import_engine_modules
 from asyncpolicy.engines.protocols import EngineSet, ModelExporter
 from asyncpolicy.engines.replicas import ReplicaCounters, ReplicatedGeneration
@@ -364,9 +364,24 @@ class Supervisor:
             raise RunFailed(f"checkpoint of step {step} took longer than trainer.step_timeout_s={limit}s") from None
 
     async def _start_engines(self) -> None:
-        with anyio.fail_after(self.cfg.async_training.generation_timeout * 10):
-            await self.engines.generation.start()
-            await self.engines.trainer.start()
+        """Start each engine within its own bound; one that overruns fails the run, naming it.
+
+        Generation: 10 x generation_timeout per replica (they start one after another). The
+        trainer's outer bound is a backstop that must not cut off the FSDP engine's own, more
+        precise ones (its start_timeout_s, and trainer.worker_timeout_s naming an absent node).
+        """
+        at, t = self.cfg.async_training, self.cfg.trainer
+        gen_limit = at.generation_timeout * 10 * replica_count(self.cfg)
+        train_limit = max(at.generation_timeout * 10, FSDP_START_TIMEOUT_S, t.worker_timeout_s) + 60.0
+        for name, engine, limit in (
+            ("generation", self.engines.generation, gen_limit),
+            ("trainer", self.engines.trainer, train_limit),
+        ):
+            try:
+                with anyio.fail_after(limit):
+                    await engine.start()
+            except TimeoutError:
+                raise RunFailed(f"the {name} engine ({type(engine).__name__}) did not start within {limit:g}s") from None
 
     async def _close_engines(self) -> None:
         for engine in (self.engines.generation, self.engines.trainer):

@@ -32,6 +32,7 @@ import anyio.to_thread
 import msgspec
 import structlog
 
+from asyncpolicy.config import FSDP_START_TIMEOUT_S
 from asyncpolicy.engines import fsdp_worker as w
 from asyncpolicy.engines.child_procs import children_shielded
 from asyncpolicy.errors import EngineTimeout, RunFailed
@@ -65,7 +66,7 @@ class FSDPTrainEngine:
     """`len(gpus)` ranks of data-parallel FSDP2 training on each of `trainer.nnodes` nodes; gpus=[None]
     trains on CPU over gloo (tests). The engine starts node 0's ranks, on this machine."""
 
-    def __init__(self, base: w.WorkerInit, gpus: Sequence[int | None], timeout_s: float = 600.0, start_timeout_s: float = 900.0) -> None:
+    def __init__(self, base: w.WorkerInit, gpus: Sequence[int | None], timeout_s: float = 600.0, start_timeout_s: float = FSDP_START_TIMEOUT_S) -> None:
         self.base = base
         self.gpus = list(gpus)  # this node's
         self.nnodes = base.config.trainer.nnodes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ import pytest
 
 from asyncpolicy.config import ENGINE_PAIRS, Config, load_config
 from asyncpolicy.engines.factory import import_engine_modules
-from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed, SyncFailed
+from asyncpolicy.engines.simulated import SimulatedGenerationEngine
+from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed, RunFailed, SyncFailed
 from asyncpolicy.samples import Prompt
 from asyncpolicy.supervisor import RunResult, Supervisor
 from asyncpolicy.tasks.registry import simulated_task
@@ -239,3 +241,20 @@ def test_every_engine_pair_imports_what_its_build_needs(pair: tuple[str, str]) -
             import_engine_modules(cfg)
     else:
         import_engine_modules(cfg)
+
+
+async def test_an_engine_that_never_starts_fails_the_run_naming_it(
+    sim_config: Make, engines_for: Make, tmp_path: Path
+) -> None:
+    """A hung start is bounded (10 x generation_timeout per replica) and reported as a run failure, never a hang."""
+    cfg = sim_config("async_training.generation_timeout=0.05", output_dir=tmp_path)
+    engines, _ = engines_for(cfg)
+
+    class HungStart(SimulatedGenerationEngine):
+        async def start(self) -> None:
+            await anyio.sleep_forever()
+
+    engines = msgspec.structs.replace(engines, generation=HungStart(cfg.rollout.simulated, random.Random(0)))
+    with anyio.fail_after(20), pytest.raises(RunFailed, match=r"the generation engine \(HungStart\) did not start within 0.5s"):
+        async with Supervisor(cfg, engines=engines) as sup:
+            await sup.wait()
