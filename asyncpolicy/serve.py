@@ -32,7 +32,7 @@ import anyio.to_thread
 import msgspec
 import structlog
 
-from asyncpolicy.config import Config, RawOverride, apply_override, build_config, read_config_file
+from asyncpolicy.config import Config, RawOverride, apply_override, build_config, read_config_file, replica_count
 from asyncpolicy.engines.protocols import GenerationRequest
 from asyncpolicy.engines.remote import NcclInit, NcclLoad, ServerHealth
 from asyncpolicy.errors import ConfigError
@@ -57,6 +57,12 @@ def load_server_config(path: str | None, overrides: list[str]) -> Config:
     cfg = build_config(tree)
     if cfg.rollout.servers:
         raise ConfigError("config key 'rollout.servers': a rollout server generates itself; leave it empty", key="rollout.servers")
+    if replica_count(cfg) > 1:
+        raise ConfigError(
+            f"config key 'rollout.tensor_parallel_size': a rollout server runs one engine, but these keys make "
+            f"{replica_count(cfg)} replicas; set it to rollout.n_gpus_per_node, or start one server per replica",
+            key="rollout.tensor_parallel_size",
+        )
     return cfg
 
 

@@ -12,7 +12,9 @@ Data-parallel replicas (`ReplicatedGeneration`): one push pauses every replica t
 hands the buffer over once (one NCCL broadcast to all of their workers), and resumes each; the
 timings of each replica are in `SyncTiming.replicas`. A replica that fails its part is reported to
 the replica set (it leaves routing and is restarted) and the push raises naming it: the
-synchronizer's retry then goes to the replicas still up.
+synchronizer's retry then goes to the replicas still up. Not so for NCCL group set-up (every
+member must join: a replica that fails it fails the attempt) nor for a replica that dies during
+the broadcast itself (the trainer's send has no timeout of its own; sync_timeout ends it).
 
 Invariant: every vLLM engine paused by `push` is resumed on every path out of it, even when
 another one failed, and a version only changes after the new weights are fully loaded.

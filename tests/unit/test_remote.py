@@ -57,6 +57,10 @@ def test_server_config_fills_in_the_partner_trainer() -> None:
     assert load_server_config(None, []).rollout.engine == "hf"
     with pytest.raises(ConfigError, match="rollout.servers"):
         load_server_config(None, ["rollout.servers=[a:1]"])
+    with pytest.raises(ConfigError, match="rollout.tensor_parallel_size': a rollout server runs one engine"):
+        load_server_config(None, ["rollout.engine=vllm", "rollout.n_gpus_per_node=2"])  # 2 replicas of TP 1
+    two_gpu = load_server_config(None, ["rollout.engine=vllm", "rollout.n_gpus_per_node=2", "rollout.tensor_parallel_size=2"])
+    assert two_gpu.rollout.tensor_parallel_size == 2
 
 
 def test_a_group_stays_on_one_server_and_new_groups_go_to_the_least_busy() -> None:
