@@ -26,6 +26,7 @@ from asyncpolicy.actors.rollouter import InFlight, RolloutCounters
 from asyncpolicy.actors.synchronizer import SyncCounters
 from asyncpolicy.actors.trainer import TrainerState
 from asyncpolicy.channels import ChannelSnapshot
+from asyncpolicy.engines.replicas import ReplicaCounters
 from asyncpolicy.errors import ConfigError
 from asyncpolicy.samples import Sample
 from asyncpolicy.tasks.base import CursorState
@@ -51,6 +52,7 @@ class RunState(msgspec.Struct, kw_only=True):
     in_flight: list[InFlight]
     rng_state: list[object]  # the supervisor's random.Random state
     reason: str  # "save_freq", "finished" or "stop"
+    replicas: ReplicaCounters = msgspec.field(default_factory=ReplicaCounters)  # rollout.replicas > 1 (older: zeros)
 
 
 def checkpoint_root(output_dir: Path) -> Path:

@@ -326,6 +326,8 @@ class Supervisor:
         self.rollouter.counters = state.rollout
         self.rollouter.replay(state.in_flight)
         self.synchronizer.counters = state.sync
+        if isinstance(self.engines.generation, ReplicatedGeneration):  # the metrics' replica counts continue
+            self.engines.generation.counters = state.replicas
         self.task.train.restore(state.cursor)
         self.channel.restore(state.channel)
         self.rng.setstate(_rng_state(state.rng_state))
@@ -336,6 +338,7 @@ class Supervisor:
     async def save_checkpoint(self, reason: str) -> None:
         """Capture the run's state now (no await in between), then write it atomically."""
         assert self.output_dir is not None
+        gen = self.engines.generation
         state = checkpoint.RunState(
             trainer=msgspec.structs.replace(self.trainer.state),
             rollout=msgspec.structs.replace(self.rollouter.counters),
@@ -345,6 +348,7 @@ class Supervisor:
             in_flight=self.rollouter.in_flight_prompts(),
             rng_state=list(_rng_state_list(self.rng.getstate())),
             reason=reason,
+            replicas=msgspec.structs.replace(gen.counters) if isinstance(gen, ReplicatedGeneration) else ReplicaCounters(),
         )
         encoded = checkpoint.encode_state(state)  # serialised before any await: a consistent cut
         step = state.trainer.step

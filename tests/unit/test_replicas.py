@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from asyncpolicy import checkpoint
 from asyncpolicy.config import SimulatedRolloutConfig, load_config, replica_count
 from asyncpolicy.engines.factory import build_engines
 from asyncpolicy.engines.protocols import GenerationRequest
@@ -368,6 +369,25 @@ async def test_a_run_on_three_replicas_survives_their_deaths_and_accounts_for_ev
     assert rows[-1]["rollout/replica_failovers"] > 0 and rows[-1]["rollout/replica_restarts"] > 0
     assert rows[-1]["rollout/replica_restarts"] <= counters.restarts
     assert all(r["rollout/replica_failovers"] <= s["rollout/replica_failovers"] for r, s in zip(rows, rows[1:], strict=False))
+
+
+    more = sim_config(
+        "rollout.replicas=3", "trainer.total_training_steps=14", "rollout.simulated.die_after_requests=15",
+        "rollout.max_restarts=20", "resume=auto", output_dir=tmp_path,
+    )
+    with anyio.fail_after(60):
+        async with Supervisor(more) as sup:
+            await sup.wait()
+    rows = [msgspec.json.decode(line) for line in (tmp_path / "metrics.jsonl").read_bytes().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 15))
+    for key in ("rollout/replica_failovers", "rollout/replica_restarts"):  # resumed from the checkpoint, not from 0
+        assert rows[12][key] >= counters_at(tmp_path, 12, key) >= rows[11][key]
+
+
+def counters_at(output_dir: Path, step: int, key: str) -> int:
+    """A replica counter as the checkpoint of `step` holds it."""
+    state = checkpoint.load_state(output_dir / "checkpoints" / f"step-{step:08d}")
+    return {"rollout/replica_failovers": state.replicas.failovers, "rollout/replica_restarts": state.replicas.restarts}[key]
 
 
 # -- one weight push to every replica (NCCL plumbing over fake vLLM engines) ------------------------
