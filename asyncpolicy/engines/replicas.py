@@ -23,6 +23,8 @@ Invariants:
 from __future__ import annotations
 
 import itertools
+import time
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Self
 
@@ -156,11 +158,13 @@ class ReplicatedGeneration:
         max_restarts: int,
         failures_to_down: int = 1,
         restart_timeout_s: float = 900.0,
+        call_timeout_s: float = math.inf,
     ) -> None:
         self.replicas = list(replicas)
         self.router = ReplicaRouter(len(self.replicas), failures_to_down)
         self.max_restarts = max_restarts
         self.restart_timeout_s = restart_timeout_s
+        self.call_timeout_s = call_timeout_s  # the caller's bound on one call (the rollouter's generation_timeout)
         self.counters = ReplicaCounters()
         self.restarts_of = [0] * len(self.replicas)  # per replica, since the last `start`
         self._changed = StateSignal()
@@ -180,6 +184,7 @@ class ReplicatedGeneration:
             max_restarts=cfg.rollout.max_restarts,
             failures_to_down=cfg.rollout.max_retries + 1,
             restart_timeout_s=cfg.async_training.generation_timeout * 10,
+            call_timeout_s=cfg.async_training.generation_timeout,
         )
 
     # -- GenerationEngine ----------------------------------------------------------------------
@@ -210,6 +215,7 @@ class ReplicatedGeneration:
             ticket = self.router.begin(k, group, cost)
             outcome: bool | None = None
             abort, restarts = self._abort, self.restarts_of[k]
+            began = time.monotonic()
             try:
                 result = await self.replicas[k].generate(request)
                 outcome = True
@@ -237,7 +243,13 @@ class ReplicatedGeneration:
                 log.warning("replica_failover", request_id=request.request_id, replica=k, error=repr(exc))
             finally:
                 if ticket >= 0:
-                    self.router.end(ticket, ok=outcome)
+                    # Cancelled when the caller's timeout ran out: a hung replica, counted as its failure
+                    # (else its load drops to 0 on every cancel and it draws ever more requests). The
+                    # caller's clock started a moment before ours: 90 % of the bound is "ran out".
+                    if outcome is None and time.monotonic() - began >= 0.9 * self.call_timeout_s:
+                        outcome = False
+                    if self.router.end(ticket, ok=outcome):
+                        self._went_down(k, TimeoutError(f"no answer within {self.call_timeout_s:g}s"))
 
     async def abort_all(self) -> None:
         """Abort on every replica (a down one may still be finishing requests); wake requests

@@ -259,6 +259,27 @@ async def test_a_restarted_replica_whose_reload_failed_stays_down() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_hung_replica_is_taken_down_by_its_callers_timeouts() -> None:
+    """The rollouter's generation_timeout cancels the call: past that bound it counts as the replica's failure."""
+    hung = SimulatedGenerationEngine(SimulatedRolloutConfig(hang_rate=1.0), random.Random(0))
+    gen = ReplicatedGeneration([hung, _sim()], max_restarts=0, failures_to_down=2, call_timeout_s=0.2)
+    await gen.start()
+    requests = _requests(4, 1)
+    timeouts = 0
+    with anyio.fail_after(10):
+        for req in requests:  # as the rollouter calls: each call bounded, a timeout retried
+            while True:
+                with anyio.move_on_after(0.2) as scope:
+                    result = await gen.generate(req)
+                if not scope.cancelled_caught:
+                    break
+                timeouts += 1
+            assert result.finish_reason in ("stop", "length")
+    assert gen.router.up == [False, True] and gen.counters.downs == 1
+    assert timeouts >= 2  # two took it down; after that every call went to the live replica
+
+
+@pytest.mark.anyio
 async def test_a_failure_on_a_replica_that_stays_up_goes_to_the_callers_retry_path() -> None:
     """An isolated failure is the rollouter's to retry (on the same replica), not a failover."""
     flaky = SimulatedGenerationEngine(SimulatedRolloutConfig(failure_rate=1.0), random.Random(0))
