@@ -61,6 +61,9 @@ class SimulatedRolloutConfig(_Section):
     latency_sigma: Annotated[float, _doc("lognormal sigma of generation time: the long tail", ge=0)] = 0.5
     failure_rate: Annotated[float, _doc("probability a simulated generation raises (fault injection)", ge=0, le=1)] = 0.0
     hang_rate: Annotated[float, _doc("probability a simulated generation hangs forever (fault injection)", ge=0, le=1)] = 0.0
+    start_latency_s: Annotated[
+        float, _doc("time the simulated engine takes to start (a window for signals during start-up)", ge=0)
+    ] = 0.0
     die_after_requests: Annotated[
         int, _doc("the simulated engine dies (every call fails) after this many requests until restarted; 0 = never", ge=0)
     ] = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -19,6 +19,7 @@ import structlog
 from tqdm import tqdm
 
 from asyncpolicy.config import Config
+from asyncpolicy.errors import first_failure
 from asyncpolicy.supervisor import RunResult, Supervisor
 
 log = structlog.get_logger("asyncpolicy.runner")
@@ -41,20 +42,21 @@ def _hard_exit(code: int, why: str) -> None:
     os._exit(code)
 
 
-async def _watch_signals(sup: Supervisor, outcome: Outcome, stop_timeout_s: float) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+async def _watch_signals(
+    sup: Supervisor, signals: AsyncIterator[signal.Signals], outcome: Outcome, stop_timeout_s: float
+) -> None:
+    async for signum in signals:
+        outcome.signal = int(signum)
+        log.warning("stop_requested", signal=signal.Signals(signum).name, timeout_s=stop_timeout_s)
+        tqdm.write(f"asyncpolicy: {signal.Signals(signum).name}: stopping after the current step (again to exit now)", file=sys.stderr)
+        sup.stop()
+        break
+    with anyio.move_on_after(stop_timeout_s):
         async for signum in signals:
-            outcome.signal = int(signum)
-            log.warning("stop_requested", signal=signal.Signals(signum).name, timeout_s=stop_timeout_s)
-            tqdm.write(f"asyncpolicy: {signal.Signals(signum).name}: stopping after the current step (again to exit now)", file=sys.stderr)
-            sup.stop()
-            break
-        with anyio.move_on_after(stop_timeout_s):
-            async for signum in signals:
-                if signum == signal.SIGINT:
-                    _hard_exit(128 + int(signum), "second SIGINT")
-        assert outcome.signal is not None
-        _hard_exit(128 + outcome.signal, f"the run did not stop within stop_timeout_s={stop_timeout_s}")
+            if signum == signal.SIGINT:
+                _hard_exit(128 + int(signum), "second SIGINT")
+    assert outcome.signal is not None
+    _hard_exit(128 + outcome.signal, f"the run did not stop within stop_timeout_s={stop_timeout_s}")
 
 
 def _show_progress(cfg: Config) -> bool:
@@ -72,13 +74,29 @@ async def _follow_progress(sup: Supervisor, total: int) -> None:
 
 
 async def run_cli(cfg: Config, on_output_dir: Callable[[Path], None] | None = None) -> Outcome:
-    """Run to the end or to a signal; the Outcome carries the result and the exit code."""
+    """Run to the end or to a signal; the Outcome carries the result and the exit code.
+
+    Signals are watched from before start-up (imports, engines: a minute with vLLM), so a Ctrl-C
+    then ends the start-up instead of being lost."""
     outcome = Outcome()
-    async with Supervisor(cfg, on_output_dir=on_output_dir) as sup:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_signals, sup, outcome, cfg.stop_timeout_s)
-            if _show_progress(cfg):
-                tg.start_soon(_follow_progress, sup, cfg.trainer.total_training_steps)
-            outcome.result = await sup.wait()
-            tg.cancel_scope.cancel()
+    sup = Supervisor(cfg, on_output_dir=on_output_dir)
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_watch_signals, sup, signals, outcome, cfg.stop_timeout_s)
+                async with sup:
+                    if _show_progress(cfg):
+                        tg.start_soon(_follow_progress, sup, cfg.trainer.total_training_steps)
+                    outcome.result = await sup.wait()
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the run's own error (bad input, a failed actor), as raised
+            raise _sole(group) from None
     return outcome
+
+
+def _sole(group: BaseExceptionGroup) -> BaseException:
+    """The one error a task group wrapped (the watcher tasks never fail); else the first named failure."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+        leaf = leaf.exceptions[0]
+    return first_failure(leaf) if isinstance(leaf, BaseExceptionGroup) else leaf

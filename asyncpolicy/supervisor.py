@@ -115,6 +115,8 @@ class Supervisor:
         self._task = task
         self._outer: anyio.abc.TaskGroup | None = None
         self._actors: anyio.CancelScope | None = None
+        self._starting: anyio.CancelScope | None = None  # engine start-up, restore, first sync
+        self._stop_requested = False
         self._done = anyio.Event()
         self._started_at = time.monotonic()
         self._rate_base = (0, 0, 0)  # (produced, consumed, step) restored from a checkpoint: rates count this process's work
@@ -226,11 +228,17 @@ class Supervisor:
     async def _main(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """Start engines and actors; finish when the trainer does; close engines on every path."""
         try:
-            await self._start_engines()
-            if self.resume_state is not None:
-                await self._restore(self.resume_state)
-            elif self.engines.sync_at_start:  # rollout servers may hold another run's weights and version
-                await self.synchronizer.sync(self.trainer.version, force=True)
+            with anyio.CancelScope() as self._starting:
+                if not self._stop_requested:
+                    await self._start_engines()
+                    if self.resume_state is not None:
+                        await self._restore(self.resume_state)
+                    elif self.engines.sync_at_start:  # rollout servers may hold another run's weights and version
+                        await self.synchronizer.sync(self.trainer.version, force=True)
+            if self._stop_requested:  # stopped before anything was trained: no checkpoint to write
+                log.warning("stopped_during_start_up")
+                task_status.started()
+                return
             with anyio.CancelScope() as self._actors:
                 try:
                     async with anyio.create_task_group() as actors:
@@ -411,9 +419,13 @@ class Supervisor:
 
     def stop(self) -> None:
         """End the run early and gracefully: the current step completes, a checkpoint is written,
-        then `wait()` returns with finished=False."""
+        then `wait()` returns with finished=False. Before training starts (engines starting) it
+        ends the start-up instead: nothing is trained, no checkpoint is written."""
+        self._stop_requested = True
         if self._actors is not None:
             self._actors.cancel()
+        elif self._starting is not None:
+            self._starting.cancel()
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """Every later step's metrics line; the iteration ends when the run does."""

@@ -55,6 +55,7 @@ class SimulatedGenerationEngine:
         return bool(limit) and self._requests_since_start >= limit
 
     async def start(self) -> None:
+        await anyio.sleep(self.cfg.start_latency_s)
         self._abort = anyio.Event()
         self._requests_since_start = 0
 

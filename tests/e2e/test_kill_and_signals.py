@@ -140,6 +140,19 @@ def test_signal_stops_gracefully_with_a_checkpoint(tmp_path: Path, sig: signal.S
     assert steps_written(out) == state.trainer.step + 5
 
 
+def test_sigint_during_start_up_ends_the_start_up(tmp_path: Path) -> None:
+    """Ctrl-C while engines start (a minute with vLLM) is not lost: nothing is trained, exit 130."""
+    out = tmp_path / "run"
+    proc = spawn(out, "rollout.simulated.start_latency_s=600", "stop_timeout_s=60")
+    wait_until(lambda: (out / "config.json").exists())  # inputs checked, engines about to start
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)  # a hang guard: the 600 s start is cancelled, not waited out
+    assert proc.returncode == 130, console(out)
+    assert "stopped after 0 of 400 steps" in console(out)  # the default total
+    assert "did not stop within" not in console(out)  # ended gracefully, not by the stop_timeout_s exit
+    assert steps_written(out) == 0 and not checkpoint.complete_checkpoints(out)
+
+
 def test_second_sigint_exits_at_once(tmp_path: Path) -> None:
     """While a graceful stop waits (here: a slow checkpoint write), a second SIGINT exits immediately."""
     out = tmp_path / "run"
