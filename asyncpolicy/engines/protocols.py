@@ -47,6 +47,17 @@ class GenerationResult(msgspec.Struct, kw_only=True):
     token_versions: list[int]
     finish_reason: str
 
+    @classmethod
+    def so_far(cls, request: GenerationRequest, finish_reason: str) -> GenerationResult:
+        """The request's own tokens, unchanged: nothing was generated this time."""
+        return cls(
+            request_id=request.request_id,
+            response_tokens=list(request.response_tokens),
+            behaviour_logprobs=list(request.behaviour_logprobs),
+            token_versions=list(request.token_versions),
+            finish_reason=finish_reason,
+        )
+
 
 @runtime_checkable
 class GenerationEngine(Protocol):

@@ -210,7 +210,7 @@ class ReplicatedGeneration:
             k = self.router.pick(group)
             if k is None:
                 if not await self._wait_for_replica():
-                    return _aborted(request)
+                    return GenerationResult.so_far(request, "abort")  # aborted before any replica took it
                 continue
             ticket = self.router.begin(k, group, cost)
             outcome: bool | None = None
@@ -404,13 +404,3 @@ class ReplicatedGeneration:
         except Exception as exc:  # closing a dead replica may fail; the others still close
             log.warning("replica_close_failed", replica=k, error=repr(exc))
 
-
-def _aborted(request: GenerationRequest) -> GenerationResult:
-    """The answer to a request aborted before any replica took it: its tokens so far."""
-    return GenerationResult(
-        request_id=request.request_id,
-        response_tokens=list(request.response_tokens),
-        behaviour_logprobs=list(request.behaviour_logprobs),
-        token_versions=list(request.token_versions),
-        finish_reason="abort",
-    )

@@ -215,13 +215,7 @@ class VLLMGenerationEngine:
         llm = self.llm
         remaining = request.max_tokens - len(request.response_tokens)
         if remaining <= 0:
-            return GenerationResult(
-                request_id=request.request_id,
-                response_tokens=list(request.response_tokens),
-                behaviour_logprobs=list(request.behaviour_logprobs),
-                token_versions=list(request.token_versions),
-                finish_reason="length",
-            )
+            return GenerationResult.so_far(request, "length")
         assert self._abort is not None
         abort = self._abort
         rid = f"{request.request_id}#{next(self._ids)}"  # unique: retries and continuations reuse ids
