@@ -51,14 +51,18 @@ def first_line(exc: BaseException) -> str:
 
 
 def first_failure(group: BaseExceptionGroup) -> BaseException:
-    """The first RunFailed inside (possibly nested) task-group exception groups, else the group.
+    """The first RunFailed inside (possibly nested) task-group exception groups, else the sole
+    error the groups wrap, else the group.
 
     Task groups wrap a child's error; callers want the named failure itself, as the user sees it.
     """
     failures = group.subgroup(lambda e: isinstance(e, RunFailed))
-    if failures is None:
-        return group
-    leaf: BaseException = failures
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    return leaf
+    if failures is not None:
+        leaf: BaseException = failures
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        return leaf
+    sole: BaseException = group
+    while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
+        sole = sole.exceptions[0]
+    return group if isinstance(sole, BaseExceptionGroup) else sole

@@ -90,13 +90,5 @@ async def run_cli(cfg: Config, on_output_dir: Callable[[Path], None] | None = No
                     outcome.result = await sup.wait()
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:  # the run's own error (bad input, a failed actor), as raised
-            raise _sole(group) from None
+            raise first_failure(group) from None
     return outcome
-
-
-def _sole(group: BaseExceptionGroup) -> BaseException:
-    """The one error a task group wrapped (the watcher tasks never fail); else the first named failure."""
-    leaf: BaseException = group
-    while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-        leaf = leaf.exceptions[0]
-    return first_failure(leaf) if isinstance(leaf, BaseExceptionGroup) else leaf
