@@ -126,10 +126,17 @@ class ReplicaRouter:
         self.up[replica] = False
         return was_up
 
-    def mark_up(self, replica: int) -> None:
-        """A restarted replica, holding the current weights, takes requests again."""
+    def mark_up(self, replica: int) -> bool:
+        """A restarted replica, holding the current weights, takes requests again; True when it does.
+
+        Not while requests of its previous engine are still accounted on it: a group that moved
+        away meanwhile would then run on two live replicas.
+        """
+        if self.running_on(replica):
+            return False
         self.up[replica] = True
         self.consecutive_failures[replica] = 0
+        return True
 
     def running_on(self, replica: int) -> int:
         return sum(1 for r in self._running.values() if r.replica == replica)
@@ -250,6 +257,8 @@ class ReplicatedGeneration:
                         outcome = False
                     if self.router.end(ticket, ok=outcome):
                         self._went_down(k, TimeoutError(f"no answer within {self.call_timeout_s:g}s"))
+                    elif not self.router.up[k]:
+                        self._changed.notify()  # a restart may wait for the old engine's requests to end
 
     async def abort_all(self) -> None:
         """Abort on every replica (a down one may still be finishing requests); wake requests
@@ -351,7 +360,11 @@ class ReplicatedGeneration:
                 if not loaded:  # the sync went ahead without k: it holds no current weights, so stays down
                     log.error("replica_reload_failed", replica=k, restart=self.restarts_of[k])
                     return
-                self.router.mark_up(k)
+                with anyio.move_on_after(self.restart_timeout_s):  # they end as the old engine closes
+                    await self._changed.wait_until(lambda: self.router.running_on(k) == 0)
+                if not self.router.mark_up(k):
+                    log.error("replica_old_requests_left", replica=k, running=self.router.running_on(k))
+                    return
                 log.info("replica_up", replica=k, version=self._version)
         finally:
             if self._restarting.get(k) is scope:
