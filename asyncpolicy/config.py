@@ -145,7 +145,7 @@ class TrainerConfig(_Section):
     logprob_chunk_tokens: Annotated[
         int, _doc("response tokens per chunk of fp32 LM-head logits, recomputed in backward; 0 = all at once", ge=0)
     ] = 2048
-    compile: Annotated[bool, _doc("torch.compile each decoder layer (GPU trainers; the first steps compile)")] = False
+    compile: Annotated[bool, _doc("torch.compile each decoder layer and the logprob head's fp32 maths (GPU trainers; the first steps compile)")] = False
     attn_implementation: Annotated[
         Literal["sdpa", "eager", "flash_attention_2", "flex_attention"],
         _doc("the trained model's attention kernel; flash_attention_2 (needs flash-attn) runs packed rows varlen"),

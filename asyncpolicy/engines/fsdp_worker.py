@@ -219,13 +219,12 @@ class _Policy:
         kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self.n_params > 2e9}
         if mp is not None:
             kw["mp_policy"] = mp
-        chunk = cfg.trainer.logprob_chunk_tokens
-        self.module = self._shard(PolicyLogprobs(model, cfg.rollout.temperature, chunk), kw)
+        self.module = self._shard(PolicyLogprobs.of(model, cfg), kw)
         ref = None
         if cfg.algorithm.kl_coef > 0:  # the initial model at model.path, sharded like the policy, frozen
             ref_model = self._load_model().requires_grad_(False)
             # no backward to keep its layers gathered for: free them after each forward
-            ref = self._shard(PolicyLogprobs(ref_model, cfg.rollout.temperature, chunk), {**kw, "reshard_after_forward": True}).eval()
+            ref = self._shard(PolicyLogprobs.of(ref_model, cfg), {**kw, "reshard_after_forward": True}).eval()
         self.cfg = model.config
         self.opt = make_optimizer(self.module.parameters(), cfg)
         self.sched = make_scheduler(self.opt, cfg)

@@ -262,11 +262,17 @@ class PolicyLogprobs(torch.nn.Module):
     CausalLM with `.model` and `.lm_head`.
     """
 
-    def __init__(self, model: Any, temperature: float, chunk_tokens: int = 0) -> None:
+    def __init__(self, model: Any, temperature: float, chunk_tokens: int = 0, compile_head: bool = False) -> None:
         super().__init__()
         self.model = model  # the name is part of FSDP checkpoints' keys
         self.temperature = temperature
         self.chunk_tokens = chunk_tokens  # 0 = all response tokens in one chunk, not recomputed
+        self.head_maths = torch.compile(head_logprobs) if compile_head else head_logprobs
+
+    @classmethod
+    def of(cls, model: Any, cfg: Config) -> PolicyLogprobs:
+        """`model` under the run's sampling temperature, logprob chunks and `trainer.compile`."""
+        return cls(model, cfg.rollout.temperature, cfg.trainer.logprob_chunk_tokens, compile_head=cfg.trainer.compile)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, response_index: torch.Tensor,
@@ -308,15 +314,27 @@ class PolicyLogprobs(torch.nn.Module):
 
     def _head(self, h: torch.Tensor, targets: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One chunk: (chunk,) logprobs of `targets` and (chunk,) entropy (no grad; zeros unless asked)."""
-        logits = self.model.lm_head(h).float() / self.temperature  # (chunk, V)
-        lse = torch.logsumexp(logits, dim=-1)  # (chunk,)
-        lp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (chunk,)
-        with torch.no_grad():
-            if with_entropy:  # H = -Σ p log p = lse - Σ p·logits: one (chunk, V) temporary besides the logits
-                ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-            else:
-                ent = lp.new_zeros(lp.shape)
-        return lp, ent
+        logits = self.model.lm_head(h)  # (chunk, V) in the compute dtype
+        return self.head_maths(logits, targets, self.temperature, with_entropy)
+
+
+def head_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chunk,) log softmax(logits / T)[target] in fp32 and (chunk,) entropy (no grad; zeros unless asked).
+
+    Eager, each step below is a pass over a (chunk, V) fp32 tensor; compiled (`trainer.compile`),
+    the cast, scaling and reductions fuse into a few passes over the compute-dtype logits.
+    """
+    z = logits.float() / temperature  # (chunk, V)
+    lse = torch.logsumexp(z, dim=-1)  # (chunk,)
+    lp = z.gather(-1, targets[:, None]).squeeze(-1) - lse  # (chunk,)
+    with torch.no_grad():
+        if with_entropy:  # H = -Σ p log p = lse - Σ p·z
+            ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+        else:
+            ent = lp.new_zeros(lp.shape)
+    return lp, ent
 
 
 def compile_layers(model: Any) -> None:
@@ -466,7 +484,10 @@ def _fill(rows: list[int], lengths: list[int], budget: int, packed: bool) -> lis
 
 
 def make_optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
+    """AdamW; on CUDA its fused kernel (the same update, 7 % more tokens/s on a 0.5B model: RESULTS.md)."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(params, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, fused=fused or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:

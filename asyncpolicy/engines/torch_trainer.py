@@ -72,12 +72,12 @@ class TorchTrainEngine:
         ref = None
         if cfg.algorithm.kl_coef > 0:  # the reference is always the initial model at model.path, even on resume
             ref_model = load_model(self.model_path, cfg.model.dtype, tr.attn_implementation).eval().requires_grad_(False)
-            ref = PolicyLogprobs(ref_model, cfg.rollout.temperature, tr.logprob_chunk_tokens).eval()
+            ref = PolicyLogprobs.of(ref_model, cfg).eval()
         self.optimizer = make_optimizer(model.parameters(), cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.step = StepRunner(
-            cfg, PolicyLogprobs(model, cfg.rollout.temperature, tr.logprob_chunk_tokens), ref, self.optimizer, self.scheduler,
+            cfg, PolicyLogprobs.of(model, cfg), ref, self.optimizer, self.scheduler,
             torch.device("cpu"), pad_id,
         )
         per_step = cfg.async_training.require_batches
