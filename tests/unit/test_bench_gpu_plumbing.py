@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -132,3 +134,17 @@ def test_bench_gpu_without_cuda_exits_2(tmp_path: Path, monkeypatch: pytest.Monk
 def test_bench_gpu_unknown_section_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_main(["gpu", "--sections", "gen,warp"]) == 2
     assert "unknown section(s) warp" in capsys.readouterr().err
+
+
+def test_the_trainer_variant_script_runs_its_variants_on_cpu() -> None:
+    """benchmarks/trainer_gpu.py, the in-process GPU trainer sweep, on the tiny model over gloo: a row per
+    variant and batch size, and packing (exact) gives the padded step's loss."""
+    root = Path(__file__).resolve().parents[2]
+    argv = [sys.executable, "benchmarks/trainer_gpu.py", "--seqs", "4,8", "--steps", "2", "--resp-len", "6",
+            "--prompt-len", "4", "--variant", "padded", "--variant", "packed trainer.packing=true"]
+    r = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["padded"], ["packed"])]
+    assert [(x[0], x[1]) for x in rows] == [("padded", "4"), ("padded", "8"), ("packed", "4"), ("packed", "8")]
+    loss = {(x[0], x[1]): float(x[-1]) for x in rows}
+    assert loss["padded", "8"] == pytest.approx(loss["packed", "8"], abs=2e-4) and loss["padded", "8"] != 0
