@@ -183,7 +183,8 @@ def cpu_settings(model_dir: str, sections: list[str] | None = None) -> GPUBenchS
     return GPUBenchSettings(
         model_dir=model_dir, sections=list(sections or SECTION_NAMES), gen_prompts=8, gen_prompt_len=4, gen_len=12,
         gen_reps=1, abort_len=64, abort_after_s=0.02, sync_reps=2, train_seqs=[4, 8], train_n=2, train_prompt_len=4,
-        train_len=6, train_len_min=2, train_steps=2, train_packing=[False, True], train_max_tokens=24, micro_batch_size=4,
+        train_len=6, train_len_min=2, train_steps=2, train_packing=[False, True], train_compile=[False], train_max_tokens=24,
+        micro_batch_size=4,  # compile: a minute per variant on a CPU, in the slow test
         async_prompts=2, async_n=2, async_len=6,
         async_steps=WARMUP + 3, async_staleness=1,
     )
