@@ -11,16 +11,15 @@ Decides whether `trainer.packing` and `trainer.logprob_chunk_tokens` may be on b
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import time
 
 import torch
 
+from asyncpolicy.bench.synthetic import random_batch
 from asyncpolicy.config import load_config
 from asyncpolicy.engines.torch_policy import PolicyLogprobs, StepRunner, make_optimizer, make_scheduler
 from asyncpolicy.models import tiny
-from asyncpolicy.samples import Prompt, Sample, Trajectory, make_sample
 
 VARIANTS = {
     "padded, 32 rows, one chunk (before)": ["trainer.logprob_chunk_tokens=0"],
@@ -29,20 +28,6 @@ VARIANTS = {
     "padded, ≤ 512 tokens": ["trainer.max_tokens_per_micro_batch=512"],
     "packed, ≤ 512 tokens": ["trainer.max_tokens_per_micro_batch=512", "trainer.packing=true"],
 }
-
-
-def make_batch(seed: int, vocab: int, resp_max: int) -> list[Sample]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(16):
-        p = Prompt(index=i, epoch=0, text="", tokens=[rng.randrange(3, vocab) for _ in range(rng.randint(8, 20))])
-        trajs = []
-        for _ in range(8):
-            k = rng.randint(1, resp_max)
-            trajs.append(Trajectory(response_tokens=[rng.randrange(3, vocab) for _ in range(k)],
-                                    behaviour_logprobs=[-4.0] * k, token_versions=[0] * k, finish_reason="stop", reward=rng.random()))
-        out.append(make_sample(p, trajs, 0))
-    return out
 
 
 def main() -> None:
@@ -57,12 +42,13 @@ def main() -> None:
         cfg = load_config(overrides=["trainer.threads=1", *overrides])
         model = tiny.load_model(tiny.resolve_model_path(cfg))
         opt = make_optimizer(model.parameters(), cfg)
-        policy = PolicyLogprobs(model, 1.0, cfg.trainer.logprob_chunk_tokens)
+        policy = PolicyLogprobs.of(model, cfg)
         runners[name] = StepRunner(cfg, policy, None, opt, make_scheduler(opt, cfg), torch.device("cpu"), 0)
         vocab = int(model.config.vocab_size)
     times: dict[str, list[float]] = {n: [] for n in VARIANTS}
     for rep in range(args.reps + 1):
-        batch = make_batch(rep, vocab, args.resp_max)
+        batch = random_batch(rep, groups=16, n=8, prompt_len=(8, 20), response_len=(1, args.resp_max), tokens=range(3, vocab),
+                             logprob=(-4.0, -4.0))
         for name, runner in runners.items():
             t0 = time.perf_counter()
             runner.run(batch, 0)

@@ -68,7 +68,8 @@ from asyncpolicy.engines.protocols import EngineSet, GenerationRequest, Generati
 from asyncpolicy.engines.simulated import SimulatedGenerationEngine
 from asyncpolicy.engines.weight_sync import IPCTransport
 from asyncpolicy.errors import ConfigError
-from asyncpolicy.samples import Prompt, Sample, Trajectory, make_sample
+from asyncpolicy.bench.synthetic import random_batch
+from asyncpolicy.samples import Sample
 
 log = structlog.get_logger("asyncpolicy.bench.gpu")
 
@@ -197,21 +198,12 @@ def vocab_size(model_dir: str) -> int:
 
 def fixed_batch(groups: int, n: int, prompt_len: int, resp_len: int, vocab: int, seed: int, min_len: int = 0) -> list[Sample]:
     """`groups` samples of `n` responses of exactly `resp_len` tokens (of `min_len`..`resp_len`
-    tokens, seeded, when `min_len` > 0): a training batch of known size."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(groups):
-        p = Prompt(index=i, epoch=0, text="", tokens=[rng.randrange(vocab) for _ in range(prompt_len)])
-        lengths = [rng.randint(min_len, resp_len) if min_len > 0 else resp_len for _ in range(n)]
-        trajs = [
-            Trajectory(
-                response_tokens=[rng.randrange(vocab) for _ in range(k)], behaviour_logprobs=[-math.log(vocab)] * k,
-                token_versions=[0] * k, finish_reason="length", reward=rng.random(),
-            )
-            for k in lengths
-        ]
-        out.append(make_sample(p, trajs, 0))
-    return out
+    tokens, seeded, when `min_len` > 0), sampled by the uniform policy: a training batch of known size."""
+    uniform = -math.log(vocab)
+    return random_batch(
+        seed, groups=groups, n=n, prompt_len=(prompt_len, prompt_len), response_len=(min_len or resp_len, resp_len),
+        tokens=range(vocab), logprob=(uniform, uniform), finish_reason="length",
+    )
 
 
 # -- engine factories ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from asyncpolicy.engines.torch_policy import StepRunner
 from asyncpolicy.engines.vllm_fsdp import place, stop_token_ids
 from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings, import_vllm
 from asyncpolicy.errors import ConfigError
-from asyncpolicy.samples import Prompt, Trajectory, make_sample
+from asyncpolicy.bench.synthetic import random_batch
 
 
 @pytest.fixture
@@ -253,22 +253,6 @@ async def test_tokens_observed_after_a_version_change_carry_the_new_version() ->
     assert 0 < first_new < 40 and res.token_versions == [0] * first_new + [1] * (40 - first_new)
 
 
-def _batch(seed: int, vocab: int = 200, versions: tuple[int, ...] = (0,)) -> list:
-    rng = random.Random(seed)
-    out = []
-    for i in range(3):
-        p = Prompt(index=i, epoch=0, text="", tokens=[rng.randrange(vocab) for _ in range(4)])
-        trajs = []
-        for _ in range(3):
-            n = rng.randint(1, 6)
-            trajs.append(Trajectory(response_tokens=[rng.randrange(vocab) for _ in range(n)],
-                                    behaviour_logprobs=[rng.uniform(-5.0, -3.0) for _ in range(n)],
-                                    token_versions=[rng.choice(versions) for _ in range(n)], finish_reason="stop",
-                                    reward=rng.random()))
-        out.append(make_sample(p, trajs, 0))
-    return out
-
-
 def _config(*overrides: str) -> Config:
     return load_config(overrides=["trainer.threads=1", "trainer.micro_batch_size=2", "trainer.lr=1e-3",
                                   "trainer.warmup_steps=0", "data.train_batch_size=3", "rollout.n=3", *overrides])
@@ -307,9 +291,9 @@ async def test_a_one_rank_fsdp_step_equals_the_cpu_trainers(tmp_path, monkeypatc
     monkeypatch.setenv("ASYNCPOLICY_CACHE", str(tmp_path / "cache"))
     cfg = _config(f"algorithm.kl_coef={kl_coef}", "async_training.require_batches=3", "rollout.temperature=0.8")
     path = resolve_model_path(cfg)
-    poisoned = _batch(2, vocab=40, versions=(1, 2))
+    poisoned = random_batch(2, tokens=range(40), versions=(1, 2))
     poisoned[0].trajectories[0].behaviour_logprobs[0] = float("nan")  # the first update's gradient is NaN
-    steps = [(_batch(0, vocab=40, versions=(0, 1)), 1), (_batch(1, vocab=40, versions=(1, 2)), 2), (poisoned, 2)]
+    steps = [(random_batch(0, tokens=range(40), versions=(0, 1)), 1), (random_batch(1, tokens=range(40), versions=(1, 2)), 2), (poisoned, 2)]
 
     cpu = build_hf_torch_engines(cfg).trainer
     await cpu.start()
@@ -359,7 +343,7 @@ async def test_fsdp_two_ranks_match_one_rank(tmp_path) -> None:
         eng = FSDPTrainEngine(w.WorkerInit(model_path=str(tmp_path), config=c), [None] * world, timeout_s=120)
         await eng.start()
         try:
-            runs[name] = [await eng.train_step(_batch(0, versions=(0, 1)), s) for s in range(2)]
+            runs[name] = [await eng.train_step(random_batch(0, versions=(0, 1)), s) for s in range(2)]
         finally:
             await eng.aclose()
     assert runs["two"][1]["losses/kl_ref"] > 0 and runs["two"][1]["is/mismatch_tokens"] > 0

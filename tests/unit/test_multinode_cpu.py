@@ -9,7 +9,6 @@ trainer-node finishes, both exit 0, and its checkpoint holds both ranks' shards.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -24,7 +23,8 @@ from asyncpolicy.config import load_config
 from asyncpolicy.engines import fsdp_worker as w
 from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine, WorkerDied
 from asyncpolicy.errors import RunFailed
-from asyncpolicy.samples import Prompt, Sample, Trajectory, make_sample
+from asyncpolicy.bench.synthetic import random_batch
+from asyncpolicy.samples import Sample
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,19 +49,7 @@ def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def _batch(seed: int) -> list[Sample]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(3):
-        prompt = Prompt(index=i, epoch=0, text="", tokens=[rng.randrange(VOCAB) for _ in range(4)])
-        trajs = []
-        for _ in range(3):
-            n = rng.randint(1, 6)
-            trajs.append(Trajectory(response_tokens=[rng.randrange(VOCAB) for _ in range(n)],
-                                    behaviour_logprobs=[rng.uniform(-5.0, -3.0) for _ in range(n)],
-                                    token_versions=[rng.choice((0, 1)) for _ in range(n)], finish_reason="stop",
-                                    reward=rng.random()))
-        out.append(make_sample(prompt, trajs, 0))
-    return out
+    return random_batch(seed, tokens=range(VOCAB), versions=(0, 1))
 
 
 def _two_node_config(port: int, timeout_s: float, *extra: str) -> list[str]:

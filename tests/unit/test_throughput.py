@@ -5,7 +5,6 @@ budget kept)."""
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import pytest
@@ -26,7 +25,8 @@ from asyncpolicy.engines.torch_policy import (
     micro_batch_loss,
     plan_micro_batches,
 )
-from asyncpolicy.samples import Prompt, Sample, Trajectory, make_sample
+from asyncpolicy.bench.synthetic import random_batch
+from asyncpolicy.samples import Sample
 
 VOCAB = 200
 
@@ -44,20 +44,8 @@ def tiny_model(attn: str = "sdpa", seed: int = 0) -> Any:
 
 def batch(seed: int, groups: int = 3, n: int = 3, versions: tuple[int, ...] = (0, 1)) -> list[Sample]:
     """Groups with prompts of 1-7 tokens and responses of 0-12: lengths differ, so padding is real."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(groups):
-        p = Prompt(index=i, epoch=0, text="", tokens=[rng.randrange(VOCAB) for _ in range(rng.randint(1, 7))])
-        trajs = []
-        for _ in range(n):
-            k = rng.randint(0, 12)
-            trajs.append(Trajectory(
-                response_tokens=[rng.randrange(VOCAB) for _ in range(k)],
-                behaviour_logprobs=[rng.uniform(-6.0, -4.0) for _ in range(k)],
-                token_versions=[rng.choice(versions) for _ in range(k)], finish_reason="stop", reward=rng.random(),
-            ))
-        out.append(make_sample(p, trajs, 0))
-    return out
+    return random_batch(seed, groups=groups, n=n, prompt_len=(1, 7), response_len=(0, 12), tokens=range(VOCAB),
+                        versions=versions, logprob=(-6.0, -4.0))
 
 
 def config(*overrides: str) -> Config:
