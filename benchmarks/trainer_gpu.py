@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -28,25 +27,17 @@ from typing import Any
 
 import torch
 
-from asyncpolicy.bench.gpu import QWEN05, TINY_QWEN, fixed_batch, make_model_dir
+from asyncpolicy.bench.gpu import QWEN05, TINY_QWEN, TRAINER_OVERRIDES, fixed_batch, make_model_dir, vocab_size
 from asyncpolicy.config import load_config
 from asyncpolicy.engines import fsdp_worker as w
+from asyncpolicy.errors import first_line
 
-BASE = [
-    "model.dtype=float32", "model.gradient_checkpointing=true", "trainer.lr=1e-6", "trainer.warmup_steps=0",
-    "algorithm.staleness_correction=decoupled", "trainer.max_tokens_per_micro_batch=16384",
-]
+BASE = [*TRAINER_OVERRIDES, "trainer.max_tokens_per_micro_batch=16384"]
 DEFAULT_VARIANTS = [
     "base",
     "no-recompute model.gradient_checkpointing=false",
     "compile model.gradient_checkpointing=false trainer.compile=true",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def family(kernel: str) -> str:
@@ -149,8 +140,8 @@ def main() -> int:
     model_dir = args.model_dir or make_model_dir(
         tempfile.mkdtemp(prefix="trainer-gpu-"), QWEN05 if cuda else TINY_QWEN, tokenizer=False
     )
-    vocab = int(QWEN05["vocab_size"] if cuda else TINY_QWEN["vocab_size"])
-    port = free_port()
+    vocab = vocab_size(model_dir)
+    port = w.free_port()
     rows: list[dict[str, Any]] = []
     profile: list[str] = []
     joined = False
@@ -165,7 +156,7 @@ def main() -> int:
         try:
             run_variant(name, init, seqs, args, vocab, rows, profile, foreach_adam)
         except Exception as e:  # one variant's failure (a kernel this torch lacks, OOM) is a row, not the end
-            rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"})
+            rows.append({"variant": name, "error": f"{type(e).__name__}: {first_line(e)[:100]}"})
             print(f"# {rows[-1]}", flush=True)
         gc.collect()
         if cuda:

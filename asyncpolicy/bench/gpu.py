@@ -82,6 +82,11 @@ QWEN05: dict[str, Any] = {
     "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu",
     "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 21, "attention_dropout": 0.0,
 }
+# The bench's trainers: fp32 master weights, an LR small enough that random weights stay sane, decoupled PPO.
+TRAINER_OVERRIDES = (
+    "model.dtype=float32", "model.gradient_checkpointing=true", "trainer.lr=1e-6", "trainer.warmup_steps=0",
+    "algorithm.staleness_correction=decoupled",
+)
 # The CPU test's model: the same architecture, small enough to train over gloo in well under a second.
 TINY_QWEN: dict[str, Any] = {
     **QWEN05, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -261,12 +266,10 @@ class _EngineCache:
     def _trainer_gpus(self, gpus: list[int]) -> list[int | None]:
         return list(gpus)
 
-    def _worker_init(self, model_dir: str, micro_batch_size: int, overrides: tuple[str, ...] = ()) -> w.WorkerInit:
-        cfg = load_config(overrides=[
-            "model.dtype=float32", "model.gradient_checkpointing=true", "trainer.lr=1e-6", "trainer.warmup_steps=0",
-            f"trainer.micro_batch_size={micro_batch_size}", "algorithm.staleness_correction=decoupled", *overrides,
-        ])
-        return w.WorkerInit(model_path=model_dir, config=cfg)
+    def _worker_init(self, overrides: tuple[str, ...] = ()) -> w.WorkerInit:
+        s = self.settings
+        cfg = load_config(overrides=[*TRAINER_OVERRIDES, f"trainer.micro_batch_size={s.micro_batch_size}", *overrides])
+        return w.WorkerInit(model_path=s.model_dir, config=cfg)
 
     async def generation(self) -> Any:
         if self._generation is None:
@@ -280,7 +283,7 @@ class _EngineCache:
         placed = self._trainer_gpus(gpus)
         key = (tuple(placed), overrides)
         if key not in self._trainers:
-            init = self._worker_init(self.settings.model_dir, self.settings.micro_batch_size, overrides)
+            init = self._worker_init(overrides)
             t = FSDPTrainEngine(init, placed, timeout_s=600)
             t0 = time.perf_counter()
             try:
@@ -503,7 +506,7 @@ class CPUPlumbing(_EngineCache):
 
     def engine_set(self, cfg: Config) -> EngineSet:
         gen = HostGeneration(cfg.rollout.simulated, random.Random(cfg.seed))
-        trainer = FSDPTrainEngine(self._worker_init(self.settings.model_dir, self.settings.micro_batch_size), [None], timeout_s=600)
+        trainer = FSDPTrainEngine(self._worker_init(), [None], timeout_s=600)
         return EngineSet(generation=gen, trainer=trainer, transport=HostCopyTransport(gen, trainer, "sync"))
 
 
