@@ -57,14 +57,12 @@ class _ConsoleLogger:
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
 
-def configure_logging(level: str = "info", events: JsonEvents | Path | None = None) -> None:
-    """Console at `level`; with `events` (a file, or a tee opened later), every event of that level also as JSON."""
+def configure_logging(level: str = "info", events: JsonEvents | None = None) -> None:
+    """Console at `level`; with `events` (a tee that opens its file later), every event of that level also as JSON."""
     processors: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if isinstance(events, Path):
-        events = JsonEvents(open(events, "ab"))  # noqa: SIM115 - lives as long as the process logs
     if events is not None:
         processors.append(events)
     # Plain tracebacks: rich's default shows every local (whole sample batches) and takes seconds.

@@ -422,9 +422,6 @@ class HostGeneration(SimulatedGenerationEngine):
         self.paused = False
         await anyio.lowlevel.checkpoint()
 
-    async def reset_prefix_cache(self) -> None:
-        await anyio.lowlevel.checkpoint()
-
     async def rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
         """One 'worker' answers, off the event loop, as vLLM's collective_rpc returns one answer per worker."""
         handlers: dict[str, Callable[..., Any]] = {"ap_ipc_load": self._ipc_load, "ap_checksum": self._checksum}

@@ -240,7 +240,8 @@ class FSDPTrainEngine:
         import torch
 
         blob = (await self.call(w.FullState()))[0].blob
-        return torch.load(io.BytesIO(blob), weights_only=True)
+        # a whole model's tensors: deserialised in a worker thread, not on the event loop
+        return await anyio.to_thread.run_sync(lambda: torch.load(io.BytesIO(blob), weights_only=True))
 
     async def checksum(self) -> float:
         return (await self.call(w.Checksum()))[0].value

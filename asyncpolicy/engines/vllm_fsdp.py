@@ -33,6 +33,7 @@ from asyncpolicy.engines.replicas import ReplicatedGeneration
 from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings, import_vllm
 from asyncpolicy.engines.weight_sync import IPCTransport, NCCLTransport
 from asyncpolicy.errors import ConfigError
+from asyncpolicy.models.tiny import resolve_model_path
 
 log = structlog.get_logger("asyncpolicy.vllm_fsdp")
 
@@ -135,23 +136,13 @@ class _GatedTrainer(FSDPTrainEngine):
         await self.gate.run_start(super().start)
 
 
-def resolve_vllm_model(cfg: Config) -> str:
-    """`model.path` as a directory both vLLM and the trainer load, or a ConfigError naming the key.
-
-    `embedded` is the tiny built-in model, built once and saved in Hugging Face format (weights,
-    config, tokenizer), so vLLM gets its directory like any other. A directory may hold only a
-    config and a tokenizer: the weights are then random (vLLM starts with dummy ones and receives
-    the trainer's at version 0).
-    """
-    from asyncpolicy.models.tiny import resolve_model_path
-
-    return resolve_model_path(cfg)
-
-
 def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
     """The engines of a vLLM + FSDP2 run (not started). Raises ConfigError for what cannot work."""
     import_vllm()
-    path = resolve_vllm_model(cfg)
+    # `embedded` is the tiny built-in model, saved in Hugging Face format, so vLLM gets its directory like any
+    # other; a directory with only a config and a tokenizer gives random weights (vLLM starts with dummy ones
+    # and receives the trainer's at version 0)
+    path = resolve_model_path(cfg)
     if cfg.rollout.top_p < 1.0:
         # vLLM's processed logprobs are renormalised over the nucleus; the trainer's are not
         log.warning("top_p_logprob_mismatch", top_p=cfg.rollout.top_p,

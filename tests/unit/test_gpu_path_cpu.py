@@ -52,18 +52,19 @@ def test_vllm_engine_takes_the_embedded_model_from_its_saved_directory(tmp_path)
 
     from transformers import AutoConfig
 
-    from asyncpolicy.engines.vllm_fsdp import has_weights, resolve_vllm_model
+    from asyncpolicy.engines.vllm_fsdp import has_weights
+    from asyncpolicy.models.tiny import resolve_model_path
 
     gpu_keys = ["rollout.engine=vllm", "trainer.engine=fsdp"]
-    path = resolve_vllm_model(load_config(overrides=[*gpu_keys, "model.path=embedded"]))
+    path = resolve_model_path(load_config(overrides=[*gpu_keys, "model.path=embedded"]))
     # a Hugging Face directory with weights: vLLM loads them (no dummy weights), EOS as the tokenizer's
     assert Path(path, "config.json").is_file() and has_weights(path)
     assert AutoConfig.from_pretrained(path).eos_token_id in stop_token_ids(path)
     with pytest.raises(ConfigError, match="'model.path'.*is not a directory"):
-        resolve_vllm_model(load_config(overrides=[*gpu_keys, f"model.path={tmp_path / 'absent'}"]))
+        resolve_model_path(load_config(overrides=[*gpu_keys, f"model.path={tmp_path / 'absent'}"]))
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="'model.path': no tokenizer file"):
-        resolve_vllm_model(load_config(overrides=[*gpu_keys, f"model.path={tmp_path}"]))
+        resolve_model_path(load_config(overrides=[*gpu_keys, f"model.path={tmp_path}"]))
 
 
 def test_missing_vllm_is_a_config_error() -> None:
