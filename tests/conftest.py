@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,6 +70,16 @@ FAST_SIMULATED = (
     "task.num_val_prompts=2",
     "progress=off",
 )
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh ASYNCPOLICY_CACHE for one test module: the embedded model is built there, never taken
+    from the user's cache."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ASYNCPOLICY_CACHE", str(root))
+        yield root
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,10 +26,8 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ASYNCPOLICY_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield tiny.resolve_model_path(load_config())
+def model_path(model_cache: Path) -> str:
+    return tiny.resolve_model_path(load_config())
 
 
 async def started(path: str, ignore_eos: bool = False) -> HFGenerationEngine:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,10 +30,8 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ASYNCPOLICY_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield str(tiny.ensure_embedded())
+def model_path(model_cache: Path) -> str:
+    return str(tiny.ensure_embedded())
 
 
 def batch(seed: int) -> list[Sample]:

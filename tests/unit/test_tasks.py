@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,8 @@ from asyncpolicy.tasks.loading import build_real_task, encode_prompt
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ASYNCPOLICY_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield tiny.load_tokenizer(tiny.resolve_model_path(load_config()))
+def tokenizer(model_cache: Path) -> Any:
+    return tiny.load_tokenizer(tiny.resolve_model_path(load_config()))
 
 
 @pytest.mark.parametrize(

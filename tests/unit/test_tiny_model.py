@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,9 @@ from asyncpolicy.errors import ConfigError
 from asyncpolicy.models import tiny
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ASYNCPOLICY_CACHE", str(root))
-        yield root
-
-
-def test_embedded_model_round_trips_through_from_pretrained(cache: Path) -> None:
+def test_embedded_model_round_trips_through_from_pretrained(model_cache: Path) -> None:
     path = tiny.resolve_model_path(load_config())
-    assert Path(path).parent == cache
+    assert Path(path).parent == model_cache
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in Path(path).iterdir()}
     loaded = tiny.load_model(path)
     tokenizer = tiny.load_tokenizer(path)
@@ -38,7 +29,7 @@ def test_embedded_model_round_trips_through_from_pretrained(cache: Path) -> None
     assert tokenizer.chat_template is None
 
 
-def test_tokenizer_is_one_token_per_character(cache: Path) -> None:
+def test_tokenizer_is_one_token_per_character(model_cache: Path) -> None:
     tokenizer = tiny.load_tokenizer(tiny.resolve_model_path(load_config()))
     ids = tokenizer(tiny.ALPHABET)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id
@@ -47,12 +38,12 @@ def test_tokenizer_is_one_token_per_character(cache: Path) -> None:
     assert tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True) == tiny.ALPHABET
 
 
-def test_second_resolve_reuses_the_cache(cache: Path) -> None:
+def test_second_resolve_reuses_the_cache(model_cache: Path) -> None:
     path = Path(tiny.resolve_model_path(load_config()))
     before = (path / "model.safetensors").stat().st_mtime_ns
     assert Path(tiny.resolve_model_path(load_config())) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == before
-    assert not [p for p in cache.iterdir() if p.name.startswith(".building-")]
+    assert not [p for p in model_cache.iterdir() if p.name.startswith(".building-")]
 
 
 def test_missing_model_directory_names_model_path(tmp_path: Path) -> None:
@@ -75,7 +66,7 @@ def test_directory_without_tokenizer_names_the_tokenizer(tmp_path: Path) -> None
     assert info.value.key == "model.path"
 
 
-def test_tokenizer_takes_printable_ascii_newline_and_tab(cache: Path) -> None:
+def test_tokenizer_takes_printable_ascii_newline_and_tab(model_cache: Path) -> None:
     """User prompts keep their spaces and capitals: one token per character, decoded back unchanged."""
     loaded = tiny.load_tokenizer(tiny.resolve_model_path(load_config()))
     built = tiny.build_tokenizer()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -27,13 +26,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ASYNCPOLICY_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
 
 
 def config(*overrides: str) -> Config:
@@ -90,7 +82,7 @@ def good_minus_bad_logprob(trainer: TorchTrainEngine, cfg: Config, batch: list[S
 
 
 @pytest.mark.parametrize("correction", ["behaviour", "decoupled"])
-async def test_training_steps_raise_the_rewarded_responses_and_lower_the_loss(cache: None, correction: str) -> None:
+async def test_training_steps_raise_the_rewarded_responses_and_lower_the_loss(model_cache: Path, correction: str) -> None:
     cfg = config(f"algorithm.staleness_correction={correction}", "trainer.lr=3e-3", "trainer.warmup_steps=0")
     batch = await rollout_batch(cfg)
     trainer = await started_trainer(cfg)
@@ -109,7 +101,7 @@ async def test_training_steps_raise_the_rewarded_responses_and_lower_the_loss(ca
     await trainer.aclose()
 
 
-async def test_micro_batches_accumulate_to_the_full_batch_gradient(cache: None) -> None:
+async def test_micro_batches_accumulate_to_the_full_batch_gradient(model_cache: Path) -> None:
     cfg = config()
     batch = await rollout_batch(cfg, seed=1)
     model = tiny.load_model(tiny.resolve_model_path(cfg))
@@ -139,7 +131,7 @@ def test_lr_schedule_counts_updates() -> None:
     assert lr_lambda(6, 0, 12, "cosine") == pytest.approx(0.5)
 
 
-async def test_require_batches_makes_several_updates_per_step(cache: None) -> None:
+async def test_require_batches_makes_several_updates_per_step(model_cache: Path) -> None:
     cfg = config(
         "async_training.require_batches=2",
         "trainer.total_training_steps=4",
@@ -154,7 +146,7 @@ async def test_require_batches_makes_several_updates_per_step(cache: None) -> No
     await trainer.aclose()
 
 
-async def test_resume_continues_weights_optimizer_and_schedule(cache: None, tmp_path: Path) -> None:
+async def test_resume_continues_weights_optimizer_and_schedule(model_cache: Path, tmp_path: Path) -> None:
     cfg = config(
         "trainer.lr_schedule=cosine",
         "trainer.total_training_steps=6",
@@ -179,7 +171,7 @@ async def test_resume_continues_weights_optimizer_and_schedule(cache: None, tmp_
     await resumed.aclose()
 
 
-async def test_push_copies_trainer_weights_into_generation(cache: None) -> None:
+async def test_push_copies_trainer_weights_into_generation(model_cache: Path) -> None:
     cfg = config("trainer.lr=1e-2", "trainer.warmup_steps=0")
     batch = await rollout_batch(cfg)
     engines = build_hf_torch_engines(cfg)
@@ -199,7 +191,7 @@ async def test_push_copies_trainer_weights_into_generation(cache: None) -> None:
     await engines.trainer.aclose()
 
 
-async def test_a_non_finite_gradient_skips_its_update_and_is_counted(cache: None) -> None:
+async def test_a_non_finite_gradient_skips_its_update_and_is_counted(model_cache: Path) -> None:
     cfg = config("algorithm.staleness_correction=behaviour", "async_training.require_batches=2", "trainer.warmup_steps=0")
     batch = await rollout_batch(cfg)
     batch[0].trajectories[0].behaviour_logprobs[0] = float("nan")  # poisons the first mini-batch only
@@ -219,7 +211,7 @@ async def test_a_non_finite_gradient_skips_its_update_and_is_counted(cache: None
     await trainer.aclose()
 
 
-async def test_mismatch_kl_is_zero_on_the_engines_own_weights_and_positive_on_other_ones(cache: None) -> None:
+async def test_mismatch_kl_is_zero_on_the_engines_own_weights_and_positive_on_other_ones(model_cache: Path) -> None:
     """The engine's sampling logprobs and the trainer's recomputation agree (is/mismatch_kl ≈ 0, only
     float noise), and the metric sees a real difference in weights."""
     cfg = config("rollout.temperature=0.7")
