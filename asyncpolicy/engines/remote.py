@@ -176,11 +176,14 @@ class RemoteGenerationEngine:
         log.info("rollout_servers_ready", servers=[s.address for s in self.live], lost=[s.address for s in self.servers if s.lost],
                  versions=[s.health.version for s in self.live if s.health is not None])
 
+    async def _health(self, server: _Server) -> ServerHealth:
+        response = await self._http.get(f"{server.url}/health", timeout=self.control_timeout)
+        _raise_for_status(server, "GET /health", response)
+        return msgspec.json.decode(response.content, type=ServerHealth)
+
     async def _probe(self, server: _Server) -> None:
         try:
-            response = await self._http.get(f"{server.url}/health", timeout=self.control_timeout)
-            _raise_for_status(server, "GET /health", response)
-            server.health = msgspec.json.decode(response.content, type=ServerHealth)
+            server.health = await self._health(server)
         except (httpx.HTTPError, RemoteServerError, msgspec.DecodeError) as e:
             server.lost = f"{type(e).__name__}: {e}"
             log.error("rollout_server_unreachable", server=server.address, error=server.lost)
@@ -332,12 +335,7 @@ class RemoteGenerationEngine:
 
     async def healths(self) -> list[ServerHealth]:
         """GET /health of every live server (tests, tools)."""
-        out = []
-        for server in self.live:
-            response = await self._http.get(f"{server.url}/health", timeout=self.control_timeout)
-            _raise_for_status(server, "GET /health", response)
-            out.append(msgspec.json.decode(response.content, type=ServerHealth))
-        return out
+        return [await self._health(server) for server in self.live]
 
 
 # -- weight transports ----------------------------------------------------------------------------
@@ -428,25 +426,18 @@ def build_remote_engines(cfg: Config) -> EngineSet:
         transport: Any = RemoteStateTransport(generation, torch_state)
     else:
         from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
+        from asyncpolicy.engines.trainer_node import node_gpus
         from asyncpolicy.engines.vllm_fsdp import worker_init
 
-        if pair == ("hf", "fsdp"):  # one gloo rank on the CPU
-            fsdp = FSDPTrainEngine(worker_init(cfg, path), [None], timeout_s=cfg.trainer.worker_timeout_s)
+        # hf servers: one gloo rank on the CPU; vllm servers: FSDP2 on every visible GPU of this machine
+        fsdp = FSDPTrainEngine(worker_init(cfg, path), node_gpus(cfg), timeout_s=cfg.trainer.worker_timeout_s)
+        if pair == ("hf", "fsdp"):
             transport = RemoteStateTransport(generation, fsdp.full_state_dict)
-        else:  # vllm servers, FSDP2 on this machine's GPUs
-            from asyncpolicy.engines.vllm_fsdp import _physical
-
-            gpus = [_physical(g) for g in range(cfg.trainer.n_gpus_per_node)]  # every visible GPU is the trainer's
-            fsdp = FSDPTrainEngine(worker_init(cfg, path), gpus, timeout_s=cfg.trainer.worker_timeout_s)
+        else:
             host = _local_address_towards(split_server_address(cfg.rollout.servers[0])[0])
-            transport = make_nccl_transport(generation, fsdp, host)
+            transport = RemoteNCCLTransport(generation, fsdp, host)
         trainer = fsdp
     return EngineSet(generation=generation, trainer=trainer, transport=transport, tokenizer=tokenizer, sync_at_start=True)
-
-
-def make_nccl_transport(generation: RemoteGenerationEngine, trainer: Any, host: str) -> RemoteNCCLTransport:
-    """`WeightTransport` from FSDP2 rank 0 to every server's vLLM workers over one NCCL group (TCP rendezvous)."""
-    return RemoteNCCLTransport(generation, trainer, host)
 
 
 class RemoteNCCLTransport:
