@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from asyncpolicy.bench.common import read_metrics
+
 
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
@@ -32,11 +34,7 @@ def main(argv: list[str]) -> int:
 
     model = ensure_embedded()
     out = Path(tempfile.mkdtemp(prefix="sync-probe-"))
-    layout = (
-        ["rollout.n_gpus_per_node=1", "trainer.n_gpus_per_node=1", "rollout.colocate=true"]
-        if gpus == 1
-        else ["rollout.n_gpus_per_node=1", "trainer.n_gpus_per_node=1", "rollout.colocate=false"]
-    )
+    layout = ["rollout.n_gpus_per_node=1", "trainer.n_gpus_per_node=1", f"rollout.colocate={str(gpus == 1).lower()}"]
     cmd = [
         sys.executable, "-m", "asyncpolicy", "run",
         "rollout.engine=vllm", "trainer.engine=fsdp", f"model.path={model}",
@@ -49,7 +47,7 @@ def main(argv: list[str]) -> int:
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line.strip()]
     pushes = [e for e in events if e.get("event") == "weights_pushed"][1:]  # the first pays one-off set-up
     syncs = [e for e in events if e.get("event") == "weights_synced"][1:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(out)
     print(f"\nrc={rc} wall={wall:.1f}s steps={len(rows)} gpus={gpus} syncs={len(syncs)} out={out}")
     print(f"{'part of a sync':<30}{'median s':>10}{'max s':>10}")
     for label, src, key in [

@@ -269,6 +269,15 @@ async def run_supervised(
     return run
 
 
+def default_engines_available() -> str:
+    """'' when the default hf/torch engines can be built here, else why not."""
+    try:
+        import asyncpolicy.engines.hf_torch  # noqa: F401
+    except ImportError as exc:
+        return f"the default hf/torch engines are not importable ({exc})"
+    return ""
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():

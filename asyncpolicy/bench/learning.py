@@ -18,6 +18,7 @@ import structlog
 
 from asyncpolicy.bench.common import (
     BenchContext,
+    default_engines_available,
     Figure,
     ScenarioRun,
     SuiteResult,
@@ -84,8 +85,6 @@ def reward_rise(run_dir: str | Path, factor: float = 2.0) -> RewardRise:
 
 
 async def run(ctx: BenchContext) -> SuiteResult:
-    from asyncpolicy.bench.responsiveness import default_engines_available  # its plots need matplotlib
-
     res = SuiteResult(suite="learning", title="CPU learning speed")
     missing = default_engines_available()
     if missing:

@@ -17,6 +17,7 @@ import structlog
 
 from asyncpolicy.bench.common import (
     BenchContext,
+    default_engines_available,
     Figure,
     SuiteResult,
     Table,
@@ -33,15 +34,6 @@ log = structlog.get_logger("asyncpolicy.bench.responsiveness")
 
 HEARTBEAT_S = 0.01
 TARGET_P99_MS = 50.0
-
-
-def default_engines_available() -> str:
-    """'' when the default hf/torch engines can be built here, else why not."""
-    try:
-        import asyncpolicy.engines.hf_torch  # noqa: F401
-    except ImportError as exc:
-        return f"the default hf/torch engines are not importable ({exc})"
-    return ""
 
 
 async def heartbeat(lags: list[float]) -> None:
