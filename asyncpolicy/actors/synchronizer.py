@@ -39,6 +39,13 @@ class SyncCounters(msgspec.Struct, kw_only=True):
     last_pause_s: float = 0.0  # rollout stopped: pause requested → resumed (what generation loses)
 
 
+class SyncResult(msgspec.Struct, frozen=True):
+    """What one `sync` call cost: all zero when the engine already served that version (nothing pushed)."""
+
+    latency_s: float = 0.0  # stage → resumed
+    pause_s: float = 0.0  # rollout stopped: pause requested → resumed
+
+
 class ParameterSynchronizer:
     """Moves trainer weights into the rollout engine between training steps."""
 
@@ -51,8 +58,8 @@ class ParameterSynchronizer:
         self.counters = SyncCounters()
         self._lock = anyio.Lock()  # one sync at a time: the trainer's, or an engine restart's
 
-    async def sync(self, version: int, *, force: bool = False) -> float:
-        """Make the rollout serve `version`; returns the latency, pause to resume included.
+    async def sync(self, version: int, *, force: bool = False) -> SyncResult:
+        """Make the rollout serve `version`; returns this call's latency and pause.
 
         `force` pushes even when the engine reports that version already (a restarted engine
         holds its initial weights, whatever it reports).
@@ -60,7 +67,7 @@ class ParameterSynchronizer:
         async with self._lock:
             start = time.monotonic()
             if not force and self.rollouter.version >= version:
-                return 0.0  # a newer push already happened while this one waited
+                return SyncResult()  # a newer push already happened while this one waited
             await self._with_retries(version, self.transport.stage)
             staged = paused = pushed = time.monotonic()
             try:
@@ -91,7 +98,7 @@ class ParameterSynchronizer:
             push_s=round(self.counters.last_push_s, 4),
             pause_s=round(self.counters.last_pause_s, 4),
         )
-        return latency
+        return SyncResult(latency_s=latency, pause_s=self.counters.last_pause_s)
 
     async def sync_weights(self, version: int) -> bool:
         """The seed's check: True once the rollout serves `version` (raises SyncFailed otherwise)."""

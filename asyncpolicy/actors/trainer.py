@@ -128,8 +128,8 @@ class Trainer:
             sync_latency = sync_pause = None
             try:
                 if self.state.step % cfg.async_training.trigger_parameter_sync_step == 0:
-                    sync_latency = await self.synchronizer.sync(self.state.version)
-                    sync_pause = self.synchronizer.counters.last_pause_s
+                    done = await self.synchronizer.sync(self.state.version)
+                    sync_latency, sync_pause = done.latency_s, done.pause_s
             finally:  # the step happened: its metrics line is written even if the sync is cancelled or fails
                 self.on_step(
                     StepReport(

@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from asyncpolicy.actors.synchronizer import ParameterSynchronizer
+from asyncpolicy.actors.synchronizer import ParameterSynchronizer, SyncResult
 from asyncpolicy.actors.trainer import Trainer
 from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import Config
@@ -321,6 +321,17 @@ async def test_persistent_sync_failure_raises_sync_failed_naming_the_cause_and_r
     )
     assert engine.version == 0 and transport.attempts == 4
     assert not sync.rollouter.paused, "a failed sync must not leave rollout paused"
+
+
+async def test_a_sync_the_engine_has_overtaken_costs_nothing_and_reports_so(sim_config: Make, rollouter_for: Make) -> None:
+    """The trainer records each call's own pause: a push of an older version does nothing and says 0, not the last sync's."""
+    sync, engine, transport = synchronizer(sim_config(), rollouter_for)
+    await engine.start()
+    with anyio.fail_after(5):
+        first = await sync.sync(2)
+        again = await sync.sync(1)
+    assert 0 < first.pause_s <= first.latency_s and engine.version == 2
+    assert again == SyncResult() and sync.counters.syncs == 1 and transport.attempts == 1
 
 
 async def test_a_sync_attempt_past_sync_timeout_counts_as_a_failure(sim_config: Make, rollouter_for: Make) -> None:

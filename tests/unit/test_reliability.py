@@ -280,7 +280,7 @@ async def test_weights_are_staged_while_rollout_runs_and_pushed_while_it_is_paus
             await super().push(version)
 
     sync = ParameterSynchronizer(cfg.async_training, rollouter, WatchedTransport(sup.engines.generation, cfg.trainer.simulated))
-    latency = await sync.sync(rollouter.version + 1)
+    latency = (await sync.sync(rollouter.version + 1)).latency_s
     assert seen == [("stage", False), ("push", True)]
     c = sync.counters
     assert 0 < c.last_pause_s <= latency and c.last_stage_s + c.last_pause_s == pytest.approx(latency, abs=1e-3)
