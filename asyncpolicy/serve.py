@@ -219,27 +219,12 @@ def _build_engine(cfg: Config) -> tuple[Any, str, int]:
         from asyncpolicy.engines.hf_generation import HFGenerationEngine
 
         return HFGenerationEngine(path, cfg.model.dtype, threads=cfg.trainer.threads), path, 1
-    from asyncpolicy.engines.vllm_fsdp import has_weights, stop_token_ids
-    from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings, import_vllm
+    from asyncpolicy.engines.vllm_fsdp import vllm_settings
+    from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, import_vllm
 
     import_vllm()
-    stops = stop_token_ids(path)
-    eos = load_tokenizer(path).eos_token_id
-    if eos is not None and eos not in stops:
-        stops.append(int(eos))
     gpus = list(range(cfg.rollout.n_gpus_per_node))
-    settings = VLLMSettings(
-        model_path=path,
-        gpus=gpus,
-        dummy_weights=not has_weights(path),  # the trainer's weights arrive before the first generation
-        stop_token_ids=stops,
-        max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length + 8,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        max_num_seqs=max(8, min(1024, cfg.rollout.max_concurrency)),
-        enforce_eager=cfg.rollout.enforce_eager,
-        seed=cfg.seed,
-        rpc_timeout_s=cfg.async_training.sync_timeout,
-    )
+    settings = vllm_settings(cfg, path, gpus, load_tokenizer(path).eos_token_id)
     return VLLMGenerationEngine(settings), path, len(gpus)
 
 

@@ -59,6 +59,26 @@ def stop_token_ids(model_path: str) -> list[int]:
     return ids
 
 
+def vllm_settings(cfg: Config, model_path: str, gpus: list[int], eos_token_id: int | None, replica: int = 0) -> VLLMSettings:
+    """One vLLM engine of a run (its own or a rollout server's): stops at the model's EOS ids and the
+    tokenizer's, dummy weights when the directory has none (the trainer's arrive before the first generation)."""
+    stops = stop_token_ids(model_path)
+    if eos_token_id is not None and eos_token_id not in stops:
+        stops.append(int(eos_token_id))
+    return VLLMSettings(
+        model_path=model_path,
+        gpus=gpus,
+        dummy_weights=not has_weights(model_path),
+        stop_token_ids=stops,
+        max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length + 8,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        max_num_seqs=max(8, min(1024, cfg.rollout.max_concurrency)),
+        enforce_eager=cfg.rollout.enforce_eager,
+        seed=cfg.seed + replica,  # replicas sample different streams
+        rpc_timeout_s=cfg.async_training.sync_timeout,
+    )
+
+
 def place(cfg: Config, n_visible: int) -> tuple[list[int], list[int]]:
     """(rollout GPUs, trainer GPUs) as indices into the visible devices; ConfigError if they don't fit."""
     r, t = cfg.rollout.n_gpus_per_node, cfg.trainer.n_gpus_per_node
@@ -155,31 +175,14 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
     except (OSError, ValueError) as e:
         raise ConfigError(f"config key 'model.path': no tokenizer could be loaded from {path!r}: {e}", key="model.path") from None
     dummy = not has_weights(path)
-    stops = stop_token_ids(path)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-        stops.append(int(tokenizer.eos_token_id))
     gate = _InitialSync()
-
-    def settings(gpus: list[int], replica: int) -> VLLMSettings:
-        return VLLMSettings(
-            model_path=path,
-            gpus=gpus,
-            dummy_weights=dummy,
-            stop_token_ids=stops,
-            max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length + 8,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            max_num_seqs=max(8, min(1024, cfg.rollout.max_concurrency)),
-            enforce_eager=cfg.rollout.enforce_eager,
-            seed=cfg.seed + replica,  # replicas sample different streams
-            rpc_timeout_s=cfg.async_training.sync_timeout,
-        )
-
+    eos = tokenizer.eos_token_id
     slices = replica_gpus(cfg, rollout_gpus)
     gen: _GatedGeneration | _GatedReplicas
     if len(slices) == 1:
-        gen = _GatedGeneration(settings(slices[0], 0))
+        gen = _GatedGeneration(vllm_settings(cfg, path, slices[0], eos))
     else:
-        gen = _GatedReplicas.for_config(cfg, [VLLMGenerationEngine(settings(gpus, k)) for k, gpus in enumerate(slices)])
+        gen = _GatedReplicas.for_config(cfg, [VLLMGenerationEngine(vllm_settings(cfg, path, gpus, eos, k)) for k, gpus in enumerate(slices)])
     base = worker_init(cfg, path)
     trainer = _GatedTrainer(base, [_physical(g) for g in trainer_gpus], timeout_s=cfg.trainer.worker_timeout_s)
     transport = IPCTransport(gen, trainer) if cfg.rollout.colocate else NCCLTransport(gen, trainer)

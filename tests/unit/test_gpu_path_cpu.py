@@ -67,6 +67,22 @@ def test_vllm_engine_takes_the_embedded_model_from_its_saved_directory(tmp_path)
         resolve_model_path(load_config(overrides=[*gpu_keys, f"model.path={tmp_path}"]))
 
 
+def test_vllm_settings_stop_at_the_models_and_the_tokenizers_eos_and_seed_replicas_apart(tmp_path) -> None:
+    """The one builder of a vLLM engine's settings, for a run's engines and a rollout server's alike."""
+    from asyncpolicy.engines.vllm_fsdp import vllm_settings
+    from asyncpolicy.models.tiny import resolve_model_path
+
+    cfg = load_config(overrides=["rollout.engine=vllm", "trainer.engine=fsdp", "seed=5", "rollout.enforce_eager=true"])
+    path = resolve_model_path(cfg)  # the embedded model: it has weights
+    first, third = vllm_settings(cfg, path, [0], 777), vllm_settings(cfg, path, [2, 3], None, replica=2)
+    assert first.stop_token_ids == [*stop_token_ids(path), 777] and third.stop_token_ids == stop_token_ids(path)
+    assert (first.seed, third.seed, third.gpus) == (5, 7, [2, 3]) and first.enforce_eager and not first.dummy_weights
+    assert first.max_model_len == cfg.data.max_prompt_length + cfg.data.max_response_length + 8
+    (tmp_path / "config.json").write_text('{"eos_token_id": 3}')
+    bare = vllm_settings(cfg, str(tmp_path), [0], 3)
+    assert bare.dummy_weights and bare.stop_token_ids == [3]
+
+
 def test_missing_vllm_is_a_config_error() -> None:
     try:
         import vllm  # noqa: F401
