@@ -55,29 +55,24 @@ async def run(ctx: BenchContext) -> SuiteResult:
         write_log_record(logf, "bench_heartbeat", {"beats": len(baseline), "p99_ms": percentile(baseline, 99) * 1e3})
 
     # One heartbeat from before the Supervisor starts to the end: its start-up (imports, model,
-    # tokenizer, engines) shares the host's loop too. Beats go to `startup` until the run is up.
-    startup: list[float] = []
-    lags: list[float] = []
-    phase = [startup]
-
-    async def beat_by_phase() -> None:
-        while True:
-            t = time.perf_counter()
-            await anyio.sleep(HEARTBEAT_S)
-            phase[0].append(time.perf_counter() - t - HEARTBEAT_S)
+    # tokenizer, engines) shares the host's loop too. The beats before the run is up are start-up's.
+    beats_all: list[float] = []
+    up_at: list[int | None] = [None]  # how many beats there were when the Supervisor had started
 
     async def host(sup: Supervisor) -> None:  # called once the Supervisor has started
-        phase[0] = lags
+        up_at[0] = len(beats_all)
         await anyio.sleep_forever()
 
     cfg = ctx.config([*engine_words, f"trainer.total_training_steps={steps}"], name="responsiveness_training")
     engines = f"rollout.engine={cfg.rollout.engine} trainer.engine={cfg.trainer.engine}"
     async with anyio.create_task_group() as beats:
-        beats.start_soon(beat_by_phase)
+        beats.start_soon(heartbeat, beats_all)
         run_ = await run_supervised(
             ctx, "responsiveness_training", cfg, host=host, settings={"heartbeat_s": HEARTBEAT_S, "engines": engines}
         )
         beats.cancel_scope.cancel()
+    split = len(beats_all) if up_at[0] is None else up_at[0]  # never up: all of it was start-up
+    startup, lags = beats_all[:split], beats_all[split:]
 
     res = SuiteResult(suite="responsiveness", title="Event-loop responsiveness")
     if missing:
