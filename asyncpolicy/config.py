@@ -52,7 +52,10 @@ class ModelConfig(_Section):
     path: Annotated[
         str, _doc("Hugging Face model directory; 'embedded' = the project's tiny built-in model")
     ] = "embedded"
-    dtype: Annotated[Literal["float32", "bfloat16"], _doc("parameter dtype of the trained model")] = "float32"
+    dtype: Annotated[
+        Literal["float32", "bfloat16", "float64"],
+        _doc("parameter dtype of the trained model; float64 for exactness checks on the CPU"),
+    ] = "float32"
     gradient_checkpointing: Annotated[bool, _doc("recompute activations in backward to save memory")] = False
 
 

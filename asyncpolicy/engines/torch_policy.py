@@ -302,7 +302,7 @@ class PolicyLogprobs(torch.nn.Module):
                 lp_c, ent_c = self._head(hc, tc, with_entropy)
             lps.append(lp_c)
             ents.append(ent_c)
-        lp = torch.cat(lps) if lps else h.new_zeros(0, dtype=torch.float32)  # (K,)
+        lp = torch.cat(lps) if lps else h.new_zeros(0, dtype=torch.promote_types(h.dtype, torch.float32))  # (K,)
         # back to (B, T-1), out of place: FSDP's backward hooks must see a fresh tensor, not a view
         where = (response_index // (T - 1), response_index % (T - 1))
         logprobs = lp.new_zeros((B, T - 1)).index_put(where, lp)
@@ -321,12 +321,13 @@ class PolicyLogprobs(torch.nn.Module):
 def head_logprobs(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chunk,) log softmax(logits / T)[target] in fp32 and (chunk,) entropy (no grad; zeros unless asked).
+    """(chunk,) log softmax(logits / T)[target] in fp32 (fp64 for a float64 model) and (chunk,) entropy
+    (no grad; zeros unless asked).
 
     Eager, each step below is a pass over a (chunk, V) fp32 tensor; compiled (`trainer.compile`),
     the cast, scaling and reductions fuse into a few passes over the compute-dtype logits.
     """
-    z = logits.float() / temperature  # (chunk, V)
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (chunk, V), fp32 at least
     lse = torch.logsumexp(z, dim=-1)  # (chunk,)
     lp = z.gather(-1, targets[:, None]).squeeze(-1) - lse  # (chunk,)
     with torch.no_grad():

@@ -231,6 +231,6 @@ def load_model(path: str, dtype: str = "float32", attn_implementation: str | Non
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[dtype]
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True, **kw)
