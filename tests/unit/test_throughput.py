@@ -31,12 +31,16 @@ from asyncpolicy.samples import Sample
 VOCAB = 200
 # float64 runs differ by summation order only: about 1e-14 measured, so these leave four orders of margin
 # and hold on any CPU's kernels (Adam lifts a 1e-17 gradient noise to lr·1e-9 at the most)
-EXACT = {"rel": 1e-9, "abs": 1e-12}
-WEIGHTS = {"rtol": 0.0, "atol": 1e-9}
+EXACT_REL, EXACT_ABS = 1e-9, 1e-12  # metrics
+WEIGHTS_ATOL = 1e-9  # tensors
 # where a model computes in float32 inside a float64 model (transformers' eager attention takes its
 # softmax in float32; Qwen2's RMSNorm and rotary run in float32), and inductor fuses those differently:
 # float32 noise, compared only where no optimizer step can amplify it
-FLOAT32_INSIDE = {"rtol": 1e-5, "atol": 1e-6}
+FLOAT32_INSIDE_RTOL, FLOAT32_INSIDE_ATOL = 1e-5, 1e-6
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=0.0, atol=WEIGHTS_ATOL)
 
 
 def tiny_model(attn: str = "sdpa", seed: int = 0) -> Any:
@@ -90,7 +94,10 @@ def test_a_packed_row_gives_the_padded_rows_logprobs_loss_and_gradients(mode: st
     assert pb.attention_mask.sum() < pb.attention_mask.numel()  # the padded layout has padding
     assert out[True][0].numel() == pb.response_mask.sum() > 0
     for a, b in zip(padded, packed_, strict=True):
-        assert torch.allclose(a, b, **(WEIGHTS if attn == "sdpa" else FLOAT32_INSIDE))
+        if attn == "sdpa":
+            assert same(a, b)
+        else:
+            assert torch.allclose(a, b, rtol=FLOAT32_INSIDE_RTOL, atol=FLOAT32_INSIDE_ATOL)
     assert padded[4].abs().max() > 0
 
 
@@ -131,8 +138,8 @@ def test_chunked_logprobs_equal_one_chunk_and_hold_no_full_vocabulary_logits(chu
         out.append((lp, ent, grads_of(model), widest))
     (lp0, ent0, g0, wide0), (lp1, ent1, g1, wide1) = out
     assert wide0 == K * VOCAB and wide1 <= chunk * VOCAB < K * VOCAB  # only one chunk's logits are kept, for recompute
-    assert torch.allclose(lp0, lp1, **WEIGHTS) and torch.allclose(ent0, ent1, **WEIGHTS)
-    assert torch.allclose(g0, g1, **WEIGHTS) and g0.abs().max() > 0
+    assert same(lp0, lp1) and same(ent0, ent1)
+    assert same(g0, g1) and g0.abs().max() > 0
     assert (ent0[mb.response_mask > 0] > 0).all()
 
 
@@ -208,9 +215,9 @@ def test_steps_with_a_token_budget_packed_or_padded_equal_one_micro_batch(mode: 
             assert set(a) == set(b)
             for key in a:
                 if not key.startswith("perf/"):
-                    assert b[key] == pytest.approx(a[key], **EXACT), (name, key)
+                    assert b[key] == pytest.approx(a[key], rel=EXACT_REL, abs=EXACT_ABS), (name, key)
         for k in base_weights:
-            assert torch.allclose(weights[k], base_weights[k], **WEIGHTS), (name, k)
+            assert same(weights[k], base_weights[k]), (name, k)
             assert not torch.equal(weights[k], initial[k]) or "bias" in k, (name, k)
     assert base_metrics[-1]["losses/kl_ref"] > 0 and base_metrics[-1]["train/grad_norm"] > 0
 
@@ -262,8 +269,8 @@ def test_the_compiled_head_gives_the_eager_logprobs_entropy_and_gradients() -> N
         assert logits.grad is not None
         out.append((lp.detach(), ent, logits.grad.clone()))
     (lp0, ent0, g0), (lp1, ent1, g1) = out
-    assert torch.allclose(lp0, lp1, **WEIGHTS) and torch.allclose(ent0, ent1, **WEIGHTS)
-    assert torch.allclose(g0, g1, **WEIGHTS) and g0.abs().max() > 0 and not ent1.requires_grad
+    assert same(lp0, lp1) and same(ent0, ent1)
+    assert same(g0, g1) and g0.abs().max() > 0 and not ent1.requires_grad
 
 
 def test_the_cpu_optimizer_is_adamw_without_the_cuda_fused_kernel() -> None:
