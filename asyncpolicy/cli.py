@@ -166,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _trainer_node(args: argparse.Namespace) -> int:
-    from asyncpolicy.engines.trainer_node import check_node_config, run_trainer_node
+    from asyncpolicy.engines.training.trainer_node import check_node_config, run_trainer_node
     from asyncpolicy.logging import configure_logging
 
     cfg = load_config(args.config, args.overrides)
@@ -177,7 +177,7 @@ def _trainer_node(args: argparse.Namespace) -> int:
 
 def _serve_rollout(args: argparse.Namespace) -> int:
     from asyncpolicy.logging import configure_logging
-    from asyncpolicy.serve import RolloutServer, bind, load_server_config, serve
+    from asyncpolicy.engines.generation.remote_server import RolloutServer, bind, load_server_config, serve
 
     cfg = load_server_config(args.config, args.overrides)
     configure_logging(cfg.log_level)

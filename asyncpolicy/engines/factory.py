@@ -10,15 +10,15 @@ import os
 import random
 import sys
 
-from asyncpolicy.config import Config, replica_count
+from asyncpolicy.config import Config
 from asyncpolicy.engines.protocols import EngineSet
 from asyncpolicy.errors import ConfigError
 
 _MODULES = {  # what each pair of config.ENGINE_PAIRS imports; only the vllm pair needs vllm itself
-    ("simulated", "simulated"): ("asyncpolicy.engines.simulated", "asyncpolicy.engines.replicas"),
-    ("hf", "torch"): ("asyncpolicy.engines.hf_torch",),
-    ("hf", "fsdp"): ("asyncpolicy.engines.hf_fsdp",),
-    ("vllm", "fsdp"): ("asyncpolicy.engines.vllm_fsdp",),
+    ("simulated", "simulated"): ("asyncpolicy.engines.sets.simulated",),
+    ("hf", "torch"): ("asyncpolicy.engines.sets.hf_torch",),
+    ("hf", "fsdp"): ("asyncpolicy.engines.sets.hf_fsdp",),
+    ("vllm", "fsdp"): ("asyncpolicy.engines.sets.vllm_fsdp",),
 }
 
 
@@ -63,13 +63,13 @@ def import_engine_modules(cfg: Config) -> None:
         _preload_torch_libraries()
     if cfg.rollout.servers:  # generation runs on the servers: this process needs the client and the trainer only
         try:
-            importlib.import_module("asyncpolicy.engines.remote")
+            importlib.import_module("asyncpolicy.engines.sets.remote")
         except ImportError as e:
             raise ConfigError(
                 f"rollout.servers needs httpx, which is not importable ({e}); install it with `pip install asyncpolicy[remote]`",
                 key="rollout.servers",
             ) from None
-        trainer = {"torch": "asyncpolicy.engines.torch_trainer", "fsdp": "asyncpolicy.engines.fsdp_trainer"}
+        trainer = {"torch": "asyncpolicy.engines.training.torch_trainer", "fsdp": "asyncpolicy.engines.training.fsdp_trainer"}
         if cfg.trainer.engine in trainer:
             importlib.import_module(trainer[cfg.trainer.engine])
         return
@@ -85,31 +85,22 @@ def build_engines(cfg: Config, *, rng: random.Random) -> EngineSet:
     The pair of engines was checked with the config (`config.ENGINE_PAIRS`).
     """
     if cfg.rollout.servers:
-        from asyncpolicy.engines.remote import build_remote_engines
+        from asyncpolicy.engines.sets.remote import build_remote_engines
 
         return build_remote_engines(cfg)
     pair = (cfg.rollout.engine, cfg.trainer.engine)
     if pair == ("simulated", "simulated"):
-        from asyncpolicy.engines.replicas import ReplicatedGeneration
-        from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTrainEngine, SimulatedTransport
+        from asyncpolicy.engines.sets.simulated import build_simulated_engines
 
-        n = replica_count(cfg)
-        gen: SimulatedGenerationEngine | ReplicatedGeneration = SimulatedGenerationEngine(cfg.rollout.simulated, rng)
-        if n > 1:  # replicas share the run's Random: one seed still replays the whole run
-            gen = ReplicatedGeneration.for_config(cfg, [SimulatedGenerationEngine(cfg.rollout.simulated, rng) for _ in range(n)])
-        return EngineSet(
-            generation=gen,
-            trainer=SimulatedTrainEngine(cfg.trainer.simulated),
-            transport=SimulatedTransport(gen, cfg.trainer.simulated),
-        )
+        return build_simulated_engines(cfg, rng)
     if pair == ("hf", "torch"):
-        from asyncpolicy.engines.hf_torch import build_hf_torch_engines
+        from asyncpolicy.engines.sets.hf_torch import build_hf_torch_engines
 
         return build_hf_torch_engines(cfg)
     if pair == ("hf", "fsdp"):
-        from asyncpolicy.engines.hf_fsdp import build_hf_fsdp_engines
+        from asyncpolicy.engines.sets.hf_fsdp import build_hf_fsdp_engines
 
         return build_hf_fsdp_engines(cfg)
-    from asyncpolicy.engines.vllm_fsdp import build_vllm_fsdp_engines
+    from asyncpolicy.engines.sets.vllm_fsdp import build_vllm_fsdp_engines
 
     return build_vllm_fsdp_engines(cfg)

@@ -18,7 +18,7 @@ import msgspec
 
 from asyncpolicy.config import SimulatedRolloutConfig, SimulatedTrainerConfig
 from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
-from asyncpolicy.engines.replicas import ReplicatedGeneration
+from asyncpolicy.engines.generation.replicas import ReplicatedGeneration
 from asyncpolicy.samples import Sample
 
 VOCAB = 64

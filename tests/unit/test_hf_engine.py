@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from asyncpolicy.config import AlgorithmConfig, load_config
-from asyncpolicy.engines.hf_generation import HFGenerationEngine, sampling_distribution
+from asyncpolicy.engines.generation.hf import HFGenerationEngine, sampling_distribution
 from asyncpolicy.engines.protocols import GenerationEngine, GenerationRequest, GenerationResult
-from asyncpolicy.engines.torch_policy import collate, token_logprobs
+from asyncpolicy.engines.training.step import collate, token_logprobs
 from asyncpolicy.models import tiny
 from asyncpolicy.samples import Prompt, Trajectory, make_sample
 

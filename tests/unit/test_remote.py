@@ -10,9 +10,9 @@ import pytest
 
 from asyncpolicy.config import load_config
 from asyncpolicy.engines.protocols import GenerationEngine, GenerationRequest
-from asyncpolicy.engines.remote import RemoteGenerationEngine, RemoteServerError, _Server, probe_servers
+from asyncpolicy.engines.generation.remote_client import RemoteGenerationEngine, RemoteServerError, _Server, probe_servers
 from asyncpolicy.errors import ConfigError, RunFailed
-from asyncpolicy.serve import load_server_config
+from asyncpolicy.engines.generation.remote_server import load_server_config
 
 pytestmark = pytest.mark.anyio
 
@@ -190,5 +190,5 @@ def test_a_trainer_on_vllm_servers_imports_no_vllm() -> None:
 
     cfg = load_config(None, ["rollout.engine=vllm", "trainer.engine=fsdp", "rollout.servers=[127.0.0.1:8100]"])
     import_engine_modules(cfg)  # without the servers' rewiring this asks for vllm (a ConfigError where it is absent)
-    assert "asyncpolicy.engines.remote" in sys.modules and "asyncpolicy.engines.fsdp_trainer" in sys.modules
+    assert "asyncpolicy.engines.generation.remote_client" in sys.modules and "asyncpolicy.engines.training.fsdp_trainer" in sys.modules
     assert "vllm" not in sys.modules

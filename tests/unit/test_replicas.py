@@ -18,9 +18,9 @@ from asyncpolicy import checkpoint
 from asyncpolicy.config import SimulatedRolloutConfig, load_config, replica_count
 from asyncpolicy.engines.factory import build_engines
 from asyncpolicy.engines.protocols import GenerationRequest
-from asyncpolicy.engines.replicas import NoReplicaAvailable, ReplicaRouter, ReplicatedGeneration
+from asyncpolicy.engines.generation.replicas import NoReplicaAvailable, ReplicaRouter, ReplicatedGeneration
 from asyncpolicy.engines.simulated import SimulatedEngineError, SimulatedGenerationEngine
-from asyncpolicy.engines.vllm_fsdp import place, replica_gpus
+from asyncpolicy.engines.sets.vllm_fsdp import place, replica_gpus
 from asyncpolicy.errors import ConfigError
 from asyncpolicy.supervisor import Supervisor
 
@@ -453,7 +453,7 @@ class FakeFSDP:
         return self.meta
 
     async def call(self, cmd: Any) -> list[Any]:
-        from asyncpolicy.engines import fsdp_worker as w
+        from asyncpolicy.engines.training import fsdp_worker as w
 
         self.commands.append(cmd)
         await anyio.lowlevel.checkpoint()
@@ -461,7 +461,7 @@ class FakeFSDP:
 
 
 def _vllm_replicas(fails: dict[int, str], n: int = 3, tp: int = 2) -> tuple[ReplicatedGeneration, list[Any]]:
-    from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings
+    from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine, VLLMSettings
 
     everyone: list[FakeReplicaLLM] = []
     engines = []
@@ -483,7 +483,7 @@ def _sent(trainer: FakeFSDP, kind: str) -> list[Any]:
 
 @pytest.mark.anyio
 async def test_one_nccl_group_and_one_broadcast_reach_every_replica() -> None:
-    from asyncpolicy.engines.weight_sync import NCCLTransport
+    from asyncpolicy.engines.transport.cuda import NCCLTransport
 
     gen, engines = _vllm_replicas({})
     trainer = FakeFSDP()
@@ -509,7 +509,7 @@ async def test_one_nccl_group_and_one_broadcast_reach_every_replica() -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("fail", ["pause", "load"])
 async def test_a_replica_failing_its_push_leaves_every_other_one_resumed_and_the_retry_skips_it(fail: str) -> None:
-    from asyncpolicy.engines.weight_sync import NCCLTransport, ReplicaSyncError
+    from asyncpolicy.engines.transport.cuda import NCCLTransport, ReplicaSyncError
 
     gen, engines = _vllm_replicas({1: fail})
     trainer = FakeFSDP()

@@ -8,7 +8,7 @@ tokens with its version and returns processed logprobs), and `abort_all` keeps i
 OpenAI server speaks text/chat, knows no policy versions and needs its own weight-update plumbing
 per vLLM release. This module is starlette + uvicorn around the existing engine, nothing more.
 
-Endpoints (`asyncpolicy/engines/remote.py` is the client):
+Endpoints (`asyncpolicy/engines/generation/remote_client.py` is the client):
   GET  /health               ServerHealth: engine kind, version, model, workers, request counts
   POST /generate             GenerationRequest → GenerationResult; a client that hangs up abandons it
   POST /abort_all            running generations return now with their tokens (finish_reason "abort")
@@ -34,7 +34,7 @@ import structlog
 
 from asyncpolicy.config import Config, RawOverride, apply_override, build_config, read_config_file, replica_count
 from asyncpolicy.engines.protocols import GenerationRequest
-from asyncpolicy.engines.remote import NcclInit, NcclLoad, ServerHealth
+from asyncpolicy.engines.generation.remote_client import NcclInit, NcclLoad, ServerHealth
 from asyncpolicy.errors import ConfigError
 
 log = structlog.get_logger("asyncpolicy.serve")
@@ -216,11 +216,10 @@ def _build_engine(cfg: Config) -> tuple[Any, str, int]:
     _preload_torch_libraries()
     path = resolve_model_path(cfg)
     if kind == "hf":
-        from asyncpolicy.engines.hf_generation import HFGenerationEngine
+        from asyncpolicy.engines.generation.hf import HFGenerationEngine
 
         return HFGenerationEngine(path, cfg.model.dtype, threads=cfg.trainer.threads), path, 1
-    from asyncpolicy.engines.vllm_fsdp import vllm_settings
-    from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, import_vllm
+    from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine, import_vllm, vllm_settings
 
     import_vllm()
     gpus = list(range(cfg.rollout.n_gpus_per_node))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import structlog
 
 from asyncpolicy.config import Config
-from asyncpolicy.engines.hf_generation import HFGenerationEngine
-from asyncpolicy.engines.memory_transport import InMemoryTransport
+from asyncpolicy.engines.generation.hf import HFGenerationEngine
+from asyncpolicy.engines.transport.memory import InMemoryTransport
 from asyncpolicy.engines.protocols import EngineSet
-from asyncpolicy.engines.torch_trainer import TorchTrainEngine
+from asyncpolicy.engines.training.torch_trainer import TorchTrainEngine
 from asyncpolicy.models.tiny import load_tokenizer, resolve_model_path
 
 log = structlog.get_logger(__name__)

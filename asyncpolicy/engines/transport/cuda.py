@@ -30,10 +30,10 @@ import anyio
 import msgspec
 import structlog
 
-from asyncpolicy.engines import fsdp_worker as w
-from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
-from asyncpolicy.engines.replicas import ReplicatedGeneration
-from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine
+from asyncpolicy.engines.training import fsdp_worker as w
+from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
+from asyncpolicy.engines.generation.replicas import ReplicatedGeneration
+from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine
 
 log = structlog.get_logger("asyncpolicy.weight_sync")
 

@@ -8,34 +8,13 @@ Weights reach the generation model as full CPU tensors gathered by rank 0 (no NC
 
 from __future__ import annotations
 
-from typing import Any
-
 from asyncpolicy.config import Config
-from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
-from asyncpolicy.engines.hf_generation import HFGenerationEngine
+from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
+from asyncpolicy.engines.generation.hf import HFGenerationEngine
 from asyncpolicy.engines.protocols import EngineSet
-from asyncpolicy.engines.vllm_fsdp import worker_init
+from asyncpolicy.engines.transport.memory import FullStateTransport
+from asyncpolicy.engines.training.placement import worker_init
 from asyncpolicy.models.tiny import load_tokenizer, resolve_model_path
-
-
-class FullStateTransport:
-    """`WeightTransport` from FSDP ranks to an in-process HF model: gather on rank 0, copy in."""
-
-    def __init__(self, trainer: FSDPTrainEngine, generation: HFGenerationEngine) -> None:
-        self.trainer = trainer
-        self.generation = generation
-        self._staged: tuple[int, dict[str, Any]] | None = None
-
-    async def stage(self, version: int) -> None:
-        """Gather the full weights while generation goes on (the trainer waits for the sync: they stay current)."""
-        self._staged = (version, await self.trainer.full_state_dict())
-
-    async def push(self, version: int) -> None:
-        if self._staged is None or self._staged[0] != version:
-            await self.stage(version)
-        assert self._staged is not None
-        state, self._staged = self._staged[1], None
-        await self.generation.load_weights(state, version)
 
 
 def build_hf_fsdp_engines(cfg: Config) -> EngineSet:
