@@ -18,6 +18,7 @@ import msgspec
 import structlog
 
 from asyncpolicy.config import describe_fields, load_config
+from asyncpolicy.engines import registry
 from asyncpolicy.errors import ConfigError, RunFailed
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         help="train (defaults: the embedded tiny model on the CPU)",
         description="Train a policy. Overrides are dotted key=value words, e.g. async_training.max_queue_size=500. "
-        "`python -m asyncpolicy config` lists every key.",
+        f"`python -m asyncpolicy config` lists every key. Engines go in pairs: {registry.describe_pairs()}.",
     )
     run.add_argument("--config", metavar="FILE", help="YAML or TOML config file")
     run.add_argument("overrides", nargs="*", metavar="key=value")
@@ -55,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve-rollout",
         help="serve a generation engine over HTTP for runs with rollout.servers=[host:port, ...]",
-        description="Start rollout.engine (hf, simulated or vllm, with the same keys as a run) behind an HTTP server "
-        "that a run reaches through rollout.servers=[HOST:PORT,...]. Stops on SIGINT/SIGTERM.",
+        description=f"Start rollout.engine ({', '.join(g.name for g in registry.GENERATIONS)}, with the same keys as a run) "
+        "behind an HTTP server that a run reaches through rollout.servers=[HOST:PORT,...]. Stops on SIGINT/SIGTERM.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=8100, help="port to listen on; 0 = any free port (printed once ready)")

@@ -8,6 +8,7 @@ Weights reach the generation model as full CPU tensors gathered by rank 0 (no NC
 
 from __future__ import annotations
 
+import random
 from asyncpolicy.config import Config
 from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
 from asyncpolicy.engines.generation.hf import HFGenerationEngine
@@ -17,8 +18,11 @@ from asyncpolicy.engines.training.placement import worker_init
 from asyncpolicy.models.tiny import load_tokenizer, resolve_model_path
 
 
-def build_hf_fsdp_engines(cfg: Config) -> EngineSet:
-    """The engines (not started) of a CPU run with the FSDP trainer: one gloo rank."""
+def build_hf_fsdp_engines(cfg: Config, rng: random.Random | None = None) -> EngineSet:
+    """The engines (not started) of a CPU run with the FSDP trainer: one gloo rank.
+
+    rng: unused (the registry's builder signature); these engines seed from cfg.seed.
+    """
     path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(path)
     generation = HFGenerationEngine(path, cfg.model.dtype, threads=cfg.trainer.threads)

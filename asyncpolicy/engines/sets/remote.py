@@ -1,12 +1,14 @@
 """The engine set of a run whose generation runs on rollout servers (`rollout.servers`).
 
-This process holds the `RemoteGenerationEngine` client and the trainer; the weight transport is
-the one `transport/http.py` has for the servers' engine.
+This process holds the `RemoteGenerationEngine` client and the trainer (the pair's, as in a local
+run); the weight transport is the one `transport/http.py` has for how the servers' engine takes
+weights (`registry.Generation.weights`).
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -14,6 +16,7 @@ import anyio.to_thread
 import structlog
 
 from asyncpolicy.config import Config, split_server_address
+from asyncpolicy.engines import registry
 from asyncpolicy.engines.generation.remote_client import RemoteGenerationEngine, probe_servers
 from asyncpolicy.engines.protocols import EngineSet
 from asyncpolicy.engines.transport.http import RemoteNCCLTransport, RemoteStateTransport
@@ -41,41 +44,40 @@ def build_remote_engines(cfg: Config) -> EngineSet:
         control_timeout=cfg.async_training.sync_timeout,
     )
     log.info("rollout_servers", servers=list(cfg.rollout.servers), versions=[h.version for h in healths], models=[h.model for h in healths])
-    pair = (cfg.rollout.engine, cfg.trainer.engine)
-    if pair == ("simulated", "simulated"):
+    trainer, state, tokenizer = _trainer(cfg)
+    transport: Any
+    if registry.generation(cfg.rollout.engine).weights == "nccl":  # the pair's trainer is FSDP (registry.PAIRS)
+        host = _local_address_towards(split_server_address(cfg.rollout.servers[0])[0])
+        transport = RemoteNCCLTransport(generation, trainer, host)
+    else:
+        transport = RemoteStateTransport(generation, state)
+    return EngineSet(generation=generation, trainer=trainer, transport=transport, tokenizer=tokenizer, sync_at_start=True)
+
+
+def _trainer(cfg: Config) -> tuple[Any, Callable[[], Awaitable[dict[str, Any]]] | None, Any]:
+    """(trainer engine, what gives its full state dict as CPU tensors — None: simulated, no weights —, tokenizer)."""
+    if cfg.trainer.engine == "simulated":
         from asyncpolicy.engines.simulated import SimulatedTrainEngine
 
-        return EngineSet(
-            generation=generation,
-            trainer=SimulatedTrainEngine(cfg.trainer.simulated),
-            transport=RemoteStateTransport(generation, None),
-            sync_at_start=True,
-        )
+        return SimulatedTrainEngine(cfg.trainer.simulated), None, None
     from asyncpolicy.models.tiny import load_tokenizer, resolve_model_path
 
     path = resolve_model_path(cfg)
     tokenizer = load_tokenizer(path)
-    trainer: Any
-    if pair == ("hf", "torch"):
+    if cfg.trainer.engine == "torch":
         from asyncpolicy.engines.training.torch_trainer import TorchTrainEngine
 
-        trainer = TorchTrainEngine(cfg, path, tokenizer)
+        torch_trainer = TorchTrainEngine(cfg, path, tokenizer)
 
         async def torch_state() -> dict[str, Any]:
-            async with trainer.limiter:  # never while an optimizer step writes the tensors
-                return await anyio.to_thread.run_sync(lambda: {k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+            async with torch_trainer.limiter:  # never while an optimizer step writes the tensors
+                model = torch_trainer.model
+                return await anyio.to_thread.run_sync(lambda: {k: v.detach().clone() for k, v in model.state_dict().items()})
 
-        transport: Any = RemoteStateTransport(generation, torch_state)
-    else:
-        from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
-        from asyncpolicy.engines.training.placement import node_gpus, worker_init
+        return torch_trainer, torch_state, tokenizer
+    from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
+    from asyncpolicy.engines.training.placement import node_gpus, worker_init
 
-        # hf servers: one gloo rank on the CPU; vllm servers: FSDP2 on every visible GPU of this machine
-        fsdp = FSDPTrainEngine(worker_init(cfg, path), node_gpus(cfg), timeout_s=cfg.trainer.worker_timeout_s)
-        if pair == ("hf", "fsdp"):
-            transport = RemoteStateTransport(generation, fsdp.full_state_dict)
-        else:
-            host = _local_address_towards(split_server_address(cfg.rollout.servers[0])[0])
-            transport = RemoteNCCLTransport(generation, fsdp, host)
-        trainer = fsdp
-    return EngineSet(generation=generation, trainer=trainer, transport=transport, tokenizer=tokenizer, sync_at_start=True)
+    # hf servers: one gloo rank on the CPU; vllm servers: FSDP2 on every visible GPU of this machine
+    fsdp = FSDPTrainEngine(worker_init(cfg, path), node_gpus(cfg), timeout_s=cfg.trainer.worker_timeout_s)
+    return fsdp, fsdp.full_state_dict, tokenizer

@@ -18,6 +18,7 @@ trainer always begin from the same policy.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import anyio
@@ -112,8 +113,11 @@ class _GatedTrainer(FSDPTrainEngine):
         await self.gate.run_start(super().start)
 
 
-def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
-    """The engines of a vLLM + FSDP2 run (not started). Raises ConfigError for what cannot work."""
+def build_vllm_fsdp_engines(cfg: Config, rng: random.Random | None = None) -> EngineSet:
+    """The engines of a vLLM + FSDP2 run (not started). Raises ConfigError for what cannot work.
+
+    rng: unused (the registry's builder signature); these engines seed from cfg.seed.
+    """
     import_vllm()
     # `embedded` is the tiny built-in model, saved in Hugging Face format, so vLLM gets its directory like any
     # other; a directory with only a config and a tokenizer gives random weights (vLLM starts with dummy ones
