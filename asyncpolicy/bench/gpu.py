@@ -408,9 +408,6 @@ class HostGeneration(SimulatedGenerationEngine):
         self.incarnation += 1
         self.start_s = time.perf_counter() - t0
 
-    def set_version(self, version: int) -> None:
-        self.load_weights(version)
-
     async def wait_ready(self) -> None:
         await anyio.lowlevel.checkpoint()
 

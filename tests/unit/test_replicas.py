@@ -133,8 +133,8 @@ class Recorded:
     def errored(self) -> bool:
         return self.inner.errored
 
-    def load_weights(self, version: int) -> None:
-        self.inner.load_weights(version)
+    def set_version(self, version: int) -> None:
+        self.inner.set_version(version)
 
     async def start(self) -> None:
         await self.inner.start()
@@ -163,7 +163,7 @@ async def _serve_all(gen: ReplicatedGeneration, requests: list[GenerationRequest
     results: list[Any] = []
 
     async def reload() -> None:
-        gen.load_weights(gen.version)
+        gen.set_version(gen.version)
 
     async def one(req: GenerationRequest) -> None:
         results.append(await gen.generate(req))
@@ -213,12 +213,12 @@ async def test_a_restarted_replica_gets_the_current_weights_before_it_serves_aga
     replicas = [_sim(die_after=2), _sim()]
     gen = ReplicatedGeneration(replicas, max_restarts=3)
     await gen.start()
-    gen.load_weights(5)
+    gen.set_version(5)
     seen_at_reload: list[list[int]] = []
 
     async def reload() -> None:  # what the supervisor's forced sync does: every push target
         seen_at_reload.append([k for k, _ in gen.push_targets()])
-        gen.load_weights(7)
+        gen.set_version(7)
 
     async with anyio.create_task_group() as tg:
         await tg.start(gen.serve, reload)
@@ -240,11 +240,11 @@ async def test_a_restarted_replica_whose_reload_failed_stays_down() -> None:
     replicas = [_sim(die_after=2), _sim()]
     gen = ReplicatedGeneration(replicas, max_restarts=1)
     await gen.start()
-    gen.load_weights(5)
+    gen.set_version(5)
 
     async def reload() -> None:  # the transport saw replica 0 fail, dropped it, and loaded the rest
         gen.report_failure(0, RuntimeError("load failed"))
-        gen.load_weights(7)
+        gen.set_version(7)
 
     async with anyio.create_task_group() as tg:
         await tg.start(gen.serve, reload)

@@ -298,9 +298,8 @@ class RemoteGenerationEngine:
             raise RemoteServerError(f"{what}: every rollout server is lost: " + "; ".join(f"{s.address} ({s.lost})" for s in self.servers))
 
     async def push_state(self, blob: bytes, version: int) -> None:
-        """POST a safetensors state dict (empty for simulated servers) to every live server; then serve `version`."""
+        """POST a safetensors state dict (empty for simulated servers) to every live server, which then serves `version`."""
         await self._on_every_server("POST /weights", lambda s: self._post(s, f"/weights?version={version}", content=blob))
-        self._version = version
 
     async def wait_ready(self) -> None:
         """Wait for `start` (the supervisor may be restarting the engine now)."""

@@ -162,18 +162,17 @@ class RolloutServer:
         except (KeyError, ValueError):
             return _error(400, "POST /weights needs ?version=N (an integer)")
         body = await request.body()
-        if self.weights_by == "version":
-            self.engine.load_weights(version)
-        elif self.weights_by == "state":
+        if self.weights_by == "state":
             from safetensors.torch import load
 
             try:
                 state = await anyio.to_thread.run_sync(load, body)
             except Exception as e:  # safetensors raises its own error types for bad bytes
                 return _error(400, f"POST /weights: the body is not a safetensors state dict: {e}")
-            await self.engine.load_weights(state, version)
-        else:
+            await self.engine.load_weights(state)
+        elif self.weights_by == "nccl":
             return _error(400, f"a {self.kind} server takes weights over NCCL: POST /weights/nccl_init, then /weights/nccl_load")
+        self.engine.set_version(version)  # ("version": a fake's weights are its version)
         log.debug("weights_loaded", version=version, bytes=len(body))
         return _json({"version": version})
 

@@ -166,10 +166,8 @@ class _FlatTransport:
                 f"weight push of version {version} failed on replica(s) "
                 + ", ".join(f"{k}: {e!r}" for k, e in sorted(errors.items()))
             )
-        for _, engine in targets:  # after resume: tokens racing the resume count as older (safe side)
-            engine.set_version(version)
-        if isinstance(self.generation, ReplicatedGeneration):
-            self.generation.set_version(version)
+        # after resume: tokens racing the resume count as older (safe side); a router sets every push target
+        self.generation.set_version(version)
         timing = SyncTiming(
             version=version,
             pack_s=pack_s,

@@ -46,6 +46,7 @@ class RemoteStateTransport:
         t0 = time.perf_counter()
         await self.generation.wait_ready()
         await self.generation.push_state(self._staged[1], version)
+        self.generation.set_version(version)
         self.pushes += 1
         log.debug("weights_pushed", transport="http", version=version, bytes=len(self._staged[1]),
                   servers=len(self.generation.live), push_s=round(time.perf_counter() - t0, 4))

@@ -36,7 +36,8 @@ class InMemoryTransport:
         if self.trainer.model is None or self.generation.model is None:
             raise RuntimeError("weight push before both engines started")
         async with self.trainer.limiter:
-            await self.generation.load_state_dict_from(self.trainer.model, version)
+            await self.generation.load_state_dict_from(self.trainer.model)
+        self.generation.set_version(version)
         self.pushes += 1
         log.debug("weights_pushed", version=version)
 
@@ -58,4 +59,5 @@ class FullStateTransport:
             await self.stage(version)
         assert self._staged is not None
         state, self._staged = self._staged[1], None
-        await self.generation.load_weights(state, version)
+        await self.generation.load_weights(state)
+        self.generation.set_version(version)
