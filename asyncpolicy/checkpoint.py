@@ -26,7 +26,7 @@ from asyncpolicy.actors.rollouter import InFlight, RolloutCounters
 from asyncpolicy.actors.synchronizer import SyncCounters
 from asyncpolicy.actors.trainer import TrainerState
 from asyncpolicy.channels import ChannelSnapshot
-from asyncpolicy.engines.replicas import ReplicaCounters
+from asyncpolicy.engines.generation.replicas import ReplicaCounters
 from asyncpolicy.errors import ConfigError
 from asyncpolicy.samples import Sample
 from asyncpolicy.tasks.base import CursorState

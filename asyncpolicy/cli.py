@@ -18,6 +18,7 @@ import msgspec
 import structlog
 
 from asyncpolicy.config import describe_fields, load_config
+from asyncpolicy.engines import registry
 from asyncpolicy.errors import ConfigError, RunFailed
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         help="train (defaults: the embedded tiny model on the CPU)",
         description="Train a policy. Overrides are dotted key=value words, e.g. async_training.max_queue_size=500. "
-        "`python -m asyncpolicy config` lists every key.",
+        f"`python -m asyncpolicy config` lists every key. Engines go in pairs: {registry.describe_pairs()}.",
     )
     run.add_argument("--config", metavar="FILE", help="YAML or TOML config file")
     run.add_argument("overrides", nargs="*", metavar="key=value")
@@ -55,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve-rollout",
         help="serve a generation engine over HTTP for runs with rollout.servers=[host:port, ...]",
-        description="Start rollout.engine (hf, simulated or vllm, with the same keys as a run) behind an HTTP server "
-        "that a run reaches through rollout.servers=[HOST:PORT,...]. Stops on SIGINT/SIGTERM.",
+        description=f"Start rollout.engine ({', '.join(g.name for g in registry.GENERATIONS)}, with the same keys as a run) "
+        "behind an HTTP server that a run reaches through rollout.servers=[HOST:PORT,...]. Stops on SIGINT/SIGTERM.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=8100, help="port to listen on; 0 = any free port (printed once ready)")
@@ -166,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _trainer_node(args: argparse.Namespace) -> int:
-    from asyncpolicy.engines.trainer_node import check_node_config, run_trainer_node
+    from asyncpolicy.engines.training.trainer_node import check_node_config, run_trainer_node
     from asyncpolicy.logging import configure_logging
 
     cfg = load_config(args.config, args.overrides)
@@ -177,7 +178,7 @@ def _trainer_node(args: argparse.Namespace) -> int:
 
 def _serve_rollout(args: argparse.Namespace) -> int:
     from asyncpolicy.logging import configure_logging
-    from asyncpolicy.serve import RolloutServer, bind, load_server_config, serve
+    from asyncpolicy.engines.generation.remote_server import RolloutServer, bind, load_server_config, serve
 
     cfg = load_server_config(args.config, args.overrides)
     configure_logging(cfg.log_level)

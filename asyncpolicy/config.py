@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from asyncpolicy.engines import registry
 from asyncpolicy.errors import ConfigError, first_line
 
 
@@ -455,9 +456,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return build_config(tree)
 
 
-# (rollout.engine, trainer.engine); hf + fsdp is the FSDP trainer on the CPU (trainer.n_gpus_per_node=0)
 FSDP_START_TIMEOUT_S = 900.0  # an FSDP engine's own bound on its start (processes, model load, rendezvous)
-ENGINE_PAIRS = {("simulated", "simulated"), ("hf", "torch"), ("vllm", "fsdp"), ("hf", "fsdp")}
 
 
 def replica_count(cfg: Config) -> int:
@@ -510,19 +509,20 @@ def _check_replicas(cfg: Config) -> None:
 
 def check_consistency(cfg: Config) -> None:
     """Values each fine alone but impossible together: each would deadlock or silently misbehave."""
-    pair = (cfg.rollout.engine, cfg.trainer.engine)
-    if pair not in ENGINE_PAIRS:
-        pairs = ", ".join(f"rollout.engine={g} with trainer.engine={t}" for g, t in sorted(ENGINE_PAIRS))
+    rollout, trainer = cfg.rollout.engine, cfg.trainer.engine
+    pair = registry.find_pair(rollout, trainer)
+    if pair is None:
         raise ConfigError(
-            f"config keys 'rollout.engine'={pair[0]!r} and 'trainer.engine'={pair[1]!r} do not go together; "
-            f"supported: {pairs}",
+            f"config keys 'rollout.engine'={rollout!r} and 'trainer.engine'={trainer!r} do not go together; "
+            f"supported: {registry.describe_pairs()}",
             key="rollout.engine",
         )
-    if pair == ("hf", "fsdp") and cfg.trainer.n_gpus_per_node != 0:
+    if pair.cpu_fsdp and cfg.trainer.n_gpus_per_node != 0:
+        gpu_pairs = [p.rollout for p in registry.PAIRS if p.trainer == trainer and not p.cpu_fsdp]
         raise ConfigError(
-            "config key 'trainer.n_gpus_per_node': rollout.engine=hf with trainer.engine=fsdp runs the FSDP trainer "
-            f"on the CPU over gloo and needs trainer.n_gpus_per_node=0 (got {cfg.trainer.n_gpus_per_node}); "
-            "on GPUs use rollout.engine=vllm",
+            f"config key 'trainer.n_gpus_per_node': rollout.engine={rollout} with trainer.engine={trainer} runs the FSDP "
+            f"trainer on the CPU over gloo and needs trainer.n_gpus_per_node=0 (got {cfg.trainer.n_gpus_per_node}); "
+            f"on GPUs use rollout.engine={' or '.join(gpu_pairs)}",
             key="trainer.n_gpus_per_node",
         )
     _check_nodes(cfg)

@@ -36,7 +36,7 @@ from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import FSDP_START_TIMEOUT_S, Config, replica_count, to_dict
 from asyncpolicy.engines.factory import build_engines, import_engine_modules
 from asyncpolicy.engines.protocols import EngineSet, ModelExporter
-from asyncpolicy.engines.replicas import ReplicaCounters, ReplicatedGeneration
+from asyncpolicy.engines.generation.replicas import ReplicaCounters, ReplicatedGeneration
 from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed, RunFailed, first_failure
 from asyncpolicy.logging import quiet_unless_configured
 from asyncpolicy.metrics import MetricsSink, StepMetrics, batch_reward_stats, rss_bytes

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT / "tests" / "unit"))
 from test_multinode_cpu import CPU_FSDP, TRAIN, _batch, _two_node_config  # type: ignore[import-not-found]  # noqa: E402
 
 from asyncpolicy.config import load_config  # noqa: E402
-from asyncpolicy.engines import fsdp_worker as w  # noqa: E402
-from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine  # noqa: E402
+from asyncpolicy.engines.training import fsdp_worker as w  # noqa: E402
+from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine  # noqa: E402
 from asyncpolicy.models.tiny import resolve_model_path  # noqa: E402
 
 

@@ -29,7 +29,8 @@ import torch
 
 from asyncpolicy.bench.gpu import QWEN05, TINY_QWEN, TRAINER_OVERRIDES, fixed_batch, make_model_dir, vocab_size
 from asyncpolicy.config import load_config
-from asyncpolicy.engines import fsdp_worker as w
+from asyncpolicy.engines.training import fsdp_worker as w
+from asyncpolicy.engines.training.relay import join_process_group
 from asyncpolicy.errors import first_line
 
 BASE = [*TRAINER_OVERRIDES, "trainer.max_tokens_per_micro_batch=16384"]
@@ -151,7 +152,7 @@ def main() -> int:
         cfg = load_config(overrides=[*BASE, *overrides])
         init = w.WorkerInit(model_path=model_dir, config=cfg, gpu=0 if cuda else None, master_port=port)
         if not joined:
-            w.join_process_group(init)
+            join_process_group(init)
             joined = True
         try:
             run_variant(name, init, seqs, args, vocab, rows, profile, foreach_adam)

@@ -18,7 +18,7 @@ import torch
 
 from asyncpolicy.bench.synthetic import random_batch
 from asyncpolicy.config import load_config
-from asyncpolicy.engines.torch_policy import PolicyLogprobs, StepRunner, make_optimizer, make_scheduler
+from asyncpolicy.engines.training.step import PolicyLogprobs, StepRunner, make_optimizer, make_scheduler
 from asyncpolicy.models import tiny
 
 VARIANTS = {

@@ -272,7 +272,7 @@ async def run_supervised(
 def default_engines_available() -> str:
     """'' when the default hf/torch engines can be built here, else why not."""
     try:
-        import asyncpolicy.engines.hf_torch  # noqa: F401
+        import asyncpolicy.engines.sets.hf_torch  # noqa: F401
     except ImportError as exc:
         return f"the default hf/torch engines are not importable ({exc})"
     return ""

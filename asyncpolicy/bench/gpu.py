@@ -62,11 +62,11 @@ from asyncpolicy.bench.common import (
     steady_step_s,
 )
 from asyncpolicy.config import Config, SimulatedRolloutConfig, load_config
-from asyncpolicy.engines import fsdp_worker as w
-from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
+from asyncpolicy.engines.training import fsdp_worker as w
+from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
 from asyncpolicy.engines.protocols import EngineSet, GenerationRequest, GenerationResult
 from asyncpolicy.engines.simulated import SimulatedGenerationEngine
-from asyncpolicy.engines.weight_sync import IPCTransport
+from asyncpolicy.engines.transport.cuda import IPCTransport
 from asyncpolicy.errors import ConfigError
 from asyncpolicy.bench.synthetic import random_batch
 from asyncpolicy.samples import Sample
@@ -328,8 +328,8 @@ class GPUEngines(_EngineCache):
     """vLLM on GPU 0 (dummy weights, EOS ignored: fixed lengths), FSDP2 trainers on the GPUs asked for."""
 
     def _new_generation(self) -> Any:
-        from asyncpolicy.engines.vllm_fsdp import stop_token_ids
-        from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings
+        from asyncpolicy.engines.generation.vllm import stop_token_ids
+        from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine, VLLMSettings
 
         s = self.settings
         return VLLMGenerationEngine(VLLMSettings(
@@ -338,7 +338,7 @@ class GPUEngines(_EngineCache):
         ))
 
     def transport(self, kind: str, generation: Any, trainer: FSDPTrainEngine) -> Any:
-        from asyncpolicy.engines.weight_sync import NCCLTransport
+        from asyncpolicy.engines.transport.cuda import NCCLTransport
 
         return IPCTransport(generation, trainer) if kind == "ipc" else NCCLTransport(generation, trainer)
 
@@ -382,7 +382,7 @@ class GPUEngines(_EngineCache):
         ]
 
     def engine_set(self, cfg: Config) -> EngineSet:
-        from asyncpolicy.engines.vllm_fsdp import build_vllm_fsdp_engines
+        from asyncpolicy.engines.sets.vllm_fsdp import build_vllm_fsdp_engines
 
         return build_vllm_fsdp_engines(cfg)
 
@@ -408,9 +408,6 @@ class HostGeneration(SimulatedGenerationEngine):
         self.incarnation += 1
         self.start_s = time.perf_counter() - t0
 
-    def set_version(self, version: int) -> None:
-        self.load_weights(version)
-
     async def wait_ready(self) -> None:
         await anyio.lowlevel.checkpoint()
 
@@ -434,7 +431,7 @@ class HostGeneration(SimulatedGenerationEngine):
     def _ipc_load(self, handle: bytes, meta: list[tuple[str, list[int], int, int]]) -> int:
         from torch.multiprocessing.reductions import rebuild_tensor
 
-        from asyncpolicy.engines.vllm_worker_ext import _views
+        from asyncpolicy.engines.generation.vllm_worker_ext import _views
 
         flat = rebuild_tensor(*pickle.loads(handle))  # a CPU tensor's handle carries its storage
         self._weights = _views(flat, meta)
@@ -894,7 +891,7 @@ def gpu_main(argv: list[str]) -> int:
     if not torch.cuda.is_available():
         print("asyncpolicy bench gpu: needs a CUDA GPU (and vllm); none on this machine", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from asyncpolicy.engines.vllm_generation import import_vllm
+    from asyncpolicy.engines.generation.vllm import import_vllm
 
     try:
         if set(sections) & VLLM_SECTIONS:

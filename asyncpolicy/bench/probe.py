@@ -32,6 +32,9 @@ class ProbedGeneration:
     def version(self) -> int:
         return self.inner.version
 
+    def set_version(self, version: int) -> None:
+        self.inner.set_version(version)
+
     def mark(self) -> float:
         """From now on, remember the time of the next `generate` start."""
         self._mark = time.monotonic()

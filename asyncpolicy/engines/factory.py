@@ -1,4 +1,4 @@
-"""Build the engines a config names. Heavy engines are imported only when asked for."""
+"""Build the engines a config names, from `registry.py`. Heavy engines are imported only when asked for."""
 
 from __future__ import annotations
 
@@ -9,20 +9,15 @@ import importlib.util
 import os
 import random
 import sys
+from collections.abc import Callable
+from typing import Any
 
-from asyncpolicy.config import Config, replica_count
+from asyncpolicy.config import Config
+from asyncpolicy.engines import registry
 from asyncpolicy.engines.protocols import EngineSet
 from asyncpolicy.errors import ConfigError
 
-_MODULES = {  # what each pair of config.ENGINE_PAIRS imports; only the vllm pair needs vllm itself
-    ("simulated", "simulated"): ("asyncpolicy.engines.simulated", "asyncpolicy.engines.replicas"),
-    ("hf", "torch"): ("asyncpolicy.engines.hf_torch",),
-    ("hf", "fsdp"): ("asyncpolicy.engines.hf_fsdp",),
-    ("vllm", "fsdp"): ("asyncpolicy.engines.vllm_fsdp",),
-}
-
-
-def _preload_torch_libraries() -> None:
+def preload_torch_libraries() -> None:
     """Load torch's native libraries with the GIL released, before `import torch` loads them with it held.
 
     CPython's import of an extension module (and ctypes.CDLL) calls dlopen with the GIL held:
@@ -58,58 +53,43 @@ def import_engine_modules(cfg: Config) -> None:
     Run it in a worker thread before building: importing only fills `sys.modules`, so a cancelled
     start-up may abandon it, and the loop never waits on it.
     """
-    pair = (cfg.rollout.engine, cfg.trainer.engine)
-    if pair != ("simulated", "simulated"):
-        _preload_torch_libraries()
+    pair = _pair(cfg)
+    if pair.torch:
+        preload_torch_libraries()
     if cfg.rollout.servers:  # generation runs on the servers: this process needs the client and the trainer only
         try:
-            importlib.import_module("asyncpolicy.engines.remote")
+            importlib.import_module("asyncpolicy.engines.sets.remote")
         except ImportError as e:
             raise ConfigError(
                 f"rollout.servers needs httpx, which is not importable ({e}); install it with `pip install asyncpolicy[remote]`",
                 key="rollout.servers",
             ) from None
-        trainer = {"torch": "asyncpolicy.engines.torch_trainer", "fsdp": "asyncpolicy.engines.fsdp_trainer"}
-        if cfg.trainer.engine in trainer:
-            importlib.import_module(trainer[cfg.trainer.engine])
+        for name in pair.remote_modules:
+            importlib.import_module(name)
         return
-    for name in _MODULES[pair]:
-        module = importlib.import_module(name)
-    if pair == ("vllm", "fsdp"):
-        module.import_vllm()  # vllm itself (a ConfigError naming the extra when it is missing)
+    for name in pair.modules:
+        importlib.import_module(name)
+    if pair.ready:
+        resolve(pair.ready)()  # e.g. vllm itself (a ConfigError naming the extra when it is missing)
 
 
 def build_engines(cfg: Config, *, rng: random.Random) -> EngineSet:
-    """The generation engine, trainer engine and weight transport of this run (not yet started).
-
-    The pair of engines was checked with the config (`config.ENGINE_PAIRS`).
-    """
+    """The generation engine, trainer engine and weight transport of this run (not yet started)."""
     if cfg.rollout.servers:
-        from asyncpolicy.engines.remote import build_remote_engines
+        from asyncpolicy.engines.sets.remote import build_remote_engines
 
         return build_remote_engines(cfg)
-    pair = (cfg.rollout.engine, cfg.trainer.engine)
-    if pair == ("simulated", "simulated"):
-        from asyncpolicy.engines.replicas import ReplicatedGeneration
-        from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTrainEngine, SimulatedTransport
+    set_builder: Callable[[Config, random.Random], EngineSet] = resolve(_pair(cfg).builder)
+    return set_builder(cfg, rng)
 
-        n = replica_count(cfg)
-        gen: SimulatedGenerationEngine | ReplicatedGeneration = SimulatedGenerationEngine(cfg.rollout.simulated, rng)
-        if n > 1:  # replicas share the run's Random: one seed still replays the whole run
-            gen = ReplicatedGeneration.for_config(cfg, [SimulatedGenerationEngine(cfg.rollout.simulated, rng) for _ in range(n)])
-        return EngineSet(
-            generation=gen,
-            trainer=SimulatedTrainEngine(cfg.trainer.simulated),
-            transport=SimulatedTransport(gen, cfg.trainer.simulated),
-        )
-    if pair == ("hf", "torch"):
-        from asyncpolicy.engines.hf_torch import build_hf_torch_engines
 
-        return build_hf_torch_engines(cfg)
-    if pair == ("hf", "fsdp"):
-        from asyncpolicy.engines.hf_fsdp import build_hf_fsdp_engines
+def resolve(ref: str) -> Any:
+    """A registry's "module:attribute" → the attribute, importing the module now."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
-        return build_hf_fsdp_engines(cfg)
-    from asyncpolicy.engines.vllm_fsdp import build_vllm_fsdp_engines
 
-    return build_vllm_fsdp_engines(cfg)
+def _pair(cfg: Config) -> registry.Pair:
+    pair = registry.find_pair(cfg.rollout.engine, cfg.trainer.engine)
+    assert pair is not None, "config.check_consistency admits registered pairs only"
+    return pair

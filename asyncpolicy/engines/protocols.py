@@ -65,7 +65,16 @@ class GenerationEngine(Protocol):
 
     @property
     def version(self) -> int:
-        """Policy version of the weights now loaded."""
+        """Policy version of the weights now loaded; tokens generated from now on carry it."""
+        ...
+
+    def set_version(self, version: int) -> None:
+        """Serve as policy `version` from now on: the one way a weights version is set.
+
+        Weight transports call it once `version`'s weights are loaded (how they load them is the
+        engine's own business), with generation paused; a fake whose weights are its version
+        (simulated) needs nothing else.
+        """
         ...
 
     async def start(self) -> None:

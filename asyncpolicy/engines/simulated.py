@@ -18,7 +18,7 @@ import msgspec
 
 from asyncpolicy.config import SimulatedRolloutConfig, SimulatedTrainerConfig
 from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
-from asyncpolicy.engines.replicas import ReplicatedGeneration
+from asyncpolicy.engines.generation.replicas import ReplicatedGeneration
 from asyncpolicy.samples import Sample
 
 VOCAB = 64
@@ -45,7 +45,7 @@ class SimulatedGenerationEngine:
     def version(self) -> int:
         return self._version
 
-    def load_weights(self, version: int) -> None:
+    def set_version(self, version: int) -> None:
         self._version = version
 
     @property
@@ -180,7 +180,7 @@ class SimulatedTransport:
             self._failures_left[version] = left - 1
             raise SimulatedEngineError(f"simulated weight-transfer failure for version {version}")
         self._failures_left.pop(version, None)
-        self.generation.load_weights(version)
+        self.generation.set_version(version)
 
 
 def simulated_reward(response_tokens: list[int]) -> float:

@@ -20,7 +20,7 @@ import msgspec
 import pytest
 
 from asyncpolicy import checkpoint
-from asyncpolicy.engines.fsdp_worker import DEBUG_HOLD_ENV
+from asyncpolicy.engines.training.fsdp_worker import DEBUG_HOLD_ENV
 
 pytestmark = pytest.mark.slow  # each case starts FSDP ranks three times: about a minute on 2 cores
 

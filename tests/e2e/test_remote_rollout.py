@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import msgspec
 
-from asyncpolicy.engines.remote import ServerHealth
+from asyncpolicy.engines.generation.remote_client import ServerHealth
 
 SMALL = ("data.train_batch_size=4", "rollout.n=2", "data.max_response_length=4", "rollout.max_concurrency=16")
 RUN_TIMEOUT_S = 600  # a hang guard only

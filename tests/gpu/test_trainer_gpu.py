@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from asyncpolicy.config import load_config
-from asyncpolicy.engines.torch_policy import head_logprobs, make_optimizer
+from asyncpolicy.engines.training.step import head_logprobs, make_optimizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

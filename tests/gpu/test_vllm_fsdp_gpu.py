@@ -38,9 +38,9 @@ def model_dir(tmp_path_factory) -> str:
 
 async def _engines(model_dir: str, vllm_gpu: int, trainer_gpu: int):
     from asyncpolicy.config import load_config
-    from asyncpolicy.engines import fsdp_worker as w
-    from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
-    from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings
+    from asyncpolicy.engines.training import fsdp_worker as w
+    from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
+    from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine, VLLMSettings
 
     gen = VLLMGenerationEngine(VLLMSettings(model_path=model_dir, gpus=[vllm_gpu], dummy_weights=True, stop_token_ids=[151645],
                                             max_model_len=1024, gpu_memory_utilization=0.3, enforce_eager=True))
@@ -69,7 +69,7 @@ async def _check_sync(gen, trainer, transport) -> None:
 @needs_gpu
 @pytest.mark.anyio
 async def test_colocated_ipc_sync_loads_the_trainer_weights(model_dir) -> None:
-    from asyncpolicy.engines.weight_sync import IPCTransport
+    from asyncpolicy.engines.transport.cuda import IPCTransport
 
     gen, trainer = await _engines(model_dir, 0, 0)
     try:
@@ -82,7 +82,7 @@ async def test_colocated_ipc_sync_loads_the_trainer_weights(model_dir) -> None:
 @needs_2gpu
 @pytest.mark.anyio
 async def test_nccl_sync_across_two_gpus_loads_the_trainer_weights(model_dir) -> None:
-    from asyncpolicy.engines.weight_sync import NCCLTransport
+    from asyncpolicy.engines.transport.cuda import NCCLTransport
 
     gen, trainer = await _engines(model_dir, 0, 1)
     try:

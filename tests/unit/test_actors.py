@@ -147,7 +147,7 @@ async def test_pause_with_partial_rollout_continues_generations_under_the_new_ve
         await anyio.sleep(0.05)  # some tokens exist under version 0
         assert await rollouter.pause("sync") is True
         assert engine.aborts == 1 and rollouter.counters.interrupted > 0
-        engine.inner.load_weights(1)
+        engine.inner.set_version(1)
         assert await rollouter.resume("sync") is True
         samples = await take(channel, 4, 1)
         tg.cancel_scope.cancel()
@@ -179,7 +179,7 @@ async def test_without_partial_rollout_an_interrupted_generation_restarts_under_
         await anyio.sleep(0.05)
         assert await rollouter.pause("sync", drain=False) is True
         assert rollouter.counters.interrupted > 0
-        engine.inner.load_weights(1)
+        engine.inner.set_version(1)
         await rollouter.resume("sync")
         samples = await take(channel, 4, 1)
         tg.cancel_scope.cancel()

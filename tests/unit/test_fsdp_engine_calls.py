@@ -13,8 +13,8 @@ import anyio
 import pytest
 
 from asyncpolicy.config import load_config
-from asyncpolicy.engines import fsdp_worker as w
-from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine, WorkerDied
+from asyncpolicy.engines.training import fsdp_worker as w
+from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine, WorkerDied
 from asyncpolicy.errors import RunFailed
 
 pytestmark = pytest.mark.anyio

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from asyncpolicy.config import Config, load_config
-from asyncpolicy.engines import fsdp_worker as w
-from asyncpolicy.engines import weight_sync
-from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
+from asyncpolicy.engines.training import fsdp_worker as w
+from asyncpolicy.engines.transport import cuda
+from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
 from asyncpolicy.engines.protocols import GenerationRequest
-from asyncpolicy.engines.torch_policy import StepRunner
-from asyncpolicy.engines.vllm_fsdp import place, stop_token_ids
-from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings, import_vllm
+from asyncpolicy.engines.training.step import StepRunner
+from asyncpolicy.engines.generation.vllm import stop_token_ids
+from asyncpolicy.engines.sets.vllm_fsdp import place
+from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine, VLLMSettings, import_vllm
 from asyncpolicy.errors import ConfigError
 from asyncpolicy.bench.synthetic import random_batch
 
@@ -52,7 +53,7 @@ def test_vllm_engine_takes_the_embedded_model_from_its_saved_directory(tmp_path)
 
     from transformers import AutoConfig
 
-    from asyncpolicy.engines.vllm_fsdp import has_weights
+    from asyncpolicy.engines.generation.vllm import has_weights
     from asyncpolicy.models.tiny import resolve_model_path
 
     gpu_keys = ["rollout.engine=vllm", "trainer.engine=fsdp"]
@@ -69,7 +70,7 @@ def test_vllm_engine_takes_the_embedded_model_from_its_saved_directory(tmp_path)
 
 def test_vllm_settings_stop_at_the_models_and_the_tokenizers_eos_and_seed_replicas_apart(tmp_path) -> None:
     """The one builder of a vLLM engine's settings, for a run's engines and a rollout server's alike."""
-    from asyncpolicy.engines.vllm_fsdp import vllm_settings
+    from asyncpolicy.engines.generation.vllm import vllm_settings
     from asyncpolicy.models.tiny import resolve_model_path
 
     cfg = load_config(overrides=["rollout.engine=vllm", "trainer.engine=fsdp", "seed=5", "rollout.enforce_eager=true"])
@@ -185,7 +186,7 @@ class _PackingTrainer:
         return self.meta
 
 
-class _RecordingTransport(weight_sync._FlatTransport):
+class _RecordingTransport(cuda._FlatTransport):
     kind = "test"
 
     def __init__(self, generation, trainer, fail: bool = False) -> None:
@@ -302,7 +303,7 @@ def _fsdp_weights(directory: str, out: str) -> dict[str, torch.Tensor]:
 async def test_a_one_rank_fsdp_step_equals_the_cpu_trainers(tmp_path, monkeypatch, kl_coef: float) -> None:
     """Same config, same batches (two mini-batches, tokens of two versions, then a poisoned one whose
     update is skipped): equal metrics with equal keys, equal grad norms and equal weights after."""
-    from asyncpolicy.engines.hf_torch import build_hf_torch_engines
+    from asyncpolicy.engines.sets.hf_torch import build_hf_torch_engines
     from asyncpolicy.models.tiny import load_model, resolve_model_path
 
     monkeypatch.setenv("ASYNCPOLICY_CACHE", str(tmp_path / "cache"))

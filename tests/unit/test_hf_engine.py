@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from asyncpolicy.config import AlgorithmConfig, load_config
-from asyncpolicy.engines.hf_generation import HFGenerationEngine, sampling_distribution
+from asyncpolicy.engines.generation.hf import HFGenerationEngine, sampling_distribution
 from asyncpolicy.engines.protocols import GenerationEngine, GenerationRequest, GenerationResult
-from asyncpolicy.engines.torch_policy import collate, token_logprobs
+from asyncpolicy.engines.training.step import collate, token_logprobs
 from asyncpolicy.models import tiny
 from asyncpolicy.samples import Prompt, Trajectory, make_sample
 
@@ -156,7 +156,8 @@ async def test_abort_returns_partial_tokens_and_continuation_extends_them(model_
     assert 5 <= len(partial.response_tokens) < 200
     assert len(partial.behaviour_logprobs) == len(partial.token_versions) == len(partial.response_tokens)
 
-    await engine.load_state_dict_from(tiny.load_model(model_path), version=1)  # same weights, new version
+    await engine.load_state_dict_from(tiny.load_model(model_path))  # same weights, new version
+    engine.set_version(1)
     cont_request = GenerationRequest(
         request_id="long",
         prompt_tokens=request.prompt_tokens,

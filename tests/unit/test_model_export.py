@@ -13,9 +13,9 @@ import torch
 
 from asyncpolicy import checkpoint
 from asyncpolicy.config import load_config
-from asyncpolicy.engines import fsdp_worker as w
-from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
-from asyncpolicy.engines.hf_torch import build_hf_torch_engines
+from asyncpolicy.engines.training import fsdp_worker as w
+from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
+from asyncpolicy.engines.sets.hf_torch import build_hf_torch_engines
 from asyncpolicy.errors import ConfigError
 from asyncpolicy.models import tiny
 from asyncpolicy.samples import Prompt, Sample, Trajectory, make_sample

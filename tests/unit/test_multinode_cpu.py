@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from asyncpolicy.config import load_config
-from asyncpolicy.engines import fsdp_worker as w
-from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine, WorkerDied
+from asyncpolicy.engines.training import fsdp_worker as w
+from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine, WorkerDied
 from asyncpolicy.errors import RunFailed
 from asyncpolicy.bench.synthetic import random_batch
 from asyncpolicy.samples import Sample

@@ -10,9 +10,10 @@ import pytest
 
 from asyncpolicy.config import load_config
 from asyncpolicy.engines.protocols import GenerationEngine, GenerationRequest
-from asyncpolicy.engines.remote import RemoteGenerationEngine, RemoteServerError, _Server, probe_servers
+from asyncpolicy.engines.generation.remote_client import RemoteGenerationEngine, RemoteServerError, _Server, probe_servers
 from asyncpolicy.errors import ConfigError, RunFailed
-from asyncpolicy.serve import load_server_config
+from asyncpolicy.engines.generation.remote_server import load_server_config
+from asyncpolicy.engines.transport.http import RemoteStateTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -100,7 +101,7 @@ async def test_requests_spread_over_servers_and_come_back_whole(rollout_servers)
         health = await engine.healths()
         assert [h.requests > 0 for h in health] == [True, True]
         assert sum(h.requests for h in health) == 16
-        await engine.push_state(b"", 3)
+        await RemoteStateTransport(engine, None).push(3)  # simulated servers: the version alone moves
         assert engine.version == 3 and [h.version for h in await engine.healths()] == [3, 3]
     finally:
         await engine.aclose()
@@ -153,7 +154,7 @@ async def test_a_lost_server_is_dropped_and_the_rest_carry_on(rollout_servers) -
             await engine.generate(request("0:1"))  # both idle: goes to the first, which is gone
         assert [s.address for s in engine.live] == [second]
         assert (await engine.generate(request("0:1"))).finish_reason != "abort"  # the retry lands on the second
-        await engine.push_state(b"", 1)
+        await RemoteStateTransport(engine, None).push(1)
         assert engine.version == 1
         rollout_servers.kill(second)
         with pytest.raises(RemoteServerError, match=f"rollout server {second}"):
@@ -190,5 +191,5 @@ def test_a_trainer_on_vllm_servers_imports_no_vllm() -> None:
 
     cfg = load_config(None, ["rollout.engine=vllm", "trainer.engine=fsdp", "rollout.servers=[127.0.0.1:8100]"])
     import_engine_modules(cfg)  # without the servers' rewiring this asks for vllm (a ConfigError where it is absent)
-    assert "asyncpolicy.engines.remote" in sys.modules and "asyncpolicy.engines.fsdp_trainer" in sys.modules
+    assert "asyncpolicy.engines.generation.remote_client" in sys.modules and "asyncpolicy.engines.training.fsdp_trainer" in sys.modules
     assert "vllm" not in sys.modules

@@ -18,9 +18,9 @@ from asyncpolicy import checkpoint
 from asyncpolicy.config import SimulatedRolloutConfig, load_config, replica_count
 from asyncpolicy.engines.factory import build_engines
 from asyncpolicy.engines.protocols import GenerationRequest
-from asyncpolicy.engines.replicas import NoReplicaAvailable, ReplicaRouter, ReplicatedGeneration
+from asyncpolicy.engines.generation.replicas import NoReplicaAvailable, ReplicaRouter, ReplicatedGeneration
 from asyncpolicy.engines.simulated import SimulatedEngineError, SimulatedGenerationEngine
-from asyncpolicy.engines.vllm_fsdp import place, replica_gpus
+from asyncpolicy.engines.sets.vllm_fsdp import place, replica_gpus
 from asyncpolicy.errors import ConfigError
 from asyncpolicy.supervisor import Supervisor
 
@@ -133,8 +133,8 @@ class Recorded:
     def errored(self) -> bool:
         return self.inner.errored
 
-    def load_weights(self, version: int) -> None:
-        self.inner.load_weights(version)
+    def set_version(self, version: int) -> None:
+        self.inner.set_version(version)
 
     async def start(self) -> None:
         await self.inner.start()
@@ -163,7 +163,7 @@ async def _serve_all(gen: ReplicatedGeneration, requests: list[GenerationRequest
     results: list[Any] = []
 
     async def reload() -> None:
-        gen.load_weights(gen.version)
+        gen.set_version(gen.version)
 
     async def one(req: GenerationRequest) -> None:
         results.append(await gen.generate(req))
@@ -213,12 +213,12 @@ async def test_a_restarted_replica_gets_the_current_weights_before_it_serves_aga
     replicas = [_sim(die_after=2), _sim()]
     gen = ReplicatedGeneration(replicas, max_restarts=3)
     await gen.start()
-    gen.load_weights(5)
+    gen.set_version(5)
     seen_at_reload: list[list[int]] = []
 
     async def reload() -> None:  # what the supervisor's forced sync does: every push target
         seen_at_reload.append([k for k, _ in gen.push_targets()])
-        gen.load_weights(7)
+        gen.set_version(7)
 
     async with anyio.create_task_group() as tg:
         await tg.start(gen.serve, reload)
@@ -240,11 +240,11 @@ async def test_a_restarted_replica_whose_reload_failed_stays_down() -> None:
     replicas = [_sim(die_after=2), _sim()]
     gen = ReplicatedGeneration(replicas, max_restarts=1)
     await gen.start()
-    gen.load_weights(5)
+    gen.set_version(5)
 
     async def reload() -> None:  # the transport saw replica 0 fail, dropped it, and loaded the rest
         gen.report_failure(0, RuntimeError("load failed"))
-        gen.load_weights(7)
+        gen.set_version(7)
 
     async with anyio.create_task_group() as tg:
         await tg.start(gen.serve, reload)
@@ -453,7 +453,7 @@ class FakeFSDP:
         return self.meta
 
     async def call(self, cmd: Any) -> list[Any]:
-        from asyncpolicy.engines import fsdp_worker as w
+        from asyncpolicy.engines.training import fsdp_worker as w
 
         self.commands.append(cmd)
         await anyio.lowlevel.checkpoint()
@@ -461,7 +461,7 @@ class FakeFSDP:
 
 
 def _vllm_replicas(fails: dict[int, str], n: int = 3, tp: int = 2) -> tuple[ReplicatedGeneration, list[Any]]:
-    from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings
+    from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine, VLLMSettings
 
     everyone: list[FakeReplicaLLM] = []
     engines = []
@@ -483,7 +483,7 @@ def _sent(trainer: FakeFSDP, kind: str) -> list[Any]:
 
 @pytest.mark.anyio
 async def test_one_nccl_group_and_one_broadcast_reach_every_replica() -> None:
-    from asyncpolicy.engines.weight_sync import NCCLTransport
+    from asyncpolicy.engines.transport.cuda import NCCLTransport
 
     gen, engines = _vllm_replicas({})
     trainer = FakeFSDP()
@@ -509,7 +509,7 @@ async def test_one_nccl_group_and_one_broadcast_reach_every_replica() -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("fail", ["pause", "load"])
 async def test_a_replica_failing_its_push_leaves_every_other_one_resumed_and_the_retry_skips_it(fail: str) -> None:
-    from asyncpolicy.engines.weight_sync import NCCLTransport, ReplicaSyncError
+    from asyncpolicy.engines.transport.cuda import NCCLTransport, ReplicaSyncError
 
     gen, engines = _vllm_replicas({1: fail})
     trainer = FakeFSDP()

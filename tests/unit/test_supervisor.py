@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import anyio
 import msgspec
 import pytest
 
-from asyncpolicy.config import ENGINE_PAIRS, Config, load_config
+from asyncpolicy.config import Config, load_config
+from asyncpolicy.engines import registry
 from asyncpolicy.engines.factory import import_engine_modules
 from asyncpolicy.engines.simulated import SimulatedGenerationEngine
 from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed, RunFailed, SyncFailed
@@ -224,15 +226,17 @@ async def test_validation_survives_a_generation_engine_restart(sim_config: Make,
     assert sup.validator.failures >= 1, "no validation met the dead engine: the test proved nothing"
 
 
-@pytest.mark.parametrize("pair", sorted(ENGINE_PAIRS))
-def test_every_engine_pair_imports_what_its_build_needs(pair: tuple[str, str]) -> None:
+@pytest.mark.parametrize("pair", registry.PAIRS, ids=lambda p: f"{p.rollout}-{p.trainer}")
+def test_every_engine_pair_imports_what_its_build_needs(pair: registry.Pair) -> None:
     """Start-up imports each pair's modules ahead of building it; only the vLLM pair asks for vLLM."""
-    overrides = [f"rollout.engine={pair[0]}", f"trainer.engine={pair[1]}"]
-    if pair == ("hf", "fsdp"):
+    overrides = [f"rollout.engine={pair.rollout}", f"trainer.engine={pair.trainer}"]
+    if pair.cpu_fsdp:
         overrides.append("trainer.n_gpus_per_node=0")
     cfg = load_config(None, overrides)
-    if pair != ("vllm", "fsdp"):
+    if not pair.ready:
+        assert pair.rollout != "vllm"
         import_engine_modules(cfg)
+        assert all(name in sys.modules for name in pair.modules)
         return
     try:
         import vllm  # noqa: F401

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncpolicy.config import Config, load_config
-from asyncpolicy.engines.torch_policy import (
+from asyncpolicy.engines.training.step import (
     LossTotals,
     PolicyLogprobs,
     StepRunner,

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from asyncpolicy.config import Config, load_config
-from asyncpolicy.engines.hf_torch import build_hf_torch_engines
+from asyncpolicy.engines.sets.hf_torch import build_hf_torch_engines
 from asyncpolicy.engines.protocols import GenerationRequest, TrainEngine
-from asyncpolicy.engines.torch_policy import LossTotals, PolicyLogprobs, collate, micro_batch_loss, token_logprobs
+from asyncpolicy.engines.training.step import LossTotals, PolicyLogprobs, collate, micro_batch_loss, token_logprobs
 from asyncpolicy.algorithms.schedule import lr_lambda
-from asyncpolicy.engines.torch_trainer import TorchTrainEngine
+from asyncpolicy.engines.training.torch_trainer import TorchTrainEngine
 from asyncpolicy.models import tiny
 from asyncpolicy.samples import Prompt, Sample, Trajectory, make_sample
 

@@ -1,6 +1,6 @@
 """The CPU trainer: PPO/GRPO updates of a Hugging Face causal LM with plain torch.
 
-A training step is `torch_policy.StepRunner.run`, the same code every FSDP rank runs: the
+A training step is `step.StepRunner.run`, the same code every FSDP rank runs: the
 mini-batch split, loss, non-finite-gradient rule, LR schedule (counted in optimizer updates) and
 metrics are shared. This engine adds the model, the worker thread and checkpoints. The
 scheduler's position is part of every checkpoint, so a resumed run continues the same curve
@@ -22,7 +22,7 @@ import structlog
 import torch
 
 from asyncpolicy.config import Config
-from asyncpolicy.engines.torch_policy import PolicyLogprobs, StepRunner, compile_layers, make_optimizer, make_scheduler
+from asyncpolicy.engines.training.step import PolicyLogprobs, StepRunner, compile_layers, make_optimizer, make_scheduler
 from asyncpolicy.samples import Sample
 
 log = structlog.get_logger(__name__)

@@ -290,13 +290,9 @@ class ReplicatedGeneration:
         return [(k, self.replicas[k]) for k in self._reachable()]
 
     def set_version(self, version: int) -> None:
-        """The version every push target now serves (the transport loaded it into each)."""
-        self._version = version
-
-    def load_weights(self, version: int) -> None:
-        """Simulated transport: load `version` into every push target."""
+        """Every push target now serves `version` (the transport loaded its weights into each)."""
         for _, replica in self.push_targets():
-            replica.load_weights(version)
+            replica.set_version(version)
         self._version = version
 
     def report_failure(self, replica: int, error: BaseException) -> None:

@@ -45,14 +45,6 @@ def check_node_config(cfg: Config) -> None:
         )
 
 
-def node_gpus(cfg: Config) -> list[int | None]:
-    """This node's ranks: one per GPU 0..n_gpus_per_node-1 (physical indices), or one CPU rank."""
-    from asyncpolicy.engines.vllm_fsdp import _physical
-
-    n = cfg.trainer.n_gpus_per_node
-    return [None] if n == 0 else [_physical(i) for i in range(n)]
-
-
 class _Signals:
     """First SIGINT/SIGTERM: say that node 0 stops the run. Second: raise, so the ranks are killed."""
 
@@ -77,9 +69,9 @@ def run_trainer_node(cfg: Config) -> int:
     """Start this node's ranks and wait for them; the process's exit code."""
     import torch.multiprocessing as mp
 
-    from asyncpolicy.engines import fsdp_worker as w
+    from asyncpolicy.engines.training import fsdp_worker as w
     from asyncpolicy.engines.child_procs import children_shielded
-    from asyncpolicy.engines.vllm_fsdp import worker_init
+    from asyncpolicy.engines.training.placement import node_gpus, worker_init
     from asyncpolicy.models.tiny import resolve_model_path
 
     check_node_config(cfg)

@@ -8,7 +8,7 @@ tokens with its version and returns processed logprobs), and `abort_all` keeps i
 OpenAI server speaks text/chat, knows no policy versions and needs its own weight-update plumbing
 per vLLM release. This module is starlette + uvicorn around the existing engine, nothing more.
 
-Endpoints (`asyncpolicy/engines/remote.py` is the client):
+Endpoints (`asyncpolicy/engines/generation/remote_client.py` is the client):
   GET  /health               ServerHealth: engine kind, version, model, workers, request counts
   POST /generate             GenerationRequest → GenerationResult; a client that hangs up abandons it
   POST /abort_all            running generations return now with their tokens (finish_reason "abort")
@@ -33,27 +33,29 @@ import msgspec
 import structlog
 
 from asyncpolicy.config import Config, RawOverride, apply_override, build_config, read_config_file, replica_count
+from asyncpolicy.engines import registry
+from asyncpolicy.engines.factory import preload_torch_libraries, resolve
 from asyncpolicy.engines.protocols import GenerationRequest
-from asyncpolicy.engines.remote import NcclInit, NcclLoad, ServerHealth
+from asyncpolicy.engines.generation.remote_client import NcclInit, NcclLoad, ServerHealth
 from asyncpolicy.errors import ConfigError
 
 log = structlog.get_logger("asyncpolicy.serve")
 
-# The trainer engine each generation engine pairs with: a server has no trainer, but its config is
-# checked like a run's, so the partner is filled in when the user did not name one.
-_PARTNER = {"simulated": "simulated", "hf": "torch", "vllm": "fsdp"}
-
-
 def load_server_config(path: str | None, overrides: list[str]) -> Config:
-    """A run's config (file, then key=value overrides); trainer.engine defaults to rollout.engine's partner."""
+    """A run's config (file, then key=value overrides); trainer.engine defaults to rollout.engine's partner.
+
+    A server has no trainer, but its config is checked like a run's, so the partner (`registry.default_trainer`)
+    is filled in when the user did not name one.
+    """
     tree: dict[str, Any] = read_config_file(path) if path is not None else {}
     for override in overrides:
         apply_override(tree, override)
     rollout, trainer = tree.get("rollout"), tree.setdefault("trainer", {})
     engine = rollout.get("engine", "hf") if isinstance(rollout, dict) else "hf"
     engine = engine.text if isinstance(engine, RawOverride) else engine
-    if isinstance(trainer, dict) and "engine" not in trainer and engine in _PARTNER:
-        trainer["engine"] = _PARTNER[engine]
+    partner = registry.default_trainer(engine) if isinstance(engine, str) else None
+    if isinstance(trainer, dict) and "engine" not in trainer and partner is not None:
+        trainer["engine"] = partner
     cfg = build_config(tree)
     if cfg.rollout.servers:
         raise ConfigError("config key 'rollout.servers': a rollout server generates itself; leave it empty", key="rollout.servers")
@@ -73,7 +75,12 @@ class RolloutServer:
         self.cfg = cfg
         self.announce = announce  # host:port to print once the engine is up
         self.kind = cfg.rollout.engine
-        self.engine, self.model, self.workers = _build_engine(cfg)
+        generation = registry.generation(self.kind)
+        self.weights_by = generation.weights  # how the trainer's weights arrive (registry.Generation.weights)
+        if generation.torch:
+            preload_torch_libraries()
+        served: ServedEngine = resolve(generation.server)(cfg)
+        self.engine, self.model, self.workers = served.engine, served.model, served.workers
         self.requests = 0
         self.in_flight = 0
 
@@ -140,12 +147,12 @@ class RolloutServer:
         return _json({})
 
     async def pause(self, request: Any) -> Any:
-        if self.kind == "vllm":
+        if self.weights_by == "nccl":  # vLLM's scheduler around an NCCL load; nothing to pause for a POST
             await self.engine.pause()
         return _json({})
 
     async def resume(self, request: Any) -> Any:
-        if self.kind == "vllm":
+        if self.weights_by == "nccl":
             await self.engine.resume()
         return _json({})
 
@@ -155,30 +162,29 @@ class RolloutServer:
         except (KeyError, ValueError):
             return _error(400, "POST /weights needs ?version=N (an integer)")
         body = await request.body()
-        if self.kind == "simulated":
-            self.engine.load_weights(version)
-        elif self.kind == "hf":
+        if self.weights_by == "state":
             from safetensors.torch import load
 
             try:
                 state = await anyio.to_thread.run_sync(load, body)
             except Exception as e:  # safetensors raises its own error types for bad bytes
                 return _error(400, f"POST /weights: the body is not a safetensors state dict: {e}")
-            await self.engine.load_weights(state, version)
-        else:
-            return _error(400, "a vllm server takes weights over NCCL: POST /weights/nccl_init, then /weights/nccl_load")
+            await self.engine.load_weights(state)
+        elif self.weights_by == "nccl":
+            return _error(400, f"a {self.kind} server takes weights over NCCL: POST /weights/nccl_init, then /weights/nccl_load")
+        self.engine.set_version(version)  # ("version": a fake's weights are its version)
         log.debug("weights_loaded", version=version, bytes=len(body))
         return _json({"version": version})
 
     async def nccl_init(self, request: Any) -> Any:
-        if self.kind != "vllm":
+        if self.weights_by != "nccl":
             return _error(400, f"POST /weights/nccl_init: a {self.kind} server takes weights by POST /weights")
         body = msgspec.json.decode(await request.body(), type=NcclInit)
         ranks = await self.engine.rpc("ap_nccl_init", body.host, body.port, body.rank_offset, body.world_size)
         return _json({"ranks": ranks})
 
     async def nccl_load(self, request: Any) -> Any:
-        if self.kind != "vllm":
+        if self.weights_by != "nccl":
             return _error(400, f"POST /weights/nccl_load: a {self.kind} server takes weights by POST /weights")
         body = msgspec.json.decode(await request.body(), type=NcclLoad)
         await self.engine.rpc("ap_nccl_load", body.meta, body.numel)
@@ -203,29 +209,37 @@ def _error(status: int, message: str) -> Any:
     return _json({"error": message}, status)
 
 
-def _build_engine(cfg: Config) -> tuple[Any, str, int]:
-    """(engine, model it loads, NCCL ranks it adds to a weight-sync group), not started."""
-    kind = cfg.rollout.engine
-    if kind == "simulated":
-        from asyncpolicy.engines.simulated import SimulatedGenerationEngine
+class ServedEngine(msgspec.Struct, kw_only=True):
+    """A server's generation engine (not started), the model it loads and the NCCL ranks it adds to a weight-sync group."""
 
-        return SimulatedGenerationEngine(cfg.rollout.simulated, random.Random(cfg.seed)), "simulated", 1
-    from asyncpolicy.engines.factory import _preload_torch_libraries
+    engine: Any
+    model: str
+    workers: int = 1
+
+
+def serve_simulated(cfg: Config) -> ServedEngine:
+    from asyncpolicy.engines.simulated import SimulatedGenerationEngine
+
+    return ServedEngine(engine=SimulatedGenerationEngine(cfg.rollout.simulated, random.Random(cfg.seed)), model="simulated")
+
+
+def serve_hf(cfg: Config) -> ServedEngine:
+    from asyncpolicy.engines.generation.hf import HFGenerationEngine
+    from asyncpolicy.models.tiny import resolve_model_path
+
+    path = resolve_model_path(cfg)
+    return ServedEngine(engine=HFGenerationEngine(path, cfg.model.dtype, threads=cfg.trainer.threads), model=path)
+
+
+def serve_vllm(cfg: Config) -> ServedEngine:
+    from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine, import_vllm, vllm_settings
     from asyncpolicy.models.tiny import load_tokenizer, resolve_model_path
 
-    _preload_torch_libraries()
     path = resolve_model_path(cfg)
-    if kind == "hf":
-        from asyncpolicy.engines.hf_generation import HFGenerationEngine
-
-        return HFGenerationEngine(path, cfg.model.dtype, threads=cfg.trainer.threads), path, 1
-    from asyncpolicy.engines.vllm_fsdp import vllm_settings
-    from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, import_vllm
-
     import_vllm()
     gpus = list(range(cfg.rollout.n_gpus_per_node))
     settings = vllm_settings(cfg, path, gpus, load_tokenizer(path).eos_token_id)
-    return VLLMGenerationEngine(settings), path, len(gpus)
+    return ServedEngine(engine=VLLMGenerationEngine(settings), model=path, workers=len(gpus))
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -13,7 +13,7 @@ sync still gets its stop checkpoint). The workers ignore the terminal's SIGINT/S
 With `trainer.nnodes` > 1 the engine still starts and reads only node 0's ranks; global rank 0
 relays every command to the ranks of the other nodes (started by `python -m asyncpolicy
 trainer-node`) and returns their replies inside its own, so a failure there names its rank and
-node like a local one (fsdp_worker's `_Relay`).
+node like a local one (`relay.Relay`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import msgspec
 import structlog
 
 from asyncpolicy.config import FSDP_START_TIMEOUT_S
-from asyncpolicy.engines import fsdp_worker as w
+from asyncpolicy.engines.training import fsdp_worker as w
 from asyncpolicy.engines.child_procs import children_shielded
 from asyncpolicy.errors import EngineTimeout, RunFailed
 from asyncpolicy.samples import Sample

@@ -2,10 +2,10 @@
 
 `RemoteGenerationEngine` is a `GenerationEngine` over several servers, reached over HTTP (httpx,
 which runs under asyncio and trio alike); the wire format is msgspec JSON of the same
-`GenerationRequest`/`GenerationResult` the in-process engines take and return (`asyncpolicy/serve.py`
-is the other end). Weights go to hf/simulated servers as one safetensors POST per server
-(`RemoteStateTransport`), and to vLLM servers over NCCL (`RemoteNCCLTransport`: the trainer's rank 0
-and every server's vLLM workers form one group).
+`GenerationRequest`/`GenerationResult` the in-process engines take and return (`remote_server.py`
+is the other end). Weights reach the servers through `transport/http.py`: one safetensors POST per
+hf/simulated server, or NCCL to vLLM servers (the trainer's rank 0 and every server's vLLM workers
+form one group); `sets/remote.py` builds a run on servers.
 
 Invariants:
 * while any request of a prompt's group is in flight, the group's other requests go to the same
@@ -26,8 +26,6 @@ Invariants:
 
 from __future__ import annotations
 
-import socket
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,8 +35,8 @@ import httpx
 import msgspec
 import structlog
 
-from asyncpolicy.config import Config, split_server_address
-from asyncpolicy.engines.protocols import EngineSet, GenerationRequest, GenerationResult
+from asyncpolicy.config import Config
+from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
 from asyncpolicy.errors import ConfigError, RunFailed
 
 log = structlog.get_logger("asyncpolicy.remote")
@@ -46,7 +44,7 @@ log = structlog.get_logger("asyncpolicy.remote")
 Meta = list[tuple[str, list[int], int, int]]
 
 
-# -- the wire schema (shared with asyncpolicy/serve.py) -------------------------------------------
+# -- the wire schema (shared with remote_server.py) -----------------------------------------------
 
 
 class ServerHealth(msgspec.Struct, kw_only=True):
@@ -300,9 +298,8 @@ class RemoteGenerationEngine:
             raise RemoteServerError(f"{what}: every rollout server is lost: " + "; ".join(f"{s.address} ({s.lost})" for s in self.servers))
 
     async def push_state(self, blob: bytes, version: int) -> None:
-        """POST a safetensors state dict (empty for simulated servers) to every live server; then serve `version`."""
+        """POST a safetensors state dict (empty for simulated servers) to every live server, which then serves `version`."""
         await self._on_every_server("POST /weights", lambda s: self._post(s, f"/weights?version={version}", content=blob))
-        self._version = version
 
     async def wait_ready(self) -> None:
         """Wait for `start` (the supervisor may be restarting the engine now)."""
@@ -336,161 +333,3 @@ class RemoteGenerationEngine:
     async def healths(self) -> list[ServerHealth]:
         """GET /health of every live server (tests, tools)."""
         return [await self._health(server) for server in self.live]
-
-
-# -- weight transports ----------------------------------------------------------------------------
-
-
-class RemoteStateTransport:
-    """`WeightTransport` to hf/simulated servers: the trainer's full state dict as safetensors, one POST per server.
-
-    `stage` copies and serialises the weights while rollout runs; `push` only sends the bytes.
-    """
-
-    def __init__(self, generation: RemoteGenerationEngine, state: Callable[[], Awaitable[dict[str, Any]]] | None) -> None:
-        self.generation = generation
-        self.state = state  # the trainer's full state dict (CPU tensors); None: simulated, the version alone moves
-        self._staged: tuple[int, bytes] | None = None
-        self.pushes = 0
-
-    async def stage(self, version: int) -> None:
-        if self.state is None:
-            self._staged = (version, b"")
-            return
-        state = await self.state()
-        self._staged = (version, await anyio.to_thread.run_sync(_safetensors_bytes, state))
-
-    async def push(self, version: int) -> None:
-        if self._staged is None or self._staged[0] != version:
-            await self.stage(version)  # a forced push (engine restart, start of a run): serialise now
-        assert self._staged is not None
-        t0 = time.perf_counter()
-        await self.generation.wait_ready()
-        await self.generation.push_state(self._staged[1], version)
-        self.pushes += 1
-        log.debug("weights_pushed", transport="http", version=version, bytes=len(self._staged[1]),
-                  servers=len(self.generation.live), push_s=round(time.perf_counter() - t0, 4))
-
-
-def _safetensors_bytes(state: dict[str, Any]) -> bytes:
-    from safetensors.torch import save
-
-    # contiguous private copies: safetensors refuses tensors that share memory (tied embeddings)
-    return save({name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()})
-
-
-def _local_address_towards(host: str) -> str:
-    """The address of this machine on the route to `host` (where servers reach the trainer's NCCL rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((host, 9))  # UDP: no packet is sent, the kernel only picks the route
-            return str(s.getsockname()[0])
-        except OSError:
-            return "127.0.0.1"
-
-
-def build_remote_engines(cfg: Config) -> EngineSet:
-    """The engines of a run on rollout servers (not started); ConfigError naming a server that does not answer."""
-    healths = probe_servers(cfg)
-    generation = RemoteGenerationEngine(
-        list(cfg.rollout.servers),
-        cfg.rollout.engine,
-        generation_timeout=cfg.async_training.generation_timeout,
-        control_timeout=cfg.async_training.sync_timeout,
-    )
-    log.info("rollout_servers", servers=list(cfg.rollout.servers), versions=[h.version for h in healths], models=[h.model for h in healths])
-    pair = (cfg.rollout.engine, cfg.trainer.engine)
-    if pair == ("simulated", "simulated"):
-        from asyncpolicy.engines.simulated import SimulatedTrainEngine
-
-        return EngineSet(
-            generation=generation,
-            trainer=SimulatedTrainEngine(cfg.trainer.simulated),
-            transport=RemoteStateTransport(generation, None),
-            sync_at_start=True,
-        )
-    from asyncpolicy.models.tiny import load_tokenizer, resolve_model_path
-
-    path = resolve_model_path(cfg)
-    tokenizer = load_tokenizer(path)
-    trainer: Any
-    if pair == ("hf", "torch"):
-        from asyncpolicy.engines.torch_trainer import TorchTrainEngine
-
-        trainer = TorchTrainEngine(cfg, path, tokenizer)
-
-        async def torch_state() -> dict[str, Any]:
-            async with trainer.limiter:  # never while an optimizer step writes the tensors
-                return await anyio.to_thread.run_sync(lambda: {k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
-
-        transport: Any = RemoteStateTransport(generation, torch_state)
-    else:
-        from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
-        from asyncpolicy.engines.trainer_node import node_gpus
-        from asyncpolicy.engines.vllm_fsdp import worker_init
-
-        # hf servers: one gloo rank on the CPU; vllm servers: FSDP2 on every visible GPU of this machine
-        fsdp = FSDPTrainEngine(worker_init(cfg, path), node_gpus(cfg), timeout_s=cfg.trainer.worker_timeout_s)
-        if pair == ("hf", "fsdp"):
-            transport = RemoteStateTransport(generation, fsdp.full_state_dict)
-        else:
-            host = _local_address_towards(split_server_address(cfg.rollout.servers[0])[0])
-            transport = RemoteNCCLTransport(generation, fsdp, host)
-        trainer = fsdp
-    return EngineSet(generation=generation, trainer=trainer, transport=transport, tokenizer=tokenizer, sync_at_start=True)
-
-
-class RemoteNCCLTransport:
-    """`WeightTransport` to vLLM servers: FSDP2 packs one flat bf16 buffer (`stage`), rank 0 broadcasts it to
-    every server's workers (`push`), as `weight_sync.NCCLTransport` does for local vLLM engines.
-
-    Invariant: the servers are resumed on every path out of `push`; the version moves only after every
-    server has loaded the weights.
-    """
-
-    kind = "remote-nccl"
-
-    def __init__(self, generation: RemoteGenerationEngine, trainer: Any, host: str) -> None:
-        self.generation = generation
-        self.trainer = trainer  # an FSDPTrainEngine
-        self.host = host  # this machine's address as the servers reach it: the group's rendezvous
-        self._staged: tuple[int, Meta] | None = None
-        self._group_of = -1  # the engine incarnation (servers started, none lost) the group was made with
-
-    async def stage(self, version: int) -> None:
-        self._staged = (version, await self.trainer.pack())
-
-    async def _prepare(self) -> None:
-        if self._group_of == self.generation.incarnation:
-            return
-        from asyncpolicy.engines import fsdp_worker as w
-
-        port = w.free_port()
-        world = 1 + sum(s.health.workers if s.health is not None else 1 for s in self.generation.live)
-        async with anyio.create_task_group() as tg:  # both sides join the rendezvous together
-            tg.start_soon(self.generation.nccl_init, self.host, port)
-            tg.start_soon(self.trainer.call, w.NcclInit(host=self.host, port=port, world_size=world))
-        self._group_of = self.generation.incarnation
-        log.info("nccl_group_ready", transport=self.kind, world_size=world, host=self.host, port=port)
-
-    async def push(self, version: int) -> None:
-        from asyncpolicy.engines import fsdp_worker as w
-
-        if self._staged is None or self._staged[0] != version:
-            await self.stage(version)  # a forced push (start of a run, engine restart): pack now
-        assert self._staged is not None
-        meta = self._staged[1]
-        numel = sum(n for *_, n in meta)
-        t0 = time.perf_counter()
-        await self.generation.wait_ready()
-        await self._prepare()
-        await self.generation.pause()
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self.trainer.call, w.NcclSend())
-                tg.start_soon(self.generation.nccl_load, meta, numel, version)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.generation.resume()
-        self.generation.set_version(version)
-        log.info("weights_pushed", transport=self.kind, version=version, bytes=2 * numel, push_s=round(time.perf_counter() - t0, 4))

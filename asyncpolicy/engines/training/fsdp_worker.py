@@ -10,9 +10,9 @@ collectives (FSDP all-gathers, the optimizer step, gathering full weights) line 
 Several nodes (`trainer.nnodes`): node 0's ranks are the supervisor's children and read its pipes;
 the ranks of nodes 1.. are started by `python -m asyncpolicy trainer-node` and have no pipe.
 Global rank 0 relays each command to them over a gloo group and returns their replies inside its
-own (`_Relay`); while idle it pings them, so their wait for the next command can be bounded.
+own (`relay.Relay`); while idle it pings them, so their wait for the next command can be bounded.
 
-A training step is `torch_policy.StepRunner.run`, the CPU trainer's own: collation, loss,
+A training step is `step.StepRunner.run`, the CPU trainer's own: collation, loss,
 updates and metrics are shared. What is FSDP's alone lives here (`_ShardedStep`): rows dealt to
 ranks with the same number of micro-batches on each, the global grad norm of DTensors, and one
 all-reduce of the step's sums. Losses are normalised by mini-batch totals over ALL ranks, so
@@ -21,8 +21,6 @@ gradient accumulation is exact across micro-batches and ranks.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import math
 import os
 import pickle
@@ -30,20 +28,20 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 
 from asyncpolicy.config import Config
-from asyncpolicy.engines.torch_policy import (
+from asyncpolicy.engines.training.relay import Relay, join_process_group, node_of
+from asyncpolicy.engines.training.step import (
     PolicyLogprobs,
     StepRunner,
     compile_layers,
     make_optimizer,
     make_scheduler,
 )
-from asyncpolicy.errors import RunFailed, first_line
+from asyncpolicy.errors import RunFailed
 from asyncpolicy.samples import Sample
 
 # ---- messages ---------------------------------------------------------------------------------
@@ -397,139 +395,15 @@ class _Policy:
         return total
 
 
-# ---- process group, relay and command loop --------------------------------------------------------
+# ---- command loop ---------------------------------------------------------------------------------
 
 
-def _node_of(init: WorkerInit, rank: int) -> int:
-    return rank // (init.world_size // init.nnodes)
-
-
-def join_process_group(init: WorkerInit) -> Any:
-    """Join the ranks of every node (NCCL on GPUs, gloo on CPU); the relay group when there are several nodes.
-
-    The rendezvous is a TCPStore served by global rank 0 at master_addr:master_port; each rank
-    signs in, so a node that never comes is named, after trainer.worker_timeout_s, instead of
-    leaving rank 0 in a rendezvous that only says how many came. That timeout also bounds every
-    collective of the groups made here.
-    """
-    import torch
-    import torch.distributed as dist
-
-    t = init.config.trainer
-    timeout = datetime.timedelta(seconds=t.worker_timeout_s)
-    where = f"{init.master_addr}:{init.master_port}"
-    try:
-        store = dist.TCPStore(
-            init.master_addr, init.master_port, init.world_size, is_master=init.rank == 0, timeout=timeout, wait_for_workers=False
-        )
-    except dist.DistError as e:
-        raise RunFailed(
-            f"trainer node {_node_of(init, init.rank)} (rank {init.rank}) could not reach node 0's rendezvous at {where} "
-            f"within trainer.worker_timeout_s={t.worker_timeout_s:g}s: {first_line(e)}"
-        ) from None
-    store.set(f"joined/{init.rank}", socket.gethostname())
-    if init.rank == 0:
-        try:
-            store.wait([f"joined/{r}" for r in range(init.world_size)], timeout)
-        except dist.DistError:
-            absent = [r for r in range(init.world_size) if not store.check([f"joined/{r}"])]
-            nodes = sorted({_node_of(init, r) for r in absent})
-            raise RunFailed(
-                f"trainer node(s) {', '.join(map(str, nodes))} (rank(s) {', '.join(map(str, absent))}) did not join the "
-                f"rendezvous at {where} within trainer.worker_timeout_s={t.worker_timeout_s:g}s; start "
-                "`python -m asyncpolicy trainer-node` with the run's config and trainer.node_rank=N on each of them"
-            ) from None
-    cuda = init.gpu is not None
-    dist.init_process_group(
-        backend="nccl" if cuda else "gloo",
-        store=store,
-        rank=init.rank,
-        world_size=init.world_size,
-        timeout=timeout,
-        device_id=torch.device("cuda", 0) if cuda else None,
-    )
-    if init.nnodes == 1:
-        return None
-    local = init.world_size // init.nnodes
-    group = dist.new_group([0, *range(local, init.world_size)], backend="gloo", timeout=timeout)  # every rank calls it
-    return group if init.rank == 0 or init.rank >= local else None  # node 0's other ranks only read their pipes
-
-
-class _Relay:
-    """Global rank 0 ↔ the ranks of nodes 1..: commands out, replies back, point to point over gloo.
-
-    Point to point, in rank order, so a failure names the rank it came from (gloo's broadcast
-    sends from the root to each rank anyway). Every wait is bounded by trainer.worker_timeout_s.
-    """
-
-    def __init__(self, group: Any, init: WorkerInit) -> None:
-        import torch
-        import torch.distributed as dist
-
-        self.torch, self.dist, self.group, self.init = torch, dist, group, init
-        self.timeout = datetime.timedelta(seconds=init.config.trainer.worker_timeout_s)
-        self.remote = list(range(init.world_size // init.nnodes, init.world_size))
-
-    def _where(self, rank: int) -> str:
-        return f"rank {rank} (node {_node_of(self.init, rank)})"
-
-    @contextlib.contextmanager
-    def _naming(self, peer: int, what: str) -> Iterator[None]:
-        """gloo's errors (a closed connection, a timeout) as a RunFailed that names the peer's rank and node."""
-        try:
-            yield
-        except RuntimeError as e:
-            raise RunFailed(f"{what} {self._where(peer)} failed: {first_line(e)}") from None
-
-    def _send(self, blob: bytes, peers: list[int]) -> None:
-        torch = self.torch
-        size = torch.tensor([len(blob)], dtype=torch.int64)
-        data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-        works = []
-        for peer in peers:  # posted to all before waiting on any: the peers receive at once
-            with self._naming(peer, "sending to"):
-                works += [(_member(self.dist.isend(t, dst=peer, group=self.group)), peer) for t in (size, data)]
-        for work, peer in works:
-            with self._naming(peer, "sending to"):
-                work.wait(self.timeout)
-
-    def _recv(self, peer: int) -> bytes:
-        torch = self.torch
-        size = torch.empty(1, dtype=torch.int64)
-        with self._naming(peer, "receiving from"):
-            _member(self.dist.irecv(size, src=peer, group=self.group)).wait(self.timeout)
-            data = torch.empty(int(size.item()), dtype=torch.uint8)
-            _member(self.dist.irecv(data, src=peer, group=self.group)).wait(self.timeout)
-        return data.numpy().tobytes()
-
-    # rank 0
-    def send(self, blob: bytes) -> None:
-        self._send(blob, self.remote)
-
-    def gather(self) -> list[Reply]:
-        return [reply_decoder.decode(self._recv(peer)) for peer in self.remote]
-
-    # the ranks of nodes 1..
-    def receive(self) -> bytes:
-        return self._recv(0)
-
-    def answer(self, reply: Reply) -> None:
-        self._send(encode(reply), [0])
-
-
-def _member(work: Any | None) -> Any:
-    """torch.distributed returns no Work to a rank outside the group: never the case in the relay."""
-    if work is None:
-        raise RuntimeError("this rank is not in the relay group")
-    return work
-
-
-def _start(init: WorkerInit) -> tuple[_Policy | None, _Relay | None, Reply]:
+def _start(init: WorkerInit) -> tuple[_Policy | None, Relay | None, Reply]:
     """Join the process group and build this rank's policy; the start reply says how it went."""
-    relay: _Relay | None = None
+    relay: Relay | None = None
     try:
         group = join_process_group(init)
-        relay = None if group is None else _Relay(group, init)
+        relay = None if group is None else Relay(group, init)
         policy = _Policy(init)
     except RunFailed as e:
         return None, relay, Reply(rank=init.rank, ok=False, error=str(e))
@@ -557,7 +431,7 @@ def worker_main(init_blob: bytes, conn: Any | None) -> None:
     _serve_pipe(init, policy, relay, started, conn)
 
 
-def _next_command(conn: Any, relay: _Relay | None, ping_s: float) -> tuple[bytes | None, RunFailed | None]:
+def _next_command(conn: Any, relay: Relay | None, ping_s: float) -> tuple[bytes | None, RunFailed | None]:
     """The supervisor's next command (None once it is gone). Rank 0 pings the other nodes while it
     waits; a failed ping is kept, and the command is answered with it."""
     lost: RunFailed | None = None
@@ -572,7 +446,7 @@ def _next_command(conn: Any, relay: _Relay | None, ping_s: float) -> tuple[bytes
         return None, lost
 
 
-def _serve_pipe(init: WorkerInit, policy: _Policy | None, relay: _Relay | None, started: Reply, conn: Any) -> None:
+def _serve_pipe(init: WorkerInit, policy: _Policy | None, relay: Relay | None, started: Reply, conn: Any) -> None:
     """A rank of node 0: commands from the supervisor's pipe; rank 0 relays them to the other nodes."""
     if relay is not None and started.ok:
         started = _with_relayed(started, relay)
@@ -597,7 +471,7 @@ def _serve_pipe(init: WorkerInit, policy: _Policy | None, relay: _Relay | None, 
             return
 
 
-def _relayed_command(policy: _Policy, relay: _Relay | None, cmd: Any, blob: bytes, rank: int) -> Reply:
+def _relayed_command(policy: _Policy, relay: Relay | None, cmd: Any, blob: bytes, rank: int) -> Reply:
     """Run one command on this rank; rank 0 first hands it to the other nodes, then adds their replies
     (also after its own failure: they are in the pipe of the next command otherwise)."""
     if relay is not None:
@@ -619,28 +493,28 @@ def _handle_safely(policy: _Policy, cmd: Any, rank: int) -> Reply:
         return Reply(rank=rank, ok=False, error=traceback.format_exc())
 
 
-def _with_relayed(reply: Reply, relay: _Relay) -> Reply:
+def _with_relayed(reply: Reply, relay: Relay) -> Reply:
     try:
-        return msgspec.structs.replace(reply, relayed=relay.gather())
+        return msgspec.structs.replace(reply, relayed=[reply_decoder.decode(b) for b in relay.gather()])
     except RunFailed as e:
         return Reply(rank=reply.rank, ok=False, error=str(e))
 
 
-def _serve_relayed(init: WorkerInit, policy: _Policy | None, relay: _Relay | None, started: Reply) -> int:
+def _serve_relayed(init: WorkerInit, policy: _Policy | None, relay: Relay | None, started: Reply) -> int:
     """A rank of node 1..: commands relayed by global rank 0; the exit code of this process."""
-    where = f"fsdp worker rank {init.rank} (node {_node_of(init, init.rank)})"
+    where = f"fsdp worker rank {init.rank} (node {node_of(init, init.rank)})"
     if relay is None:  # it never joined: nobody to tell but the node's log
         print(f"{where}: {started.error}", file=sys.stderr, flush=True)
         return 1
     try:
-        relay.answer(started)
+        relay.answer(encode(started))
         if policy is None:
             return 1
         while True:
             cmd = _cmd_decoder.decode(relay.receive())
             if isinstance(cmd, Ping):
                 continue
-            relay.answer(_handle_safely(policy, cmd, init.rank))
+            relay.answer(encode(_handle_safely(policy, cmd, init.rank)))
             if isinstance(cmd, Stop):
                 policy.dist.destroy_process_group()
                 return 0
@@ -723,7 +597,7 @@ def _agree_directory_is_shared(init: WorkerInit, dist: Any, directory: str, toke
     dist.all_gather_object(seen_by, seen)
     blind = [r for r, ok in enumerate(seen_by) if not ok]
     if blind:
-        nodes = sorted({_node_of(init, r) for r in blind})
+        nodes = sorted({node_of(init, r) for r in blind})
         raise RunFailed(
             f"checkpoint directory {directory} is not shared: node(s) {', '.join(map(str, nodes))} (rank(s) "
             f"{', '.join(map(str, blind))}) do not see what node 0 wrote there; with trainer.nnodes > 1, output_dir "

@@ -30,10 +30,10 @@ import anyio
 import msgspec
 import structlog
 
-from asyncpolicy.engines import fsdp_worker as w
-from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
-from asyncpolicy.engines.replicas import ReplicatedGeneration
-from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine
+from asyncpolicy.engines.training import fsdp_worker as w
+from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
+from asyncpolicy.engines.generation.replicas import ReplicatedGeneration
+from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine
 
 log = structlog.get_logger("asyncpolicy.weight_sync")
 
@@ -166,10 +166,8 @@ class _FlatTransport:
                 f"weight push of version {version} failed on replica(s) "
                 + ", ".join(f"{k}: {e!r}" for k, e in sorted(errors.items()))
             )
-        for _, engine in targets:  # after resume: tokens racing the resume count as older (safe side)
-            engine.set_version(version)
-        if isinstance(self.generation, ReplicatedGeneration):
-            self.generation.set_version(version)
+        # after resume: tokens racing the resume count as older (safe side); a router sets every push target
+        self.generation.set_version(version)
         timing = SyncTiming(
             version=version,
             pack_s=pack_s,

@@ -18,66 +18,23 @@ trainer always begin from the same policy.
 
 from __future__ import annotations
 
-import json
-import os
+import random
 from typing import Any
 
 import anyio
 import structlog
 
 from asyncpolicy.config import Config
-from asyncpolicy.engines import fsdp_worker as w
-from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
+from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
 from asyncpolicy.engines.protocols import EngineSet
-from asyncpolicy.engines.replicas import ReplicatedGeneration
-from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings, import_vllm
-from asyncpolicy.engines.weight_sync import IPCTransport, NCCLTransport
+from asyncpolicy.engines.generation.replicas import ReplicatedGeneration
+from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine, has_weights, import_vllm, vllm_settings
+from asyncpolicy.engines.training.placement import physical_gpu, worker_init
+from asyncpolicy.engines.transport.cuda import IPCTransport, NCCLTransport
 from asyncpolicy.errors import ConfigError
 from asyncpolicy.models.tiny import resolve_model_path
 
 log = structlog.get_logger("asyncpolicy.vllm_fsdp")
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-def has_weights(model_path: str) -> bool:
-    return any(f.endswith(WEIGHT_SUFFIXES) for f in os.listdir(model_path))
-
-
-def stop_token_ids(model_path: str) -> list[int]:
-    """EOS ids from generation_config.json / config.json (vLLM runs without a tokenizer here)."""
-    ids: list[int] = []
-    for name in ("generation_config.json", "config.json"):
-        path = os.path.join(model_path, name)
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
-        for e in eos if isinstance(eos, list) else [eos]:
-            if isinstance(e, int) and e not in ids:
-                ids.append(e)
-    return ids
-
-
-def vllm_settings(cfg: Config, model_path: str, gpus: list[int], eos_token_id: int | None, replica: int = 0) -> VLLMSettings:
-    """One vLLM engine of a run (its own or a rollout server's): stops at the model's EOS ids and the
-    tokenizer's, dummy weights when the directory has none (the trainer's arrive before the first generation)."""
-    stops = stop_token_ids(model_path)
-    if eos_token_id is not None and eos_token_id not in stops:
-        stops.append(int(eos_token_id))
-    return VLLMSettings(
-        model_path=model_path,
-        gpus=gpus,
-        dummy_weights=not has_weights(model_path),
-        stop_token_ids=stops,
-        max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length + 8,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        max_num_seqs=max(8, min(1024, cfg.rollout.max_concurrency)),
-        enforce_eager=cfg.rollout.enforce_eager,
-        seed=cfg.seed + replica,  # replicas sample different streams
-        rpc_timeout_s=cfg.async_training.sync_timeout,
-    )
-
 
 def place(cfg: Config, n_visible: int) -> tuple[list[int], list[int]]:
     """(rollout GPUs, trainer GPUs) as indices into the visible devices; ConfigError if they don't fit."""
@@ -156,8 +113,11 @@ class _GatedTrainer(FSDPTrainEngine):
         await self.gate.run_start(super().start)
 
 
-def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
-    """The engines of a vLLM + FSDP2 run (not started). Raises ConfigError for what cannot work."""
+def build_vllm_fsdp_engines(cfg: Config, rng: random.Random | None = None) -> EngineSet:
+    """The engines of a vLLM + FSDP2 run (not started). Raises ConfigError for what cannot work.
+
+    rng: unused (the registry's builder signature); these engines seed from cfg.seed.
+    """
     import_vllm()
     # `embedded` is the tiny built-in model, saved in Hugging Face format, so vLLM gets its directory like any
     # other; a directory with only a config and a tokenizer gives random weights (vLLM starts with dummy ones
@@ -184,7 +144,7 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
     else:
         gen = _GatedReplicas.for_config(cfg, [VLLMGenerationEngine(vllm_settings(cfg, path, gpus, eos, k)) for k, gpus in enumerate(slices)])
     base = worker_init(cfg, path)
-    trainer = _GatedTrainer(base, [_physical(g) for g in trainer_gpus], timeout_s=cfg.trainer.worker_timeout_s)
+    trainer = _GatedTrainer(base, [physical_gpu(g) for g in trainer_gpus], timeout_s=cfg.trainer.worker_timeout_s)
     transport = IPCTransport(gen, trainer) if cfg.rollout.colocate else NCCLTransport(gen, trainer)
     gate.transport = transport
     gen.gate = gate
@@ -198,14 +158,3 @@ def build_vllm_fsdp_engines(cfg: Config) -> EngineSet:
     )
     return EngineSet(generation=gen, trainer=trainer, transport=transport, tokenizer=tokenizer)
 
-
-def worker_init(cfg: Config, model_path: str) -> w.WorkerInit:
-    """What every FSDP rank is started with (rank, world size, GPU and port are filled in per rank)."""
-    return w.WorkerInit(model_path=model_path, config=cfg)
-
-
-def _physical(index: int) -> int:
-    """A visible-device index → the physical index the worker puts in its CUDA_VISIBLE_DEVICES."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    ids = [int(x) for x in visible.split(",") if x.strip()]
-    return ids[index] if ids else index

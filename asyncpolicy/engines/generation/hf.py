@@ -160,19 +160,22 @@ class HFGenerationEngine:
         self._abort_epoch += 1
         await anyio.lowlevel.checkpoint()
 
-    async def load_state_dict_from(self, source_model: Any, version: int) -> None:
-        """Copy another in-process model's weights into ours (no disk) and become `version`."""
-        await self.load_weights(source_model.state_dict(), version)
+    async def load_state_dict_from(self, source_model: Any) -> None:
+        """Copy another in-process model's weights into ours (no disk); the transport then sets the version."""
+        await self.load_weights(source_model.state_dict())
 
-    async def load_weights(self, state_dict: dict[str, Any], version: int) -> None:
-        """Load full weights (Hugging Face names) and become `version`; never under a running batch."""
+    async def load_weights(self, state_dict: dict[str, Any]) -> None:
+        """Load full weights (Hugging Face names); never under a running batch."""
 
         def copy() -> None:
             with torch.no_grad():
                 self._model.load_state_dict(state_dict)
-            self._version = version
 
         await anyio.to_thread.run_sync(copy, limiter=self._limiter)
+
+    def set_version(self, version: int) -> None:
+        """Tokens of batches started from now on carry `version` (a batch reads it as it starts)."""
+        self._version = version
 
     async def aclose(self) -> None:
         """Abort what runs, wait for the worker thread to let go, then drop the model."""
