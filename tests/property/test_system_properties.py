@@ -69,7 +69,7 @@ def admission_checker(sup_box: list[Supervisor], cfg: Config, violations: list[s
     def check(request: Any) -> None:
         sup = sup_box[0]
         chan = sup.channel.statistics()
-        live = len(sup.rollouter.in_flight_prompts()) + chan.size + chan.consumed
+        live = sup.rollouter.statistics().in_flight + chan.size + chan.consumed
         version = sup.rollouter.version
         limit = (cfg.async_training.staleness_threshold + 1 + version) * cfg.data.train_batch_size
         if live > limit:
@@ -85,7 +85,7 @@ def prompts_accounted_for(sup: Supervisor, cfg: Config, trained: list[tuple[int,
     source = simulated_task(cfg).train
     drawn = [(p.epoch, p.index) for p in (source.next() for _ in range(cursor.epoch * cfg.task.num_prompts + cursor.position))]
     queued = [(s.prompt.epoch, s.prompt.index) for s, _ in sup.channel.snapshot().items]
-    in_flight = [(g.prompt.epoch, g.prompt.index) for g in sup.rollouter.in_flight_prompts()]
+    in_flight = [(g.prompt.epoch, g.prompt.index) for g in sup.rollouter.snapshot().in_flight]
     seen = trained + queued + in_flight
     assert len(set(seen)) == len(seen), "a prompt is in two places (trained, queued, in flight)"
     assert set(seen) <= set(drawn), "a prompt appeared that was never drawn"
@@ -107,7 +107,7 @@ async def run_supervised(
     cfg: Config, engines: Any, sup_box: list[Supervisor], script: list[tuple[float, str]], answers: list[object]
 ) -> tuple[RunResult, list[dict[str, Any]]]:
     with anyio.fail_after(RUN_DEADLINE_S):
-        sup = Supervisor(cfg, engines=engines)
+        sup = await Supervisor.build(cfg, engines=engines)
         sup_box.append(sup)  # before entering: generations start inside __aenter__
         async with sup, anyio.create_task_group() as tg:
             tg.start_soon(drive, sup, script, answers)

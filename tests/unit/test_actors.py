@@ -146,7 +146,7 @@ async def test_pause_with_partial_rollout_continues_generations_under_the_new_ve
         await engine.wait_running()
         await anyio.sleep(0.05)  # some tokens exist under version 0
         assert await rollouter.pause("sync") is True
-        assert engine.aborts == 1 and rollouter.counters.interrupted > 0
+        assert engine.aborts == 1 and rollouter.statistics().counters.interrupted > 0
         engine.inner.load_weights(1)
         assert await rollouter.resume("sync") is True
         samples = await take(channel, 4, 1)
@@ -178,7 +178,7 @@ async def test_without_partial_rollout_an_interrupted_generation_restarts_under_
         await engine.wait_running()
         await anyio.sleep(0.05)
         assert await rollouter.pause("sync", drain=False) is True
-        assert rollouter.counters.interrupted > 0
+        assert rollouter.statistics().counters.interrupted > 0
         engine.inner.load_weights(1)
         await rollouter.resume("sync")
         samples = await take(channel, 4, 1)
@@ -197,7 +197,7 @@ async def test_pause_with_drain_lets_running_generations_finish(sim_config: Make
         await engine.wait_running()
         with anyio.fail_after(2):
             assert await rollouter.pause("sync", drain=True) is True
-        assert engine.aborts == 0 and rollouter.counters.interrupted == 0 and engine.active == 0
+        assert engine.aborts == 0 and rollouter.statistics().counters.interrupted == 0 and engine.active == 0
         tg.cancel_scope.cancel()
 
 
@@ -217,17 +217,17 @@ async def test_admission_stops_at_the_capacity_rule_until_the_version_moves(sim_
             while channel.statistics().produced < 9:
                 await anyio.sleep(0.005)
         await anyio.sleep(0.05)  # time for any over-admission to show
-        assert rollouter.counters.admitted == (2 + 1 + 0) * 3
+        assert rollouter.statistics().counters.admitted == (2 + 1 + 0) * 3
         await take(channel, 3, 0)  # consuming frees nothing: consumed samples still count
         await anyio.sleep(0.05)
-        assert rollouter.counters.admitted == 9
+        assert rollouter.statistics().counters.admitted == 9
         sync = ParameterSynchronizer(cfg.async_training, rollouter, SimulatedTransport(engine, cfg.trainer.simulated))
         assert await sync.sync_weights(1)
         with anyio.fail_after(5):
-            while rollouter.counters.admitted < 12:
+            while rollouter.statistics().counters.admitted < 12:
                 await anyio.sleep(0.005)
         await anyio.sleep(0.05)
-        assert rollouter.counters.admitted == (2 + 1 + 1) * 3
+        assert rollouter.statistics().counters.admitted == (2 + 1 + 1) * 3
         tg.cancel_scope.cancel()
 
 
@@ -243,7 +243,7 @@ async def test_a_hang_past_generation_timeout_is_retried_then_fails_naming_the_r
         await rollouter.run()
     assert str(info.value).endswith("failed 2 time(s); last: timeout after 0.05s")
     assert str(info.value).startswith("generation train/")
-    assert rollouter.counters.timeouts >= 2 and rollouter.counters.retried >= 1
+    assert rollouter.statistics().counters.timeouts >= 2 and rollouter.statistics().counters.retried >= 1
 
 
 async def test_engine_errors_are_retried_then_fail_with_the_last_error(sim_config: Make, rollouter_for: Make) -> None:
@@ -285,7 +285,7 @@ async def test_a_failing_or_non_finite_reward_is_counted_and_scored_zero(sim_con
     assert bad and all(t.reward == 0.0 for t in bad)
     assert all(math.isfinite(t.reward) for t in trajectories)
     assert {t.reward_error for t in bad} <= {"ZeroDivisionError: boom", "non-finite reward nan", "non-finite reward inf"}
-    assert rollouter.counters.reward_errors == sum(kind != "ok" for kind in scorer.outcomes)
+    assert rollouter.statistics().counters.reward_errors == sum(kind != "ok" for kind in scorer.outcomes)
     assert sorted(t.reward for t in trajectories if not t.reward_error) == [0.5] * (len(trajectories) - len(bad))
 
 
@@ -304,7 +304,7 @@ async def test_sync_retries_through_transient_failures(sim_config: Make, rollout
     await engine.start()
     with anyio.fail_after(5):
         assert await sync.sync_weights(1) is True
-    assert engine.version == 1 and transport.attempts == 3 and sync.counters.failed_attempts == 2
+    assert engine.version == 1 and transport.attempts == 3 and sync.statistics().counters.failed_attempts == 2
 
 
 async def test_persistent_sync_failure_raises_sync_failed_naming_the_cause_and_resumes_rollout(
@@ -331,7 +331,7 @@ async def test_a_sync_the_engine_has_overtaken_costs_nothing_and_reports_so(sim_
         first = await sync.sync(2)
         again = await sync.sync(1)
     assert 0 < first.pause_s <= first.latency_s and engine.version == 2
-    assert again == SyncResult() and sync.counters.syncs == 1 and transport.attempts == 1
+    assert again == SyncResult() and sync.statistics().counters.syncs == 1 and transport.attempts == 1
 
 
 async def test_a_sync_attempt_past_sync_timeout_counts_as_a_failure(sim_config: Make, rollouter_for: Make) -> None:
