@@ -6,6 +6,10 @@ Invariants:
   ``admitted - dropped_stale < (staleness_threshold + 1 + version) * train_batch_size``,
   so it never starts work that the trainer could not consume within the staleness bound
   (the channel still enforces the bound per sample, should completion order defeat the rule);
+* at most `admission window` groups generate at once: each holds a token of an anyio
+  CapacityLimiter from its start until its responses are done (default
+  ``max(1, rollout.max_concurrency // rollout.n)``; `set_admission_window` moves it at run time).
+  The window only bounds concurrency: whatever it is set to, the capacity rule above still holds;
 * every admitted group ends exactly once: as a sample put into the channel, or — only when the
   run stops — as abandoned in flight (its prompt is in `snapshot().in_flight` for checkpoints);
 * `pause()` returns only once no generation runs on the engine; `resume()` undoes it; both are
@@ -69,6 +73,8 @@ class RolloutStatistics(msgspec.Struct, frozen=True, kw_only=True):
 
     counters: RolloutCounters
     in_flight: int  # groups admitted and not yet queued (replays of a restored or failed engine included)
+    generating: int  # groups whose responses are being generated (each holds an admission token)
+    admission_window: int  # most groups generating at once (the limiter's total_tokens)
     running: int  # engine.generate calls active now (0 once pause() has returned)
     paused: bool
     idle_ratio: float  # share of this process's wall time no generation ran (0 before the first run())
@@ -95,8 +101,9 @@ class Rollouter:
         self._counters = RolloutCounters()
         self._changed = StateSignal()  # version, pause state, running count, drops
         self._pause_reasons: set[str] = set()
-        self._running = 0  # engine.generate calls now active
-        self._active_trajectories = 0  # slots taken against rollout.max_concurrency
+        self._running = 0  # engine.generate calls now active: pause() waits for none (validation's included)
+        # a token per group generating, borrowed by its prompt uid at admission, returned when its responses are done
+        self._admission = anyio.CapacityLimiter(max(1, cfg.rollout.max_concurrency // cfg.rollout.n))
         self._in_flight: dict[str, InFlight] = {}
         self._replay: list[InFlight] = []  # restored from a checkpoint: generated first
         self._idle_since: float | None = None
@@ -140,6 +147,15 @@ class Rollouter:
         await anyio.lowlevel.checkpoint()
         return True
 
+    def set_admission_window(self, groups: int) -> None:
+        """Let at most `groups` groups generate at once, from now on. Shrinking never interrupts a
+        group: admission waits until fewer than `groups` generate. The staleness rule is unaffected."""
+        if groups < 1:
+            raise ValueError(f"rollouter: the admission window must be at least 1 group, got {groups}")
+        self._admission.total_tokens = groups
+        self._changed.notify()
+        log.debug("admission_window_set", groups=groups)
+
     def notify_dropped(self, sample: Sample, version: int) -> None:
         """Channel callback: a stale drop frees admission capacity."""
         self._changed.notify()
@@ -177,6 +193,8 @@ class Rollouter:
         return RolloutStatistics(
             counters=self._counters,
             in_flight=len(self._in_flight) + len(self._replay),
+            generating=self._admission.borrowed_tokens,
+            admission_window=int(self._admission.total_tokens),
             running=self._running,
             paused=self.paused,
             idle_ratio=idle_ratio,
@@ -191,10 +209,14 @@ class Rollouter:
         return limit - live
 
     def _may_admit(self) -> bool:
-        n = self.cfg.rollout.n
-        slots_ok = self._active_trajectories == 0 or self._active_trajectories + n <= self.cfg.rollout.max_concurrency
         # A replayed group is inside the capacity count already: only new prompts wait for room.
-        return not self.paused and slots_ok and (bool(self._replay) or self._capacity_left() > 0)
+        # One wait for all three conditions (the limiter's own wait would be a second one): the
+        # token is then taken without waiting, and returning one notifies this wait.
+        return (
+            not self.paused
+            and self._admission.available_tokens >= 1
+            and (bool(self._replay) or self._capacity_left() > 0)
+        )
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -216,7 +238,7 @@ class Rollouter:
                 else:
                     group = InFlight(prompt=self.prompts.next(), start_version=self.version)
                     self._counters = counters.add(self._counters, admitted=1)
-                self._active_trajectories += self.cfg.rollout.n
+                self._admission.acquire_on_behalf_of_nowait(group.prompt.uid)
                 self._in_flight[group.prompt.uid] = group
                 tg.start_soon(self._rollout_group, group)
                 if self.cfg.rollout.interval_s:
@@ -233,7 +255,7 @@ class Rollouter:
                 for i in range(n):
                     tg.start_soon(self._generate_into, results, i, prompt)
         finally:
-            self._active_trajectories -= n
+            self._admission.release_on_behalf_of(prompt.uid)
             self._changed.notify()
         trajectories = [t for t in results if t is not None]
         for t in trajectories:

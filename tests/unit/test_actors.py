@@ -231,6 +231,37 @@ async def test_admission_stops_at_the_capacity_rule_until_the_version_moves(sim_
         tg.cancel_scope.cancel()
 
 
+async def test_the_admission_window_bounds_groups_generating_at_once_and_moves_at_run_time(
+    sim_config: Make, rollouter_for: Make
+) -> None:
+    """rollout.n=1: engine calls running = groups generating. Window 2: at most 2, and 2 are reached;
+    moved to 5 while running: 5 are reached, and never more."""
+    cfg = sim_config("rollout.n=1", "rollout.max_concurrency=16", "async_training.staleness_threshold=3",
+                     "data.train_batch_size=8", "async_training.max_queue_size=32",
+                     "rollout.simulated.mean_latency_s=0.01", "rollout.simulated.latency_sigma=0")
+    engine = counting_engine(cfg)
+    rollouter, _, _ = rollouter_for(cfg, engine)
+    assert rollouter.statistics().admission_window == 16
+    rollouter.set_admission_window(2)
+    await engine.start()
+    async with anyio.create_task_group() as tg:
+        await tg.start(rollouter.run)
+        with anyio.fail_after(5):
+            while rollouter.statistics().counters.completed < 6:
+                await anyio.sleep(0.002)
+        assert engine.max_active == 2
+        rollouter.set_admission_window(5)
+        with anyio.fail_after(5):
+            while engine.max_active < 5:
+                await anyio.sleep(0.002)
+        stats = rollouter.statistics()
+        assert stats.admission_window == 5 and stats.generating <= 5
+        tg.cancel_scope.cancel()
+    assert engine.max_active == 5 and rollouter.statistics().generating == 0
+    with pytest.raises(ValueError, match="at least 1 group"):
+        rollouter.set_admission_window(0)
+
+
 async def test_a_hang_past_generation_timeout_is_retried_then_fails_naming_the_request(
     sim_config: Make, rollouter_for: Make
 ) -> None:
