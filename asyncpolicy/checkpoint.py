@@ -33,7 +33,10 @@ from asyncpolicy.tasks.base import CursorState
 
 log = structlog.get_logger("asyncpolicy.checkpoint")
 
-FORMAT_VERSION = 1
+# 2: the staleness metrics are the channel's alone: trainer.staleness_max and the channel's
+#    age_sum/age_min are gone, the channel's latest-batch ages added. Format 1 still loads (the
+#    channel's age_max is the run's staleness_max; the fields gone are ignored).
+FORMAT_VERSION = 2
 STATE_FILE = "state.msgpack"
 COMPLETE_MARKER = "COMPLETE"
 ENGINE_DIR = "engine"
@@ -41,7 +44,7 @@ MODEL_DIR = "model"
 
 
 class RunState(msgspec.Struct, frozen=True, kw_only=True):
-    """The non-tensor part of a checkpoint: each actor's own snapshot, laid out as format 1 has it
+    """The non-tensor part of a checkpoint: each actor's own snapshot, laid out as format 1 had it
     (the rollouter's counts and its in-flight groups in two fields: `of` and `rollouter` map them)."""
 
     format_version: int = FORMAT_VERSION
@@ -175,7 +178,7 @@ def load_state(path: Path) -> RunState:
     if state.format_version > FORMAT_VERSION:
         raise ConfigError(
             f"config key 'resume': {str(file)!r} has checkpoint format {state.format_version}; "
-            f"this asyncpolicy reads format {FORMAT_VERSION} and earlier",
+            f"this asyncpolicy reads formats 1 to {FORMAT_VERSION}",
             key="resume",
         )
     return state

@@ -497,9 +497,9 @@ class Supervisor:
             samples_per_s=(chan.produced - self._rate_base[0]) / elapsed,
             trained_samples_per_s=(chan.consumed - self._rate_base[1]) / elapsed,
             steps_per_s=(report.step - self._rate_base[2]) / elapsed,
-            sample_age_mean=sum(report.ages) / len(report.ages),
-            sample_age_max=max(report.ages),
-            staleness_max=trainer.staleness_max,
+            sample_age_mean=chan.sample_age_mean,  # the trainer is the channel's one consumer: its batch
+            sample_age_max=chan.sample_age_max,
+            staleness_max=int(chan.staleness_max),
             dropped_stale_total=chan.dropped_stale,
             queue_size=chan.size,
             queue_utilization=chan.utilization,
@@ -522,7 +522,7 @@ class Supervisor:
         self.sink.write(row)
         if self._validating and report.step % self.cfg.trainer.test_freq == 0:
             self.validator.request(report.step)
-        log.debug("step", step=report.step, reward_mean=round(reward_mean, 4), age_max=max(report.ages))
+        log.debug("step", step=report.step, reward_mean=round(reward_mean, 4), age_max=chan.sample_age_max)
 
     def _result(self) -> RunResult:
         chan, trainer, rollout = self.channel.statistics(), self.trainer.statistics(), self.rollouter.statistics()

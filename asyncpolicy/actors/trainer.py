@@ -33,7 +33,6 @@ class StepReport(msgspec.Struct, kw_only=True):
     step: int
     version: int  # after the step
     batch: list[Sample]
-    ages: list[int]  # per sample, at consume
     engine_metrics: dict[str, float]
     sync_latency_s: float | None
     sync_pause_s: float | None  # of that sync, the time rollout was stopped
@@ -46,7 +45,6 @@ class TrainerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
 
     step: int = 0  # training steps done
     version: int = 0  # policy version: one more per step
-    staleness_max: int = 0  # the largest sample age trained on so far
     idle_s: float = 0.0  # total time waiting for batches, over the whole run
 
 
@@ -55,7 +53,6 @@ class TrainerStatistics(msgspec.Struct, frozen=True, kw_only=True):
 
     step: int
     version: int
-    staleness_max: int
     idle_s: float  # over the whole run (a resumed run's earlier processes included)
     idle_ratio: float  # share of this process's wall time spent waiting for batches
 
@@ -105,7 +102,7 @@ class Trainer:
         s = self._state
         idle_ratio = (s.idle_s - self._idle_base) / max(1e-9, time.monotonic() - self._started_at)
         return TrainerStatistics(
-            step=s.step, version=s.version, staleness_max=s.staleness_max, idle_s=s.idle_s, idle_ratio=idle_ratio
+            step=s.step, version=s.version, idle_s=s.idle_s, idle_ratio=idle_ratio
         )
 
     async def _bounded_step(self, batch: list[Sample]) -> dict[str, float]:
@@ -135,10 +132,11 @@ class Trainer:
             self._state = counters.add(self._state, idle_s=wait_s)
             # A fixed order makes the batch independent of completion order (on-policy equivalence).
             batch.sort(key=lambda s: (s.prompt.epoch, s.prompt.index))
-            ages = [self._state.version - s.min_version for s in batch]
-            if max(ages) > cfg.async_training.staleness_threshold:
+            # the channel's bound, checked again on what is about to be trained (its age metrics are the channel's)
+            oldest_age = self._state.version - min(s.min_version for s in batch)
+            if oldest_age > cfg.async_training.staleness_threshold:
                 raise RunFailed(
-                    f"staleness bound violated: sample age {max(ages)} > {cfg.async_training.staleness_threshold}"
+                    f"staleness bound violated: sample age {oldest_age} > {cfg.async_training.staleness_threshold}"
                 )
             started = time.monotonic()
             # Shielded: a batch taken from the channel is trained on and counted, or neither;
@@ -146,12 +144,7 @@ class Trainer:
             with anyio.CancelScope(shield=True):
                 async with self.weights_lock:
                     engine_metrics = await self._bounded_step(batch)
-                self._state = msgspec.structs.replace(
-                    self._state,
-                    step=self._state.step + 1,
-                    version=self._state.version + 1,
-                    staleness_max=max(self._state.staleness_max, *ages),
-                )
+                self._state = counters.add(self._state, step=1, version=1)
             train_s = time.monotonic() - started
             sync_latency = sync_pause = None
             try:
@@ -164,7 +157,6 @@ class Trainer:
                         step=self._state.step,
                         version=self._state.version,
                         batch=batch,
-                        ages=ages,
                         engine_metrics=engine_metrics,
                         sync_latency_s=sync_latency,
                         sync_pause_s=sync_pause,

@@ -1,5 +1,5 @@
 """Each actor owns its state: snapshot() / restore() / statistics() round-trips, and counts that
-continue after a restore; the checkpoint layout of format 1 (what earlier versions wrote) still loads."""
+continue after a restore; a checkpoint of format 1 (what earlier versions wrote) still loads."""
 
 from __future__ import annotations
 
@@ -120,9 +120,7 @@ async def test_trainer_and_synchronizer_restored_continue_their_counts(sim_confi
     sync2.restore(s_snap)
     restored_t, restored_s = trainer2.statistics(), sync2.statistics()
     original_t = trainer.statistics()
-    assert (restored_t.step, restored_t.version, restored_t.staleness_max, restored_t.idle_s) == (
-        original_t.step, original_t.version, original_t.staleness_max, original_t.idle_s
-    )
+    assert (restored_t.step, restored_t.version, restored_t.idle_s) == (original_t.step, original_t.version, original_t.idle_s)
     assert restored_s == sync.statistics()
     assert trainer2.snapshot() == t_snap and sync2.snapshot() == s_snap
 
@@ -182,17 +180,23 @@ async def test_a_format_1_checkpoint_loads_into_every_actors_snapshot(tmp_path: 
     (tmp_path / checkpoint.STATE_FILE).write_bytes(msgspec.msgpack.encode(written))
     (tmp_path / checkpoint.COMPLETE_MARKER).write_text("7\n")
     state = checkpoint.load_state(tmp_path)
-    assert state.trainer == TrainerSnapshot(step=7, version=7, staleness_max=1, idle_s=0.5)
+    assert state.trainer == TrainerSnapshot(step=7, version=7, idle_s=0.5)
     assert state.rollouter.counters == RolloutCounters(**written["rollout"])
     assert state.rollouter.in_flight == (InFlight(prompt=sample.prompt, start_version=7),)
     assert state.sync == SyncCounters(**written["sync"]) and state.replicas == ReplicaCounters(**written["replicas"])
     assert state.channel.items[0][0].prompt.uid == sample.prompt.uid
-    # and what this version writes has the same layout
+    assert state.channel.age_max == 1.0  # the run's staleness_max continues from the channel's
+    # what this version writes: format 1's layout, less the staleness fields that were not the channel's
     again = checkpoint.RunState.of(
         trainer=state.trainer, rollouter=state.rollouter, sync=state.sync, cursor=state.cursor, channel=state.channel,
         rng_state=state.rng_state, reason=state.reason, replicas=state.replicas,
     )
-    assert msgspec.msgpack.decode(checkpoint.encode_state(again)) == msgspec.msgpack.decode(msgspec.msgpack.encode(written))
+    now = msgspec.msgpack.decode(checkpoint.encode_state(again))
+    assert now["format_version"] == checkpoint.FORMAT_VERSION == 2 and set(now) == set(written)
+    assert set(now["trainer"]) == set(written["trainer"]) - {"staleness_max"}
+    assert set(now["channel"]) == set(written["channel"]) - {"age_sum", "age_min"} | {"sample_age_mean", "sample_age_max"}
+    for key in ("rollout", "sync", "cursor", "in_flight", "rng_state", "reason", "replicas"):
+        assert now[key] == written[key], key
 
 
 async def test_a_checkpoint_of_a_newer_format_is_refused_naming_it(tmp_path: Path, sim_config: Make, rollouter_for: Make) -> None:
@@ -200,5 +204,5 @@ async def test_a_checkpoint_of_a_newer_format_is_refused_naming_it(tmp_path: Pat
     newer = {**format_1_state(sample), "format_version": checkpoint.FORMAT_VERSION + 1}
     (tmp_path / checkpoint.STATE_FILE).write_bytes(msgspec.msgpack.encode(newer))
     (tmp_path / checkpoint.COMPLETE_MARKER).write_text("1\n")
-    with pytest.raises(checkpoint.ConfigError, match=f"checkpoint format {checkpoint.FORMAT_VERSION + 1}; this asyncpolicy reads format 1"):
+    with pytest.raises(checkpoint.ConfigError, match=f"checkpoint format {checkpoint.FORMAT_VERSION + 1}; this asyncpolicy reads formats 1 to {checkpoint.FORMAT_VERSION}"):
         checkpoint.load_state(tmp_path)

@@ -404,7 +404,7 @@ async def test_trainer_bumps_the_version_once_per_step_and_syncs_every_trigger_s
     assert [r.version for r in reports] == [1, 2, 3, 4, 5, 6]
     assert [r.sync_latency_s is not None for r in reports] == [False, False, True, False, False, True]
     assert rollouter.version == 6
-    assert all(len(r.batch) == 2 and max(r.ages) <= 2 for r in reports)
+    assert all(len(r.batch) == 2 and r.version - 1 - min(s.min_version for s in r.batch) <= 2 for r in reports)
 
 
 async def test_trainer_fails_clearly_when_the_channel_closes_early(sim_config: Make, rollouter_for: Make) -> None:

@@ -55,6 +55,28 @@ async def test_a_run_trains_every_step_and_accounts_for_every_sample(sim_config:
     assert max(r["staleness_max"] for r in rows) <= 1
 
 
+async def test_the_staleness_metrics_are_the_ages_of_the_batches_trained(
+    sim_config: Make, engines_for: Make, tmp_path: Path
+) -> None:
+    """sample_age_mean/max of each line are its batch's ages (trainer version − sample.min_version),
+    staleness_max their running maximum, whoever computes them."""
+    cfg = sim_config("trainer.total_training_steps=8", "async_training.staleness_threshold=2", "data.train_batch_size=3",
+                     "async_training.trigger_parameter_sync_step=3", output_dir=tmp_path)
+    engines, recorder = engines_for(cfg)
+    with anyio.fail_after(30):
+        async with Supervisor.open(cfg, engines=engines) as sup:
+            await sup.wait()
+    rows = rows_of(cfg)
+    running_max = 0
+    for row, (version, batch) in zip(rows, recorder.steps, strict=True):
+        ages = [version - min_version for _, _, min_version, _, _ in batch]
+        running_max = max(running_max, *ages)
+        assert (row["sample_age_mean"], row["sample_age_max"], row["staleness_max"]) == (
+            sum(ages) / len(ages), max(ages), running_max
+        )
+    assert running_max > 0, "every sample was fresh: the test would not tell the measures apart"
+
+
 async def test_sync_retry_survives_transient_transfer_failures(sim_config: Make, tmp_path: Path) -> None:
     """sync_failures=2 with sync_retries=3: every sync succeeds on its third attempt; the run finishes."""
     cfg = sim_config("trainer.total_training_steps=3", "trainer.simulated.sync_failures=2", "async_training.sync_retries=3",
