@@ -22,9 +22,9 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from asyncpolicy.actors.rollouter import InFlight, RolloutCounters
+from asyncpolicy.actors.rollouter import InFlight, RolloutCounters, RolloutSnapshot
 from asyncpolicy.actors.synchronizer import SyncCounters
-from asyncpolicy.actors.trainer import TrainerState
+from asyncpolicy.actors.trainer import TrainerSnapshot
 from asyncpolicy.channels import ChannelSnapshot
 from asyncpolicy.engines.generation.replicas import ReplicaCounters
 from asyncpolicy.errors import ConfigError
@@ -33,18 +33,22 @@ from asyncpolicy.tasks.base import CursorState
 
 log = structlog.get_logger("asyncpolicy.checkpoint")
 
-FORMAT_VERSION = 1
+# 2: the staleness metrics are the channel's alone: trainer.staleness_max and the channel's
+#    age_sum/age_min are gone, the channel's latest-batch ages added. Format 1 still loads (the
+#    channel's age_max is the run's staleness_max; the fields gone are ignored).
+FORMAT_VERSION = 2
 STATE_FILE = "state.msgpack"
 COMPLETE_MARKER = "COMPLETE"
 ENGINE_DIR = "engine"
 MODEL_DIR = "model"
 
 
-class RunState(msgspec.Struct, kw_only=True):
-    """The non-tensor part of a checkpoint."""
+class RunState(msgspec.Struct, frozen=True, kw_only=True):
+    """The non-tensor part of a checkpoint: each actor's own snapshot, laid out as format 1 had it
+    (the rollouter's counts and its in-flight groups in two fields: `of` and `rollouter` map them)."""
 
     format_version: int = FORMAT_VERSION
-    trainer: TrainerState
+    trainer: TrainerSnapshot
     rollout: RolloutCounters
     sync: SyncCounters
     cursor: CursorState
@@ -53,6 +57,36 @@ class RunState(msgspec.Struct, kw_only=True):
     rng_state: list[object]  # the supervisor's random.Random state
     reason: str  # "save_freq", "finished" or "stop"
     replicas: ReplicaCounters = msgspec.field(default_factory=ReplicaCounters)  # rollout.replicas > 1 (older: zeros)
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        trainer: TrainerSnapshot,
+        rollouter: RolloutSnapshot,
+        sync: SyncCounters,
+        cursor: CursorState,
+        channel: ChannelSnapshot[Sample],
+        rng_state: list[object],
+        reason: str,
+        replicas: ReplicaCounters,
+    ) -> RunState:
+        """The state of a run from its actors' snapshots."""
+        return cls(
+            trainer=trainer,
+            rollout=rollouter.counters,
+            sync=sync,
+            cursor=cursor,
+            channel=channel,
+            in_flight=list(rollouter.in_flight),
+            rng_state=rng_state,
+            reason=reason,
+            replicas=replicas,
+        )
+
+    @property
+    def rollouter(self) -> RolloutSnapshot:
+        return RolloutSnapshot(counters=self.rollout, in_flight=tuple(self.in_flight))
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -138,9 +172,29 @@ def load_state(path: Path) -> RunState:
     if not (path / COMPLETE_MARKER).exists():
         raise ConfigError(f"config key 'resume': {str(path)!r} is not a complete checkpoint", key="resume")
     try:
-        return msgspec.msgpack.decode(file.read_bytes(), type=RunState)
+        state = msgspec.msgpack.decode(file.read_bytes(), type=RunState)
     except (OSError, msgspec.DecodeError) as e:
         raise ConfigError(f"config key 'resume': cannot read {str(file)!r}: {e}", key="resume") from None
+    if state.format_version > FORMAT_VERSION:
+        raise ConfigError(
+            f"config key 'resume': {str(file)!r} has checkpoint format {state.format_version}; "
+            f"this asyncpolicy reads formats 1 to {FORMAT_VERSION}",
+            key="resume",
+        )
+    return state
+
+
+class Resume(msgspec.Struct, frozen=True, kw_only=True):
+    """A checkpoint to continue from: where it is and what it holds."""
+
+    path: Path
+    state: RunState
+
+
+def find_resume(output_dir: Path, resume: str) -> Resume | None:
+    """The checkpoint `resume` names (see `resolve_resume`), read; None when there is none to continue."""
+    path = resolve_resume(output_dir, resume)
+    return Resume(path=path, state=load_state(path)) if path is not None else None
 
 
 def resolve_resume(output_dir: Path, resume: str) -> Path | None:

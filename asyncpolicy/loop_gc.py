@@ -22,36 +22,43 @@ import threading
 from collections.abc import Iterator
 
 _lock = threading.Lock()
-_starting = 0  # supervisors inside their start-up
+_starting = 0  # collection_off blocks open (supervisors building or starting)
 _reenable = False  # automatic collection was on when the first of them began
 _running = 0  # supervisors started and not yet ended
 _frozen_by_us = False
 
 
 @contextlib.contextmanager
-def quiet_start_up() -> Iterator[None]:
-    """Around a Supervisor's start-up: no automatic collection inside; what is alive after a
-    successful start-up is frozen. Pair each successful block with one `run_ended()`."""
-    global _starting, _reenable, _running, _frozen_by_us
+def collection_off() -> Iterator[None]:
+    """No automatic collection inside (nested and concurrent blocks share one switch); the
+    collector is turned back on when the last block ends, if it was on before the first."""
+    global _starting, _reenable
     with _lock:
         if _starting == 0:
             _reenable = gc.isenabled()
             gc.disable()
         _starting += 1
-    ok = False
     try:
         yield
-        ok = True
     finally:
         with _lock:
             _starting -= 1
-            if ok:
-                _running += 1
-                if _frozen_by_us or gc.get_freeze_count() == 0:
-                    gc.freeze()
-                    _frozen_by_us = True
             if _starting == 0 and _reenable:
                 gc.enable()
+
+
+@contextlib.contextmanager
+def quiet_start_up() -> Iterator[None]:
+    """Around a Supervisor's start-up: no automatic collection inside; what is alive after a
+    successful start-up is frozen. Pair each successful block with one `run_ended()`."""
+    global _running, _frozen_by_us
+    with collection_off():
+        yield
+        with _lock:
+            _running += 1
+            if _frozen_by_us or gc.get_freeze_count() == 0:
+                gc.freeze()
+                _frozen_by_us = True
 
 
 def run_ended() -> None:

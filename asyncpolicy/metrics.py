@@ -41,6 +41,7 @@ class StepMetrics(msgspec.Struct, kw_only=True, omit_defaults=False):
     samples_per_s: float  # samples (prompt groups) generated per second by this process (not counting a resumed past)
     trained_samples_per_s: float
     steps_per_s: float
+    # the staleness family, all from the channel's statistics (the one place ages are computed)
     sample_age_mean: float  # this batch: trainer version - oldest version of each sample's tokens
     sample_age_max: float
     staleness_max: int  # the largest age trained on so far in the run; never above the threshold

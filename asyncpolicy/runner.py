@@ -43,13 +43,13 @@ def _hard_exit(code: int, why: str) -> None:
 
 
 async def _watch_signals(
-    sup: Supervisor, signals: AsyncIterator[signal.Signals], outcome: Outcome, stop_timeout_s: float
+    stopping: anyio.Event, signals: AsyncIterator[signal.Signals], outcome: Outcome, stop_timeout_s: float
 ) -> None:
     async for signum in signals:
         outcome.signal = int(signum)
         log.warning("stop_requested", signal=signal.Signals(signum).name, timeout_s=stop_timeout_s)
         tqdm.write(f"asyncpolicy: {signal.Signals(signum).name}: stopping after the current step (again to exit now)", file=sys.stderr)
-        sup.stop()
+        stopping.set()
         break
     with anyio.move_on_after(stop_timeout_s):
         async for signum in signals:
@@ -57,6 +57,11 @@ async def _watch_signals(
                 _hard_exit(128 + int(signum), "second SIGINT")
     assert outcome.signal is not None
     _hard_exit(128 + outcome.signal, f"the run did not stop within stop_timeout_s={stop_timeout_s}")
+
+
+async def _stop_when(stopping: anyio.Event, sup: Supervisor) -> None:
+    await stopping.wait()
+    sup.stop()
 
 
 def _show_progress(cfg: Config) -> bool:
@@ -79,11 +84,15 @@ async def run_cli(cfg: Config, on_output_dir: Callable[[Path], None] | None = No
     Signals are watched from before start-up (imports, engines: a minute with vLLM), so a Ctrl-C
     then ends the start-up instead of being lost."""
     outcome = Outcome()
-    sup = Supervisor(cfg, on_output_dir=on_output_dir)
+    stopping = anyio.Event()
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_watch_signals, sup, signals, outcome, cfg.stop_timeout_s)
+                tg.start_soon(_watch_signals, stopping, signals, outcome, cfg.stop_timeout_s)
+                sup = await Supervisor.build(cfg, on_output_dir=on_output_dir)
+                if stopping.is_set():  # signalled while building: the run ends before it starts
+                    sup.stop()
+                tg.start_soon(_stop_when, stopping, sup)
                 async with sup:
                     if _show_progress(cfg):
                         tg.start_soon(_follow_progress, sup, cfg.trainer.total_training_steps)

@@ -1,6 +1,6 @@
 """The supervisor: one task group that owns the actors, their engines and their lifecycle.
 
-    async with Supervisor(cfg) as sup:      # engines started, every actor reported ready
+    async with Supervisor.open(cfg) as sup: # engines started, every actor reported ready
         async for row in sup.events(): ...  # per-step metrics, live
         result = await sup.wait()           # the trainer finished its steps
     # leaving the block stops whatever still runs; engines are closed
@@ -12,6 +12,8 @@ threads or processes, so the host's event loop stays free. Works under asyncio a
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import random
@@ -95,90 +97,78 @@ def prepare_output_dir(out: Path) -> Path:
     return out
 
 
+class RunSetup(msgspec.Struct, kw_only=True):
+    """What a Supervisor is built from: the heavy part of its construction (`prepare_run`)."""
+
+    engines: EngineSet
+    task: TaskData
+    output_dir: Path  # checked, created, config.json written
+    rng: random.Random  # the run's seeded RNG: the engines were built with it, checkpoints hold its state
+    resume: checkpoint.Resume | None  # the checkpoint the run continues from
+    sink: MetricsSink  # metrics.jsonl, opened (appended to on a resume)
+
+
+def prepare_run(
+    cfg: Config,
+    *,
+    engines: EngineSet | None = None,
+    task: TaskData | None = None,
+    on_output_dir: Callable[[Path], None] | None = None,
+) -> RunSetup:
+    """Check the output dir and resume state, build engines and task, write config.json (blocking:
+    a worker thread's job; `Supervisor.build` runs it so)."""
+    # Everything that can reject the input (config, output_dir, resume, model, data, reward) runs
+    # before anything on disk is created or changed: a bad-input run leaves nothing behind.
+    out = output_path(cfg)
+    check_output_dir(out)
+    resume = checkpoint.find_resume(out, cfg.resume)
+    metrics_file = out / "metrics.jsonl"
+    earlier_run = resume is None and metrics_file.exists() and metrics_file.stat().st_size > 0
+    if earlier_run and cfg.resume != "auto":
+        raise ConfigError(
+            f"config key 'output_dir': {str(out)!r} already holds a run; "
+            "pass resume=auto to continue it, or choose another output_dir",
+            key="output_dir",
+        )
+    rng = random.Random(cfg.seed)
+    engines = engines or build_engines(cfg, rng=rng)
+    task = task or build_task(cfg, engines.tokenizer)
+    output_dir = prepare_output_dir(out)
+    if on_output_dir is not None:
+        on_output_dir(output_dir)
+    if earlier_run:  # resume=auto without a complete checkpoint: start over, keeping the old lines
+        aside = metrics_file.with_name(time.strftime("metrics.before-%Y%m%d-%H%M%S.jsonl"))
+        metrics_file.replace(aside)
+        log.warning("no_checkpoint_to_resume", previous_metrics=str(aside))
+    if resume is not None:
+        _truncate_metrics(metrics_file, resume.state.trainer.step)
+    checkpoint.remove_stale_temporaries(output_dir)
+    (output_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(to_dict(cfg))))
+    sink = MetricsSink(output_dir, append=resume is not None)
+    return RunSetup(engines=engines, task=task, output_dir=output_dir, rng=rng, resume=resume, sink=sink)
+
+
 class Supervisor:
-    """Runs rollouter, trainer and synchronizer as one structured unit."""
+    """Runs rollouter, trainer and synchronizer as one structured unit.
 
-    def __init__(
-        self,
-        cfg: Config,
-        *,
-        engines: EngineSet | None = None,
-        task: TaskData | None = None,
-        on_output_dir: Callable[[Path], None] | None = None,
-    ) -> None:
-        """`on_output_dir` is called with the run's directory once the inputs are checked and it
-        exists, before anything is written there (the CLI opens its events file in it)."""
+    Complete once constructed (from a `RunSetup`); `async with` runs it. `Supervisor.open(cfg)`
+    builds and runs in one step, `Supervisor.build(cfg)` only builds.
+    """
+
+    def __init__(self, cfg: Config, setup: RunSetup) -> None:
         self.cfg = cfg
-        self._on_output_dir = on_output_dir
-        self.rng = random.Random(cfg.seed)
-        self._engines = engines
-        self._task = task
-        self._outer: anyio.abc.TaskGroup | None = None
-        self._actors: anyio.CancelScope | None = None
-        self._starting: anyio.CancelScope | None = None  # engine start-up, restore, first sync
-        self._stop_requested = False
-        self._done = anyio.Event()
-        self._started_at = time.monotonic()
-        self._rate_base = (0, 0, 0)  # (produced, consumed, step) restored from a checkpoint: rates count this process's work
-        self.output_dir: Path | None = None
-        self.result: RunResult | None = None
-        self._gc_quieted = False  # a successful start-up froze long-lived objects (loop_gc)
-
-    # -- building -------------------------------------------------------------------------------
-
-    async def _build(self) -> None:
-        """Everything heavy (imports, model files, tokenizer, disk) in worker threads; the loop
-        only wires the actors together."""
-        if self._engines is None:
-            # seconds of imports (torch, transformers, vllm); abandoning them on a cancel is harmless
-            await anyio.to_thread.run_sync(import_engine_modules, self.cfg, abandon_on_cancel=True)
-        # not abandoned: it writes into output_dir and builds engines that must have an owner
-        await anyio.to_thread.run_sync(self._prepare)
-        self._wire()
-
-    def _prepare(self) -> None:
-        """Check the output dir and resume state, build engines and task, write config.json (worker thread)."""
-        cfg = self.cfg
-        # Everything that can reject the input (config, output_dir, resume, model, data, reward) runs
-        # before anything on disk is created or changed: a bad-input run leaves nothing behind.
-        out = output_path(cfg)
-        check_output_dir(out)
-        self.resume_from = checkpoint.resolve_resume(out, cfg.resume)
-        self.resume_state = checkpoint.load_state(self.resume_from) if self.resume_from else None
-        metrics_file = out / "metrics.jsonl"
-        earlier_run = self.resume_state is None and metrics_file.exists() and metrics_file.stat().st_size > 0
-        if earlier_run and cfg.resume != "auto":
-            raise ConfigError(
-                f"config key 'output_dir': {str(out)!r} already holds a run; "
-                "pass resume=auto to continue it, or choose another output_dir",
-                key="output_dir",
-            )
-        self.engines = self._engines or build_engines(cfg, rng=self.rng)
-        self.task = self._task or build_task(cfg, self.engines.tokenizer)
-        self.output_dir = prepare_output_dir(out)
-        if self._on_output_dir is not None:
-            self._on_output_dir(self.output_dir)
-        if earlier_run:  # resume=auto without a complete checkpoint: start over, keeping the old lines
-            aside = metrics_file.with_name(time.strftime("metrics.before-%Y%m%d-%H%M%S.jsonl"))
-            metrics_file.replace(aside)
-            log.warning("no_checkpoint_to_resume", previous_metrics=str(aside))
-        if self.resume_state is not None:
-            _truncate_metrics(metrics_file, self.resume_state.trainer.step)
-        checkpoint.remove_stale_temporaries(self.output_dir)
-        (self.output_dir / "config.json").write_bytes(msgspec.json.format(msgspec.json.encode(to_dict(cfg))))
-        self.sink = MetricsSink(self.output_dir, append=self.resume_state is not None)
-
-    def _wire(self) -> None:
-        """Channel and actors around the built engines (cheap; on the loop)."""
-        cfg = self.cfg
-        self.rollouter: Rollouter
+        self.engines = setup.engines
+        self.task = setup.task
+        self.output_dir = setup.output_dir
+        self.rng = setup.rng
+        self.resume_from = setup.resume
+        self.sink = setup.sink
+        at = cfg.async_training
         self.channel: VersionedChannel[Sample] = VersionedChannel(
-            cfg.async_training.max_queue_size,
-            cfg.async_training.staleness_threshold,
-            on_drop=lambda sample, version: self.rollouter.notify_dropped(sample, version),
+            at.max_queue_size, at.staleness_threshold, on_drop=self._on_drop
         )
         self.rollouter = Rollouter(cfg, self.engines.generation, self.channel, self.task.train, self.task.scorer)
-        self.synchronizer = ParameterSynchronizer(cfg.async_training, self.rollouter, self.engines.transport)
+        self.synchronizer = ParameterSynchronizer(at, self.rollouter, self.engines.transport)
         self.trainer = Trainer(
             cfg, self.engines.trainer, self.channel, self.synchronizer, self._on_step, self.save_checkpoint
         )
@@ -186,13 +176,69 @@ class Supervisor:
         self._validating = bool(cfg.trainer.test_freq and self.task.val)
         if cfg.trainer.test_freq and not self.task.val:
             log.warning("validation_off", reason="no held-out prompts (all too long for data.max_prompt_length?)")
+        # the run's lifecycle: set while it runs
+        self._outer: anyio.abc.TaskGroup | None = None
+        self._actors: anyio.CancelScope | None = None
+        self._starting: anyio.CancelScope | None = None  # engine start-up, restore, first sync
+        self._stop_requested = False
+        self._done = anyio.Event()
+        self._started_at = time.monotonic()
+        self._rate_base = (0, 0, 0)  # (produced, consumed, step) restored from a checkpoint: rates count this process's work
+        self.result: RunResult | None = None
+        self._gc_quieted = False  # a successful start-up froze long-lived objects (loop_gc)
+
+    # -- building -------------------------------------------------------------------------------
+
+    @classmethod
+    async def build(
+        cls,
+        cfg: Config,
+        *,
+        engines: EngineSet | None = None,
+        task: TaskData | None = None,
+        on_output_dir: Callable[[Path], None] | None = None,
+    ) -> Supervisor:
+        """A complete Supervisor, not yet running. Everything heavy (imports, model files,
+        tokenizer, disk) runs in worker threads, with automatic garbage collection off (loop_gc).
+
+        `on_output_dir` is called with the run's directory once the inputs are checked and it
+        exists, before anything is written there (the CLI opens its events file in it). Run the
+        result with `async with`: leaving that block closes its metrics file.
+        """
+        quiet_unless_configured()
+        with loop_gc.collection_off():
+            if engines is None:
+                # seconds of imports (torch, transformers, vllm); abandoning them on a cancel is harmless
+                await anyio.to_thread.run_sync(import_engine_modules, cfg, abandon_on_cancel=True)
+            # not abandoned: it writes into output_dir and builds engines that must have an owner
+            setup = await anyio.to_thread.run_sync(
+                functools.partial(prepare_run, cfg, engines=engines, task=task, on_output_dir=on_output_dir)
+            )
+        return cls(cfg, setup)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        cfg: Config,
+        *,
+        engines: EngineSet | None = None,
+        task: TaskData | None = None,
+        on_output_dir: Callable[[Path], None] | None = None,
+    ) -> AsyncIterator[Supervisor]:
+        """`build`, then run: inside the block engines are started and every actor reported ready."""
+        sup = await cls.build(cfg, engines=engines, task=task, on_output_dir=on_output_dir)
+        async with sup:
+            yield sup
+
+    def _on_drop(self, sample: Sample, version: int) -> None:
+        self.rollouter.notify_dropped(sample, version)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Supervisor:
         quiet_unless_configured()
         with loop_gc.quiet_start_up():  # no full collection stalls the loop during or after start-up
-            await self._build()
             self._started_at = time.monotonic()
             self._outer = anyio.create_task_group()
             await self._outer.__aenter__()
@@ -231,8 +277,8 @@ class Supervisor:
             with anyio.CancelScope() as self._starting:
                 if not self._stop_requested:
                     await self._start_engines()
-                    if self.resume_state is not None:
-                        await self._restore(self.resume_state)
+                    if self.resume_from is not None:
+                        await self._restore(self.resume_from)
                     elif self.engines.sync_at_start:  # rollout servers may hold another run's weights and version
                         await self.synchronizer.sync(self.trainer.version, force=True)
             if self._stop_requested:  # stopped before anything was trained: no checkpoint to write
@@ -253,13 +299,13 @@ class Supervisor:
                             "run_started",
                             output_dir=str(self.output_dir),
                             steps=self.cfg.trainer.total_training_steps,
-                            resumed_from=str(self.resume_from) if self.resume_from else None,
+                            resumed_from=str(self.resume_from.path) if self.resume_from else None,
                         )
                 except BaseExceptionGroup as group:
                     raise first_failure(group) from None
             # Reached on a finished run or a graceful stop, never after a failure: a failed run
             # keeps its last good checkpoint untouched.
-            finished = self.trainer.state.step >= self.cfg.trainer.total_training_steps
+            finished = self.trainer.statistics().step >= self.cfg.trainer.total_training_steps
             with anyio.CancelScope(shield=True):
                 await self.save_checkpoint("finished" if finished else "stop")
         finally:
@@ -326,37 +372,34 @@ class Supervisor:
         assert isinstance(self.engines.generation, ReplicatedGeneration)
         await self.engines.generation.serve(self._reload_weights, task_status=task_status)
 
-    async def _restore(self, state: checkpoint.RunState) -> None:
+    async def _restore(self, resume: checkpoint.Resume) -> None:
         """Put every piece back as the checkpoint holds it, then serve the trainer's weights."""
-        assert self.resume_from is not None
-        await self.engines.trainer.load_state(str(self.resume_from / checkpoint.ENGINE_DIR))
-        self.trainer.state = state.trainer
-        self.rollouter.counters = state.rollout
-        self.rollouter.replay(state.in_flight)
-        self.synchronizer.counters = state.sync
+        state = resume.state
+        await self.engines.trainer.load_state(str(resume.path / checkpoint.ENGINE_DIR))
+        self.trainer.restore(state.trainer)
+        self.rollouter.restore(state.rollouter)
+        self.synchronizer.restore(state.sync)
         if isinstance(self.engines.generation, ReplicatedGeneration):  # the metrics' replica counts continue
-            self.engines.generation.counters = state.replicas
+            self.engines.generation.restore(state.replicas)
         self.task.train.restore(state.cursor)
         self.channel.restore(state.channel)
         self.rng.setstate(_rng_state(state.rng_state))
         await self.synchronizer.sync(self.trainer.version, force=True)
         self._rate_base = (state.channel.produced, state.channel.consumed, state.trainer.step)
-        log.info("resumed", path=str(self.resume_from), step=state.trainer.step, queued=len(state.channel.items), in_flight=len(state.in_flight))
+        log.info("resumed", path=str(resume.path), step=state.trainer.step, queued=len(state.channel.items), in_flight=len(state.in_flight))
 
     async def save_checkpoint(self, reason: str) -> None:
         """Capture the run's state now (no await in between), then write it atomically."""
-        assert self.output_dir is not None
         gen = self.engines.generation
-        state = checkpoint.RunState(
-            trainer=msgspec.structs.replace(self.trainer.state),
-            rollout=msgspec.structs.replace(self.rollouter.counters),
-            sync=msgspec.structs.replace(self.synchronizer.counters),
+        state = checkpoint.RunState.of(
+            trainer=self.trainer.snapshot(),
+            rollouter=self.rollouter.snapshot(),
+            sync=self.synchronizer.snapshot(),
             cursor=self.task.train.state(),
             channel=self.channel.snapshot(),
-            in_flight=self.rollouter.in_flight_prompts(),
             rng_state=list(_rng_state_list(self.rng.getstate())),
             reason=reason,
-            replicas=msgspec.structs.replace(gen.counters) if isinstance(gen, ReplicatedGeneration) else ReplicaCounters(),
+            replicas=gen.snapshot() if isinstance(gen, ReplicatedGeneration) else ReplicaCounters(),
         )
         encoded = checkpoint.encode_state(state)  # serialised before any await: a consistent cut
         step = state.trainer.step
@@ -442,7 +485,8 @@ class Supervisor:
         reward_mean, reward_std = batch_reward_stats(rewards)
         lengths = [len(t.response_tokens) for s in report.batch for t in s.trajectories]
         gen = self.engines.generation
-        replicas = gen.counters if isinstance(gen, ReplicatedGeneration) else ReplicaCounters()
+        replicas = gen.statistics().counters if isinstance(gen, ReplicatedGeneration) else ReplicaCounters()
+        trainer, rollout = self.trainer.statistics(), self.rollouter.statistics()
         metrics = StepMetrics(
             step=report.step,
             param_version=report.version,
@@ -453,18 +497,18 @@ class Supervisor:
             samples_per_s=(chan.produced - self._rate_base[0]) / elapsed,
             trained_samples_per_s=(chan.consumed - self._rate_base[1]) / elapsed,
             steps_per_s=(report.step - self._rate_base[2]) / elapsed,
-            sample_age_mean=sum(report.ages) / len(report.ages),
-            sample_age_max=max(report.ages),
-            staleness_max=self.trainer.state.staleness_max,
+            sample_age_mean=chan.sample_age_mean,  # the trainer is the channel's one consumer: its batch
+            sample_age_max=chan.sample_age_max,
+            staleness_max=int(chan.staleness_max),
             dropped_stale_total=chan.dropped_stale,
             queue_size=chan.size,
             queue_utilization=chan.utilization,
             sync_latency_s=report.sync_latency_s,
             sync_pause_s=report.sync_pause_s,
-            trainer_idle_ratio=self.trainer.idle_ratio(),
-            rollouter_idle_ratio=self.rollouter.idle_ratio(),
-            in_flight=len(self.rollouter.in_flight_prompts()),
-            reward_errors_total=self.rollouter.counters.reward_errors,
+            trainer_idle_ratio=trainer.idle_ratio,
+            rollouter_idle_ratio=rollout.idle_ratio,
+            in_flight=rollout.in_flight,
+            reward_errors_total=rollout.counters.reward_errors,
             response_length_mean=sum(lengths) / len(lengths) if lengths else math.nan,
             rss_bytes=rss_bytes(),
             val_reward_mean=self.validator.latest.reward_mean if self.validator.latest else None,
@@ -478,23 +522,23 @@ class Supervisor:
         self.sink.write(row)
         if self._validating and report.step % self.cfg.trainer.test_freq == 0:
             self.validator.request(report.step)
-        log.debug("step", step=report.step, reward_mean=round(reward_mean, 4), age_max=max(report.ages))
+        log.debug("step", step=report.step, reward_mean=round(reward_mean, 4), age_max=chan.sample_age_max)
 
     def _result(self) -> RunResult:
-        chan = self.channel.statistics()
+        chan, trainer, rollout = self.channel.statistics(), self.trainer.statistics(), self.rollouter.statistics()
         return RunResult(
-            steps=self.trainer.state.step,
-            param_version=self.trainer.state.version,
+            steps=trainer.step,
+            param_version=trainer.version,
             rollout_version=self.engines.generation.version,
-            finished=self.trainer.state.step >= self.cfg.trainer.total_training_steps,
+            finished=trainer.step >= self.cfg.trainer.total_training_steps,
             made=chan.produced,
             trained=chan.consumed,
             dropped_stale=chan.dropped_stale,
             queued=chan.size,
-            in_flight=len(self.rollouter.in_flight_prompts()),
-            reward_errors=self.rollouter.counters.reward_errors,
-            generation_retries=self.rollouter.counters.retried,
-            sync_failed_attempts=self.synchronizer.counters.failed_attempts,
+            in_flight=rollout.in_flight,
+            reward_errors=rollout.counters.reward_errors,
+            generation_retries=rollout.counters.retried,
+            sync_failed_attempts=self.synchronizer.statistics().counters.failed_attempts,
             elapsed_s=time.monotonic() - self._started_at,
             output_dir=str(self.output_dir),
         )
@@ -529,5 +573,5 @@ def _step_of(line: bytes) -> int:
 
 async def run(cfg: Config) -> RunResult:
     """Run to completion (the CLI's entry point)."""
-    async with Supervisor(cfg) as sup:
+    async with Supervisor.open(cfg) as sup:
         return await sup.wait()

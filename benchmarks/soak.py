@@ -67,7 +67,7 @@ async def soak(steps: int, out: str) -> list[Probe]:
     )
     probes: list[Probe] = []
     every = max(1, steps // 50)
-    async with Supervisor(cfg) as sup:
+    async with Supervisor.open(cfg) as sup:
         async for row in sup.events():
             if row["step"] % every == 0:
                 probes.append(probe(row["step"]))

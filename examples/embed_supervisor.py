@@ -47,7 +47,7 @@ async def main(cfg: Config) -> tuple[RunResult, Heartbeat]:
     beat = Heartbeat()
     async with anyio.create_task_group() as host:
         host.start_soon(beat.run)  # beating before the supervisor starts: start-up must not block it
-        async with Supervisor(cfg) as sup:
+        async with Supervisor.open(cfg) as sup:
             beat.phase = "training"
 
             async def follow() -> None:

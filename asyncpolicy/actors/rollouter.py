@@ -6,8 +6,12 @@ Invariants:
   ``admitted - dropped_stale < (staleness_threshold + 1 + version) * train_batch_size``,
   so it never starts work that the trainer could not consume within the staleness bound
   (the channel still enforces the bound per sample, should completion order defeat the rule);
+* at most `admission window` groups generate at once: each holds a token of an anyio
+  CapacityLimiter from its start until its responses are done (default
+  ``max(1, rollout.max_concurrency // rollout.n)``; `set_admission_window` moves it at run time).
+  The window only bounds concurrency: whatever it is set to, the capacity rule above still holds;
 * every admitted group ends exactly once: as a sample put into the channel, or — only when the
-  run stops — as abandoned in flight (its prompt is in `in_flight_prompts()` for checkpoints);
+  run stops — as abandoned in flight (its prompt is in `snapshot().in_flight` for checkpoints);
 * `pause()` returns only once no generation runs on the engine; `resume()` undoes it; both are
   idempotent per reason and return True (the seed's check);
 * a generation error or a request past `generation_timeout` is retried `rollout.max_retries`
@@ -25,6 +29,7 @@ import anyio
 import msgspec
 import structlog
 
+from asyncpolicy import counters
 from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.channels.signal import StateSignal
 from asyncpolicy.config import Config
@@ -36,10 +41,10 @@ from asyncpolicy.tasks.base import PromptSource, Scorer
 log = structlog.get_logger("asyncpolicy.rollouter")
 
 
-class RolloutCounters(msgspec.Struct, kw_only=True):
-    """Monotone counters; all of them go into checkpoints."""
+class RolloutCounters(msgspec.Struct, frozen=True, kw_only=True):
+    """Monotone counts since the run began (a resumed run continues them); all go into checkpoints."""
 
-    admitted: int = 0  # groups started
+    admitted: int = 0  # groups started; a group generated again (engine restart, resume) counts once
     completed: int = 0  # groups turned into samples and put into the channel
     generations: int = 0  # engine.generate calls that returned
     interrupted: int = 0  # generations aborted by a pause and continued (partial rollout) or restarted
@@ -49,11 +54,30 @@ class RolloutCounters(msgspec.Struct, kw_only=True):
     tokens: int = 0  # response tokens in completed samples
 
 
-class InFlight(msgspec.Struct, kw_only=True):
+class InFlight(msgspec.Struct, frozen=True, kw_only=True):
     """A group being generated: what a checkpoint needs to generate it again."""
 
     prompt: Prompt
     start_version: int
+
+
+class RolloutSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """What a checkpoint needs to continue the rollouter: `restore` puts it into a fresh one."""
+
+    counters: RolloutCounters
+    in_flight: tuple[InFlight, ...]  # admitted, not yet queued: generated again, before new prompts
+
+
+class RolloutStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A consistent view of the rollouter now; metrics and logs read these, never the internals."""
+
+    counters: RolloutCounters
+    in_flight: int  # groups admitted and not yet queued (replays of a restored or failed engine included)
+    generating: int  # groups whose responses are being generated (each holds an admission token)
+    admission_window: int  # most groups generating at once (the limiter's total_tokens)
+    running: int  # engine.generate calls active now (0 once pause() has returned)
+    paused: bool
+    idle_ratio: float  # share of this process's wall time no generation ran (0 before the first run())
 
 
 class Rollouter:
@@ -74,11 +98,12 @@ class Rollouter:
         self.channel = channel
         self.prompts = prompts
         self.scorer = scorer
-        self.counters = RolloutCounters()
+        self._counters = RolloutCounters()
         self._changed = StateSignal()  # version, pause state, running count, drops
         self._pause_reasons: set[str] = set()
-        self._running = 0  # engine.generate calls now active
-        self._active_trajectories = 0  # slots taken against rollout.max_concurrency
+        self._running = 0  # engine.generate calls now active: pause() waits for none (validation's included)
+        # a token per group generating, borrowed by its prompt uid at admission, returned when its responses are done
+        self._admission = anyio.CapacityLimiter(max(1, cfg.rollout.max_concurrency // cfg.rollout.n))
         self._in_flight: dict[str, InFlight] = {}
         self._replay: list[InFlight] = []  # restored from a checkpoint: generated first
         self._idle_since: float | None = None
@@ -122,45 +147,76 @@ class Rollouter:
         await anyio.lowlevel.checkpoint()
         return True
 
+    def set_admission_window(self, groups: int) -> None:
+        """Let at most `groups` groups generate at once, from now on. Shrinking never interrupts a
+        group: admission waits until fewer than `groups` generate. The staleness rule is unaffected."""
+        if groups < 1:
+            raise ValueError(f"rollouter: the admission window must be at least 1 group, got {groups}")
+        self._admission.total_tokens = groups
+        self._changed.notify()
+        log.debug("admission_window_set", groups=groups)
+
     def notify_dropped(self, sample: Sample, version: int) -> None:
         """Channel callback: a stale drop frees admission capacity."""
         self._changed.notify()
 
-    def in_flight_prompts(self) -> list[InFlight]:
-        """Groups started but not yet queued (for checkpoints: they are generated again on resume)."""
-        return list(self._in_flight.values()) + list(self._replay)
-
-    def replay(self, groups: list[InFlight]) -> None:
-        """Prompts to generate again before new ones (a checkpoint's or a failed engine's in-flight
-        groups). They stay counted in `admitted` from their first start: admitted = made + in flight."""
-        self._replay = list(groups) + self._replay
-
     def requeue_in_flight(self) -> int:
-        """After `run` failed: abandoned groups go back to the front, to be generated again."""
+        """After `run` failed: abandoned groups go back to the front, to be generated again. They
+        stay counted in `admitted` from their first start: admitted = made + in flight."""
         groups = list(self._in_flight.values())
         self._in_flight.clear()
-        self.replay(groups)
+        self._replay = groups + self._replay
         return len(groups)
 
-    def idle_ratio(self) -> float:
-        if self._started_at is None:
-            return 0.0
-        idle = self._idle_total + (time.monotonic() - self._idle_since if self._idle_since is not None else 0.0)
-        return idle / max(1e-9, time.monotonic() - self._started_at)
+    # -- state ---------------------------------------------------------------------------------
+
+    def _groups_in_flight(self) -> tuple[InFlight, ...]:
+        return (*self._in_flight.values(), *self._replay)
+
+    def snapshot(self) -> RolloutSnapshot:
+        """The counts and the groups started but not yet queued (generated again on restore)."""
+        return RolloutSnapshot(counters=self._counters, in_flight=self._groups_in_flight())
+
+    def restore(self, snap: RolloutSnapshot) -> None:
+        """Load a snapshot into this fresh rollouter: counts continue, its groups are generated first."""
+        if self._in_flight or self._replay or self._counters != RolloutCounters():
+            raise RuntimeError("rollouter: restore() needs a fresh rollouter")
+        self._counters = snap.counters
+        self._replay = list(snap.in_flight)
+
+    def statistics(self) -> RolloutStatistics:
+        idle_ratio = 0.0
+        if self._started_at is not None:
+            now = time.monotonic()
+            idle = self._idle_total + (now - self._idle_since if self._idle_since is not None else 0.0)
+            idle_ratio = idle / max(1e-9, now - self._started_at)
+        return RolloutStatistics(
+            counters=self._counters,
+            in_flight=len(self._in_flight) + len(self._replay),
+            generating=self._admission.borrowed_tokens,
+            admission_window=int(self._admission.total_tokens),
+            running=self._running,
+            paused=self.paused,
+            idle_ratio=idle_ratio,
+        )
 
     # -- admission -----------------------------------------------------------------------------
 
     def _capacity_left(self) -> int:
         at = self.cfg.async_training
         limit = (at.staleness_threshold + 1 + self.version) * self.cfg.data.train_batch_size
-        live = self.counters.admitted - self.channel.statistics().dropped_stale
+        live = self._counters.admitted - self.channel.statistics().dropped_stale
         return limit - live
 
     def _may_admit(self) -> bool:
-        n = self.cfg.rollout.n
-        slots_ok = self._active_trajectories == 0 or self._active_trajectories + n <= self.cfg.rollout.max_concurrency
         # A replayed group is inside the capacity count already: only new prompts wait for room.
-        return not self.paused and slots_ok and (bool(self._replay) or self._capacity_left() > 0)
+        # One wait for all three conditions (the limiter's own wait would be a second one): the
+        # token is then taken without waiting, and returning one notifies this wait.
+        return (
+            not self.paused
+            and self._admission.available_tokens >= 1
+            and (bool(self._replay) or self._capacity_left() > 0)
+        )
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -177,13 +233,12 @@ class Rollouter:
             task_status.started()
             while True:
                 await self._changed.wait_until(self._may_admit)
-                if self._replay:
-                    group = self._replay.pop(0)  # admitted already, when it first started
+                if self._replay:  # admitted already, when it first started
+                    group = InFlight(prompt=self._replay.pop(0).prompt, start_version=self.version)
                 else:
                     group = InFlight(prompt=self.prompts.next(), start_version=self.version)
-                    self.counters.admitted += 1
-                group.start_version = self.version
-                self._active_trajectories += self.cfg.rollout.n
+                    self._counters = counters.add(self._counters, admitted=1)
+                self._admission.acquire_on_behalf_of_nowait(group.prompt.uid)
                 self._in_flight[group.prompt.uid] = group
                 tg.start_soon(self._rollout_group, group)
                 if self.cfg.rollout.interval_s:
@@ -200,7 +255,7 @@ class Rollouter:
                 for i in range(n):
                     tg.start_soon(self._generate_into, results, i, prompt)
         finally:
-            self._active_trajectories -= n
+            self._admission.release_on_behalf_of(prompt.uid)
             self._changed.notify()
         trajectories = [t for t in results if t is not None]
         for t in trajectories:
@@ -208,8 +263,9 @@ class Rollouter:
         sample = make_sample(prompt, trajectories, group.start_version)
         await self.channel.put(sample, sample.min_version)  # backpressure: waits while the queue is full
         del self._in_flight[prompt.uid]
-        self.counters.completed += 1
-        self.counters.tokens += sum(len(t.response_tokens) for t in trajectories)
+        self._counters = counters.add(
+            self._counters, completed=1, tokens=sum(len(t.response_tokens) for t in trajectories)
+        )
 
     async def _generate_into(self, results: list[Trajectory | None], i: int, prompt: Prompt) -> None:
         results[i] = await self._generate(prompt, i)
@@ -254,17 +310,17 @@ class Rollouter:
             except Exception as exc:  # an engine failure, or TimeoutError from fail_after
                 failures += 1
                 timed_out = isinstance(exc, TimeoutError)
-                self.counters.timeouts += timed_out
+                self._counters = counters.add(self._counters, timeouts=int(timed_out))
                 if failures > cfg.rollout.max_retries:
                     raise GenerationFailed(
                         f"generation {request.request_id} failed {failures} time(s); last: "
                         f"{'timeout after ' + str(cfg.async_training.generation_timeout) + 's' if timed_out else repr(exc)}"
                     ) from exc
-                self.counters.retried += 1
+                self._counters = counters.add(self._counters, retried=1)
                 log.warning("generation_retry", request_id=request.request_id, attempt=failures, error=repr(exc))
                 await anyio.sleep(min(2.0, 0.05 * 2 ** (failures - 1)))
                 continue
-            self.counters.generations += 1
+            self._counters = counters.add(self._counters, generations=1)
             if result.finish_reason != "abort":
                 return Trajectory(
                     response_tokens=result.response_tokens,
@@ -272,7 +328,7 @@ class Rollouter:
                     token_versions=result.token_versions,
                     finish_reason=result.finish_reason,
                 )
-            self.counters.interrupted += 1
+            self._counters = counters.add(self._counters, interrupted=1)
             if cfg.async_training.partial_rollout:  # continue from the tokens so far, under new weights
                 request = msgspec.structs.replace(
                     request,
@@ -291,7 +347,7 @@ class Rollouter:
         else:
             error = "" if math.isfinite(reward) else f"non-finite reward {reward!r}"
         if error:
-            self.counters.reward_errors += 1
+            self._counters = counters.add(self._counters, reward_errors=1)
             trajectory.reward_error = error
             log.error(
                 "reward_error",
@@ -299,7 +355,7 @@ class Rollouter:
                 prompt_uid=prompt.uid,
                 prompt=prompt.text[:80],
                 error=error,
-                reward_errors_total=self.counters.reward_errors,
+                reward_errors_total=self._counters.reward_errors,
             )
             return 0.0
         return reward

@@ -20,6 +20,7 @@ import anyio
 import msgspec
 import structlog
 
+from asyncpolicy import counters
 from asyncpolicy.actors.rollouter import Rollouter
 from asyncpolicy.config import AsyncTrainingConfig
 from asyncpolicy.engines.protocols import WeightTransport
@@ -28,15 +29,24 @@ from asyncpolicy.errors import SyncFailed
 log = structlog.get_logger("asyncpolicy.synchronizer")
 
 
-class SyncCounters(msgspec.Struct, kw_only=True):
-    syncs: int = 0
-    failed_attempts: int = 0
-    last_latency_s: float = 0.0
+class SyncCounters(msgspec.Struct, frozen=True, kw_only=True):
+    """Counts and the last sync's timings, over the whole run; checkpoints hold them."""
+
+    syncs: int = 0  # completed syncs (a skipped, overtaken push is none)
+    failed_attempts: int = 0  # stage or push attempts that failed or timed out (retried or fatal)
+    last_latency_s: float = 0.0  # the last sync: stage → resumed
     total_latency_s: float = 0.0
     last_stage_s: float = 0.0  # gathering the weights, rollout running
     last_rollout_pause_s: float = 0.0  # waiting for in-flight generations to stop (abort or drain)
     last_push_s: float = 0.0  # the transport's push, retries included
     last_pause_s: float = 0.0  # rollout stopped: pause requested → resumed (what generation loses)
+
+
+class SyncStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A consistent view of the synchronizer now; metrics and logs read these, never the internals."""
+
+    counters: SyncCounters
+    syncing: bool  # a sync is running (or waiting for the one that runs)
 
 
 class SyncResult(msgspec.Struct, frozen=True):
@@ -55,8 +65,20 @@ class ParameterSynchronizer:
         self.cfg = cfg
         self.rollouter = rollouter
         self.transport = transport
-        self.counters = SyncCounters()
+        self._counters = SyncCounters()
         self._lock = anyio.Lock()  # one sync at a time: the trainer's, or an engine restart's
+
+    def snapshot(self) -> SyncCounters:
+        return self._counters
+
+    def restore(self, snap: SyncCounters) -> None:
+        """Load a snapshot into this fresh synchronizer: the counts continue."""
+        if self._counters != SyncCounters():
+            raise RuntimeError("synchronizer: restore() needs a fresh synchronizer")
+        self._counters = snap
+
+    def statistics(self) -> SyncStatistics:
+        return SyncStatistics(counters=self._counters, syncing=self._lock.locked())
 
     async def sync(self, version: int, *, force: bool = False) -> SyncResult:
         """Make the rollout serve `version`; returns this call's latency and pause.
@@ -82,23 +104,26 @@ class ParameterSynchronizer:
                     await self.rollouter.resume("sync")
         end = time.monotonic()
         latency = end - start
-        self.counters.last_stage_s = staged - start
-        self.counters.last_rollout_pause_s = paused - staged
-        self.counters.last_push_s = pushed - paused
-        self.counters.last_pause_s = end - staged
-        self.counters.syncs += 1
-        self.counters.last_latency_s = latency
-        self.counters.total_latency_s += latency
+        c = self._counters = msgspec.structs.replace(
+            self._counters,
+            syncs=self._counters.syncs + 1,
+            last_latency_s=latency,
+            total_latency_s=self._counters.total_latency_s + latency,
+            last_stage_s=staged - start,
+            last_rollout_pause_s=paused - staged,
+            last_push_s=pushed - paused,
+            last_pause_s=end - staged,
+        )
         log.debug(
             "weights_synced",
             version=version,
             latency_s=round(latency, 4),
-            stage_s=round(self.counters.last_stage_s, 4),
-            rollout_pause_s=round(self.counters.last_rollout_pause_s, 4),
-            push_s=round(self.counters.last_push_s, 4),
-            pause_s=round(self.counters.last_pause_s, 4),
+            stage_s=round(c.last_stage_s, 4),
+            rollout_pause_s=round(c.last_rollout_pause_s, 4),
+            push_s=round(c.last_push_s, 4),
+            pause_s=round(c.last_pause_s, 4),
         )
-        return SyncResult(latency_s=latency, pause_s=self.counters.last_pause_s)
+        return SyncResult(latency_s=latency, pause_s=c.last_pause_s)
 
     async def sync_weights(self, version: int) -> bool:
         """The seed's check: True once the rollout serves `version` (raises SyncFailed otherwise)."""
@@ -113,7 +138,7 @@ class ParameterSynchronizer:
                     await step(version)
                 return
             except Exception as exc:  # transport failure or TimeoutError: retried, then fatal
-                self.counters.failed_attempts += 1
+                self._counters = counters.add(self._counters, failed_attempts=1)
                 cause = f"timeout after {self.cfg.sync_timeout}s" if isinstance(exc, TimeoutError) else repr(exc)
                 if attempt == self.cfg.sync_retries:
                     raise SyncFailed(

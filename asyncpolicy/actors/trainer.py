@@ -16,6 +16,7 @@ import anyio
 import msgspec
 import structlog
 
+from asyncpolicy import counters
 from asyncpolicy.actors.synchronizer import ParameterSynchronizer
 from asyncpolicy.channels import EndOfStream, VersionedChannel
 from asyncpolicy.config import Config
@@ -32,7 +33,6 @@ class StepReport(msgspec.Struct, kw_only=True):
     step: int
     version: int  # after the step
     batch: list[Sample]
-    ages: list[int]  # per sample, at consume
     engine_metrics: dict[str, float]
     sync_latency_s: float | None
     sync_pause_s: float | None  # of that sync, the time rollout was stopped
@@ -40,13 +40,21 @@ class StepReport(msgspec.Struct, kw_only=True):
     train_s: float
 
 
-class TrainerState(msgspec.Struct, kw_only=True):
-    """Everything a checkpoint needs to continue the count."""
+class TrainerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a checkpoint needs to continue the count (the weights are the engine's)."""
 
-    step: int = 0
-    version: int = 0
-    staleness_max: int = 0
-    idle_s: float = 0.0
+    step: int = 0  # training steps done
+    version: int = 0  # policy version: one more per step
+    idle_s: float = 0.0  # total time waiting for batches, over the whole run
+
+
+class TrainerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A consistent view of the trainer now; metrics and logs read these, never the internals."""
+
+    step: int
+    version: int
+    idle_s: float  # over the whole run (a resumed run's earlier processes included)
+    idle_ratio: float  # share of this process's wall time spent waiting for batches
 
 
 class Trainer:
@@ -69,7 +77,7 @@ class Trainer:
         self.synchronizer = synchronizer
         self.on_step = on_step
         self.checkpoint = checkpoint
-        self.state = TrainerState()
+        self._state = TrainerSnapshot()
         # Held while the weights change; whoever reads them from outside the trainer's own
         # sequence (an engine restart's weight push) takes it too.
         self.weights_lock = anyio.Lock()
@@ -78,42 +86,57 @@ class Trainer:
 
     @property
     def version(self) -> int:
-        return self.state.version
+        return self._state.version
+
+    def snapshot(self) -> TrainerSnapshot:
+        return self._state
+
+    def restore(self, snap: TrainerSnapshot) -> None:
+        """Load a snapshot into this fresh trainer (its engine loads the weights separately)."""
+        if self._state != TrainerSnapshot():
+            raise RuntimeError("trainer: restore() needs a fresh trainer")
+        self._state = snap
+        self._idle_base = snap.idle_s
+
+    def statistics(self) -> TrainerStatistics:
+        s = self._state
+        idle_ratio = (s.idle_s - self._idle_base) / max(1e-9, time.monotonic() - self._started_at)
+        return TrainerStatistics(
+            step=s.step, version=s.version, idle_s=s.idle_s, idle_ratio=idle_ratio
+        )
 
     async def _bounded_step(self, batch: list[Sample]) -> dict[str, float]:
         limit = self.cfg.trainer.step_timeout_s
         try:
             with anyio.fail_after(limit):
-                return await self.engine.train_step(batch, self.state.version)
+                return await self.engine.train_step(batch, self._state.version)
         except TimeoutError:
             raise RunFailed(
-                f"training step {self.state.step + 1} took longer than trainer.step_timeout_s={limit}s"
+                f"training step {self._state.step + 1} took longer than trainer.step_timeout_s={limit}s"
             ) from None
-
-    def idle_ratio(self) -> float:
-        return (self.state.idle_s - self._idle_base) / max(1e-9, time.monotonic() - self._started_at)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         cfg = self.cfg
         total = cfg.trainer.total_training_steps
-        self._started_at, self._idle_base = time.monotonic(), self.state.idle_s
+        self._started_at, self._idle_base = time.monotonic(), self._state.idle_s
         task_status.started()
-        while self.state.step < total:
+        while self._state.step < total:
             waited = time.monotonic()
             try:
-                batch = await self.channel.get_batch(cfg.data.train_batch_size, self.state.version)
+                batch = await self.channel.get_batch(cfg.data.train_batch_size, self._state.version)
             except EndOfStream:
                 raise RunFailed(
-                    f"the sample channel closed after step {self.state.step} of {total}; the rollouter stopped early"
+                    f"the sample channel closed after step {self._state.step} of {total}; the rollouter stopped early"
                 ) from None
             wait_s = time.monotonic() - waited
-            self.state.idle_s += wait_s
+            self._state = counters.add(self._state, idle_s=wait_s)
             # A fixed order makes the batch independent of completion order (on-policy equivalence).
             batch.sort(key=lambda s: (s.prompt.epoch, s.prompt.index))
-            ages = [self.state.version - s.min_version for s in batch]
-            if max(ages) > cfg.async_training.staleness_threshold:
+            # the channel's bound, checked again on what is about to be trained (its age metrics are the channel's)
+            oldest_age = self._state.version - min(s.min_version for s in batch)
+            if oldest_age > cfg.async_training.staleness_threshold:
                 raise RunFailed(
-                    f"staleness bound violated: sample age {max(ages)} > {cfg.async_training.staleness_threshold}"
+                    f"staleness bound violated: sample age {oldest_age} > {cfg.async_training.staleness_threshold}"
                 )
             started = time.monotonic()
             # Shielded: a batch taken from the channel is trained on and counted, or neither;
@@ -121,22 +144,19 @@ class Trainer:
             with anyio.CancelScope(shield=True):
                 async with self.weights_lock:
                     engine_metrics = await self._bounded_step(batch)
-                self.state.step += 1
-                self.state.version += 1
-                self.state.staleness_max = max(self.state.staleness_max, *ages)
+                self._state = counters.add(self._state, step=1, version=1)
             train_s = time.monotonic() - started
             sync_latency = sync_pause = None
             try:
-                if self.state.step % cfg.async_training.trigger_parameter_sync_step == 0:
-                    done = await self.synchronizer.sync(self.state.version)
+                if self._state.step % cfg.async_training.trigger_parameter_sync_step == 0:
+                    done = await self.synchronizer.sync(self._state.version)
                     sync_latency, sync_pause = done.latency_s, done.pause_s
             finally:  # the step happened: its metrics line is written even if the sync is cancelled or fails
                 self.on_step(
                     StepReport(
-                        step=self.state.step,
-                        version=self.state.version,
+                        step=self._state.step,
+                        version=self._state.version,
                         batch=batch,
-                        ages=ages,
                         engine_metrics=engine_metrics,
                         sync_latency_s=sync_latency,
                         sync_pause_s=sync_pause,
@@ -145,6 +165,6 @@ class Trainer:
                     )
                 )
             save_freq = cfg.trainer.save_freq
-            if self.checkpoint is not None and save_freq and self.state.step % save_freq == 0 and self.state.step < total:
+            if self.checkpoint is not None and save_freq and self._state.step % save_freq == 0 and self._state.step < total:
                 await self.checkpoint("save_freq")
-        log.info("training_finished", steps=self.state.step, version=self.state.version)
+        log.info("training_finished", steps=self._state.step, version=self._state.version)

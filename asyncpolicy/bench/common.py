@@ -244,7 +244,7 @@ async def run_supervised(
     with scenario_log(ctx, name, settings=settings or {}) as logf:
         log.info("bench_scenario_start", scenario=name)
         started = time.monotonic()
-        async with Supervisor(cfg, engines=engines) as sup:
+        async with Supervisor.open(cfg, engines=engines) as sup:
             async with anyio.create_task_group() as tg:
                 if host is not None:
                     tg.start_soon(host, sup)
@@ -253,8 +253,8 @@ async def run_supervised(
                 sup.stop()
                 result = await sup.wait()
                 tg.cancel_scope.cancel()
-            trainer_wait = sup.trainer.state.idle_s
-            sync_total = sup.synchronizer.counters.total_latency_s
+            trainer_wait = sup.trainer.statistics().idle_s
+            sync_total = sup.synchronizer.statistics().counters.total_latency_s
         wall = time.monotonic() - started
         run = summarise(name, result, read_metrics(Path(result.output_dir)), wall, trainer_wait, sync_total)
         write_log_record(logf, "bench_scenario_result", msgspec.structs.replace(run, rows=[]))

@@ -55,9 +55,11 @@ class ChannelStatistics(msgspec.Struct, frozen=True, kw_only=True):
     size: int  # items queued now
     capacity: int
     utilization: float  # size / capacity
-    age_min: float  # over all consumed items: consumer version - item version (nan before the first)
-    age_mean: float
-    age_max: float
+    # Sample age = consumer version - item version, as each item is handed out. The run's one
+    # staleness metric family, computed here and nowhere else (metrics.jsonl keeps these names):
+    sample_age_mean: float  # of the items the latest get/get_batch handed out (nan before the first)
+    sample_age_max: float  # the oldest of those items
+    staleness_max: float  # the largest age ever handed out, a restored channel's included (nan before the first)
     version_diversity: int  # distinct versions among queued items
     oldest_version: int  # of queued items; -1 when empty
     newest_version: int
@@ -78,9 +80,9 @@ class ChannelSnapshot(msgspec.Struct, Generic[T], kw_only=True):
     consumed: int
     dropped_stale: int
     consumer_version: int
-    age_sum: float
-    age_min: float
-    age_max: float
+    age_max: float  # the largest age handed out (-inf before the first): staleness_max continues from it
+    sample_age_mean: float = math.nan  # of the latest take (checkpoint format 1 has none)
+    sample_age_max: float = math.nan
 
 
 class VersionedChannel(Generic[T]):
@@ -114,9 +116,8 @@ class VersionedChannel(Generic[T]):
         self._dropped = 0
         self._consumer_version = -1  # highest version a consumer has presented
         self._fresh_for = -1  # the version the queued items were last checked against
-        self._age_sum = 0.0
-        self._age_min = math.inf
-        self._age_max = -math.inf
+        self._age_max = -math.inf  # over every item handed out
+        self._last_ages: tuple[float, float] = (math.nan, math.nan)  # (mean, max) of the latest take
 
     # -- producing ----------------------------------------------------------------------------
 
@@ -196,16 +197,16 @@ class VersionedChannel(Generic[T]):
 
     def _take(self, n: int, current_version: int) -> list[T]:
         out: list[T] = []
+        age_sum, age_max = 0, -1
         for _ in range(n):
             item, v = self._items.popleft()
             self._forget_version(v)
             age = current_version - v
-            self._age_sum += age
-            if age < self._age_min:
-                self._age_min = age
-            if age > self._age_max:
-                self._age_max = age
+            age_sum += age
+            age_max = max(age_max, age)
             out.append(item)
+        self._last_ages = (age_sum / n, float(age_max))
+        self._age_max = max(self._age_max, age_max)
         self._consumed += n
         self._changed.notify()
         return out
@@ -276,9 +277,9 @@ class VersionedChannel(Generic[T]):
             size=len(self._items),
             capacity=self.capacity,
             utilization=len(self._items) / self.capacity,
-            age_min=self._age_min if consumed else math.nan,
-            age_mean=self._age_sum / consumed if consumed else math.nan,
-            age_max=self._age_max if consumed else math.nan,
+            sample_age_mean=self._last_ages[0],
+            sample_age_max=self._last_ages[1],
+            staleness_max=self._age_max if math.isfinite(self._age_max) else math.nan,
             version_diversity=len(set(versions)),
             oldest_version=min(versions) if versions else -1,
             newest_version=max(versions) if versions else -1,
@@ -295,9 +296,9 @@ class VersionedChannel(Generic[T]):
             consumed=self._consumed,
             dropped_stale=self._dropped,
             consumer_version=self._consumer_version,
-            age_sum=self._age_sum,
-            age_min=self._age_min,
             age_max=self._age_max,
+            sample_age_mean=self._last_ages[0],
+            sample_age_max=self._last_ages[1],
         )
 
     def restore(self, snap: ChannelSnapshot[T]) -> None:
@@ -316,6 +317,5 @@ class VersionedChannel(Generic[T]):
         self._dropped = snap.dropped_stale
         self._consumer_version = snap.consumer_version
         self._fresh_for = -1
-        self._age_sum = snap.age_sum
-        self._age_min = snap.age_min
         self._age_max = snap.age_max
+        self._last_ages = (snap.sample_age_mean, snap.sample_age_max)

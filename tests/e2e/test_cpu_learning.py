@@ -44,11 +44,11 @@ async def test_async_cpu_run_learns_within_the_staleness_bound(tmp_path: Path) -
     paused_at = STEPS // 2
     made_during_pause: int | None = None
     with anyio.fail_after(300):
-        async with Supervisor(cfg) as sup:
+        async with Supervisor.open(cfg) as sup:
             async for row in sup.events():
                 if row["step"] == paused_at:
                     assert await sup.pause() is True
-                    assert sup.rollouter._running == 0  # nothing runs on the engine once pause() returns
+                    assert sup.rollouter.statistics().running == 0  # nothing runs on the engine once pause() returns
                     made = sup.channel.statistics().produced
                     await anyio.sleep(0.5)
                     made_during_pause = sup.channel.statistics().produced - made

@@ -85,7 +85,7 @@ async def test_threshold_zero_trains_the_generate_then_train_batches(
         )
         engines, recorder = engines_for(cfg, hypothesis_random)
         with anyio.fail_after(20):
-            async with Supervisor(cfg, engines=engines) as sup:
+            async with Supervisor.open(cfg, engines=engines) as sup:
                 result = await sup.wait()
 
     expected = generate_then_train_batches(cfg)

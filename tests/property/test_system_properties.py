@@ -11,6 +11,8 @@ pause()/resume() calls at random moments, a run must:
 * bump the version once per step and sync weights every trigger_parameter_sync_step steps;
 * never admit more than AReaL's capacity rule allows:
   in flight + queued + consumed <= (staleness_threshold + 1 + version) × batch;
+* keep all of that while the admission window (groups generating at once) is moved at random
+  moments, never deadlock, and return every admission token;
 * lose no prompt: each one drawn is trained, queued, in flight or counted as dropped — once;
 * keep all of that when the generation engine keeps dying and is restarted (fault injection).
 """
@@ -69,7 +71,7 @@ def admission_checker(sup_box: list[Supervisor], cfg: Config, violations: list[s
     def check(request: Any) -> None:
         sup = sup_box[0]
         chan = sup.channel.statistics()
-        live = len(sup.rollouter.in_flight_prompts()) + chan.size + chan.consumed
+        live = sup.rollouter.statistics().in_flight + chan.size + chan.consumed
         version = sup.rollouter.version
         limit = (cfg.async_training.staleness_threshold + 1 + version) * cfg.data.train_batch_size
         if live > limit:
@@ -85,7 +87,7 @@ def prompts_accounted_for(sup: Supervisor, cfg: Config, trained: list[tuple[int,
     source = simulated_task(cfg).train
     drawn = [(p.epoch, p.index) for p in (source.next() for _ in range(cursor.epoch * cfg.task.num_prompts + cursor.position))]
     queued = [(s.prompt.epoch, s.prompt.index) for s, _ in sup.channel.snapshot().items]
-    in_flight = [(g.prompt.epoch, g.prompt.index) for g in sup.rollouter.in_flight_prompts()]
+    in_flight = [(g.prompt.epoch, g.prompt.index) for g in sup.rollouter.snapshot().in_flight]
     seen = trained + queued + in_flight
     assert len(set(seen)) == len(seen), "a prompt is in two places (trained, queued, in flight)"
     assert set(seen) <= set(drawn), "a prompt appeared that was never drawn"
@@ -95,19 +97,23 @@ def prompts_accounted_for(sup: Supervisor, cfg: Config, trained: list[tuple[int,
 controls = st.lists(st.tuples(st.sampled_from([0.0, 0.001, 0.004]), st.sampled_from(["pause", "resume"])), max_size=6)
 
 
-async def drive(sup: Supervisor, script: list[tuple[float, str]], answers: list[object]) -> None:
-    """A user pausing and resuming at random moments; always resumed at the end so the run can finish."""
+async def drive(sup: Supervisor, script: list[tuple[float, str | int]], answers: list[object]) -> None:
+    """A user pausing and resuming (and moving the admission window to an int's groups) at random
+    moments; always resumed at the end so the run can finish."""
     for delay, action in script:
         await anyio.sleep(delay)
-        answers.append(await (sup.pause() if action == "pause" else sup.resume()))
+        if isinstance(action, int):
+            sup.rollouter.set_admission_window(action)
+        else:
+            answers.append(await (sup.pause() if action == "pause" else sup.resume()))
     answers.append(await sup.resume())
 
 
 async def run_supervised(
-    cfg: Config, engines: Any, sup_box: list[Supervisor], script: list[tuple[float, str]], answers: list[object]
+    cfg: Config, engines: Any, sup_box: list[Supervisor], script: list[tuple[float, str | int]], answers: list[object]
 ) -> tuple[RunResult, list[dict[str, Any]]]:
     with anyio.fail_after(RUN_DEADLINE_S):
-        sup = Supervisor(cfg, engines=engines)
+        sup = await Supervisor.build(cfg, engines=engines)
         sup_box.append(sup)  # before entering: generations start inside __aenter__
         async with sup, anyio.create_task_group() as tg:
             tg.start_soon(drive, sup, script, answers)
@@ -125,7 +131,7 @@ def trained_prompts(recorder: Any) -> list[tuple[int, int]]:
 @given(overrides=small_configs(), script=controls, _seed=st.random_module())
 async def test_any_small_run_keeps_staleness_accounting_and_admission(
     overrides: list[str],
-    script: list[tuple[float, str]],
+    script: list[tuple[float, str | int]],
     _seed: object,
     sim_config: Callable[..., Config],
     engines_for: Callable[..., Any],
@@ -164,6 +170,64 @@ async def test_any_small_run_keeps_staleness_accounting_and_admission(
     assert result.trained == steps * batch
     assert result.param_version == steps
     assert result.rollout_version == steps - steps % at.trigger_parameter_sync_step
+
+
+window_moves = st.lists(
+    st.tuples(st.sampled_from([0.0, 0.001, 0.004]), st.one_of(st.integers(1, 6), st.sampled_from(["pause", "resume"]))),
+    min_size=1,
+    max_size=8,
+).filter(lambda script: any(isinstance(action, int) for _, action in script))
+
+
+def window_checker(sup_box: list[Supervisor], ceiling: int, violations: list[str], then: Callable[[Any], None]) -> Callable[[Any], None]:
+    """As each generation starts: never more groups generating than the largest window ever set."""
+
+    def check(request: Any) -> None:
+        stats = sup_box[0].rollouter.statistics()
+        if stats.generating > ceiling:
+            violations.append(f"{request.request_id}: {stats.generating} groups generating > every window set ({ceiling})")
+        then(request)
+
+    return check
+
+
+@pytest.mark.anyio
+@given(overrides=small_configs(), script=window_moves, _seed=st.random_module())
+async def test_moving_the_admission_window_at_random_moments_keeps_staleness_and_accounting(
+    overrides: list[str],
+    script: list[tuple[float, str | int]],
+    _seed: object,
+    sim_config: Callable[..., Config],
+    engines_for: Callable[..., Any],
+    hypothesis_random: random.Random,
+) -> None:
+    """The window (groups generating at once) moved up and down while the run goes on: no deadlock
+    (the run ends within its deadline), the staleness bound and the admission rule hold, every
+    admitted group is made or in flight, and every admission token is returned at the end."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = sim_config(*overrides, output_dir=out)
+        violations: list[str] = []
+        sup_box: list[Supervisor] = []
+        initial = max(1, cfg.rollout.max_concurrency // cfg.rollout.n)
+        ceiling = max([initial, *(a for _, a in script if isinstance(a, int))])
+        check = window_checker(sup_box, ceiling, violations, admission_checker(sup_box, cfg, violations))
+        engines, recorder = engines_for(cfg, hypothesis_random, on_generate=check)
+        answers: list[object] = []
+        result, rows = await run_supervised(cfg, engines, sup_box, script, answers)
+
+    at, steps, batch = cfg.async_training, cfg.trainer.total_training_steps, cfg.data.train_batch_size
+    assert not violations, violations[:3]
+    assert all(answer is True for answer in answers)
+    assert all(r["sample_age_max"] <= at.staleness_threshold for r in rows)
+    assert all(version - min_v <= at.staleness_threshold for version, b in recorder.steps for _, _, min_v, _, _ in b)
+    assert result.finished and result.trained == steps * batch
+    assert result.made == result.trained + result.dropped_stale + result.queued
+    stats = sup_box[0].rollouter.statistics()
+    assert stats.counters.admitted == result.made + result.in_flight
+    assert stats.generating == 0, "an admission token was not returned"
+    moves = [a for _, a in script if isinstance(a, int)]
+    assert stats.admission_window == moves[-1]
+    prompts_accounted_for(sup_box[0], cfg, trained_prompts(recorder))
 
 
 @pytest.mark.anyio

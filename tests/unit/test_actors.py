@@ -146,7 +146,7 @@ async def test_pause_with_partial_rollout_continues_generations_under_the_new_ve
         await engine.wait_running()
         await anyio.sleep(0.05)  # some tokens exist under version 0
         assert await rollouter.pause("sync") is True
-        assert engine.aborts == 1 and rollouter.counters.interrupted > 0
+        assert engine.aborts == 1 and rollouter.statistics().counters.interrupted > 0
         engine.inner.set_version(1)
         assert await rollouter.resume("sync") is True
         samples = await take(channel, 4, 1)
@@ -178,7 +178,7 @@ async def test_without_partial_rollout_an_interrupted_generation_restarts_under_
         await engine.wait_running()
         await anyio.sleep(0.05)
         assert await rollouter.pause("sync", drain=False) is True
-        assert rollouter.counters.interrupted > 0
+        assert rollouter.statistics().counters.interrupted > 0
         engine.inner.set_version(1)
         await rollouter.resume("sync")
         samples = await take(channel, 4, 1)
@@ -197,7 +197,7 @@ async def test_pause_with_drain_lets_running_generations_finish(sim_config: Make
         await engine.wait_running()
         with anyio.fail_after(2):
             assert await rollouter.pause("sync", drain=True) is True
-        assert engine.aborts == 0 and rollouter.counters.interrupted == 0 and engine.active == 0
+        assert engine.aborts == 0 and rollouter.statistics().counters.interrupted == 0 and engine.active == 0
         tg.cancel_scope.cancel()
 
 
@@ -217,18 +217,49 @@ async def test_admission_stops_at_the_capacity_rule_until_the_version_moves(sim_
             while channel.statistics().produced < 9:
                 await anyio.sleep(0.005)
         await anyio.sleep(0.05)  # time for any over-admission to show
-        assert rollouter.counters.admitted == (2 + 1 + 0) * 3
+        assert rollouter.statistics().counters.admitted == (2 + 1 + 0) * 3
         await take(channel, 3, 0)  # consuming frees nothing: consumed samples still count
         await anyio.sleep(0.05)
-        assert rollouter.counters.admitted == 9
+        assert rollouter.statistics().counters.admitted == 9
         sync = ParameterSynchronizer(cfg.async_training, rollouter, SimulatedTransport(engine, cfg.trainer.simulated))
         assert await sync.sync_weights(1)
         with anyio.fail_after(5):
-            while rollouter.counters.admitted < 12:
+            while rollouter.statistics().counters.admitted < 12:
                 await anyio.sleep(0.005)
         await anyio.sleep(0.05)
-        assert rollouter.counters.admitted == (2 + 1 + 1) * 3
+        assert rollouter.statistics().counters.admitted == (2 + 1 + 1) * 3
         tg.cancel_scope.cancel()
+
+
+async def test_the_admission_window_bounds_groups_generating_at_once_and_moves_at_run_time(
+    sim_config: Make, rollouter_for: Make
+) -> None:
+    """rollout.n=1: engine calls running = groups generating. Window 2: at most 2, and 2 are reached;
+    moved to 5 while running: 5 are reached, and never more."""
+    cfg = sim_config("rollout.n=1", "rollout.max_concurrency=16", "async_training.staleness_threshold=3",
+                     "data.train_batch_size=8", "async_training.max_queue_size=32",
+                     "rollout.simulated.mean_latency_s=0.01", "rollout.simulated.latency_sigma=0")
+    engine = counting_engine(cfg)
+    rollouter, _, _ = rollouter_for(cfg, engine)
+    assert rollouter.statistics().admission_window == 16
+    rollouter.set_admission_window(2)
+    await engine.start()
+    async with anyio.create_task_group() as tg:
+        await tg.start(rollouter.run)
+        with anyio.fail_after(5):
+            while rollouter.statistics().counters.completed < 6:
+                await anyio.sleep(0.002)
+        assert engine.max_active == 2
+        rollouter.set_admission_window(5)
+        with anyio.fail_after(5):
+            while engine.max_active < 5:
+                await anyio.sleep(0.002)
+        stats = rollouter.statistics()
+        assert stats.admission_window == 5 and stats.generating <= 5
+        tg.cancel_scope.cancel()
+    assert engine.max_active == 5 and rollouter.statistics().generating == 0
+    with pytest.raises(ValueError, match="at least 1 group"):
+        rollouter.set_admission_window(0)
 
 
 async def test_a_hang_past_generation_timeout_is_retried_then_fails_naming_the_request(
@@ -243,7 +274,7 @@ async def test_a_hang_past_generation_timeout_is_retried_then_fails_naming_the_r
         await rollouter.run()
     assert str(info.value).endswith("failed 2 time(s); last: timeout after 0.05s")
     assert str(info.value).startswith("generation train/")
-    assert rollouter.counters.timeouts >= 2 and rollouter.counters.retried >= 1
+    assert rollouter.statistics().counters.timeouts >= 2 and rollouter.statistics().counters.retried >= 1
 
 
 async def test_engine_errors_are_retried_then_fail_with_the_last_error(sim_config: Make, rollouter_for: Make) -> None:
@@ -285,7 +316,7 @@ async def test_a_failing_or_non_finite_reward_is_counted_and_scored_zero(sim_con
     assert bad and all(t.reward == 0.0 for t in bad)
     assert all(math.isfinite(t.reward) for t in trajectories)
     assert {t.reward_error for t in bad} <= {"ZeroDivisionError: boom", "non-finite reward nan", "non-finite reward inf"}
-    assert rollouter.counters.reward_errors == sum(kind != "ok" for kind in scorer.outcomes)
+    assert rollouter.statistics().counters.reward_errors == sum(kind != "ok" for kind in scorer.outcomes)
     assert sorted(t.reward for t in trajectories if not t.reward_error) == [0.5] * (len(trajectories) - len(bad))
 
 
@@ -304,7 +335,7 @@ async def test_sync_retries_through_transient_failures(sim_config: Make, rollout
     await engine.start()
     with anyio.fail_after(5):
         assert await sync.sync_weights(1) is True
-    assert engine.version == 1 and transport.attempts == 3 and sync.counters.failed_attempts == 2
+    assert engine.version == 1 and transport.attempts == 3 and sync.statistics().counters.failed_attempts == 2
 
 
 async def test_persistent_sync_failure_raises_sync_failed_naming_the_cause_and_resumes_rollout(
@@ -331,7 +362,7 @@ async def test_a_sync_the_engine_has_overtaken_costs_nothing_and_reports_so(sim_
         first = await sync.sync(2)
         again = await sync.sync(1)
     assert 0 < first.pause_s <= first.latency_s and engine.version == 2
-    assert again == SyncResult() and sync.counters.syncs == 1 and transport.attempts == 1
+    assert again == SyncResult() and sync.statistics().counters.syncs == 1 and transport.attempts == 1
 
 
 async def test_a_sync_attempt_past_sync_timeout_counts_as_a_failure(sim_config: Make, rollouter_for: Make) -> None:
@@ -373,7 +404,7 @@ async def test_trainer_bumps_the_version_once_per_step_and_syncs_every_trigger_s
     assert [r.version for r in reports] == [1, 2, 3, 4, 5, 6]
     assert [r.sync_latency_s is not None for r in reports] == [False, False, True, False, False, True]
     assert rollouter.version == 6
-    assert all(len(r.batch) == 2 and max(r.ages) <= 2 for r in reports)
+    assert all(len(r.batch) == 2 and r.version - 1 - min(s.min_version for s in r.batch) <= 2 for r in reports)
 
 
 async def test_trainer_fails_clearly_when_the_channel_closes_early(sim_config: Make, rollouter_for: Make) -> None:

@@ -295,7 +295,7 @@ async def test_an_already_cancelled_get_does_not_take_an_available_item() -> Non
 
 def test_statistics_before_any_consume_report_nan_ages() -> None:
     stats = chan().statistics()
-    assert math.isnan(stats.age_min) and math.isnan(stats.age_mean) and math.isnan(stats.age_max)
+    assert math.isnan(stats.sample_age_mean) and math.isnan(stats.sample_age_max) and math.isnan(stats.staleness_max)
     assert (stats.oldest_version, stats.newest_version, stats.version_diversity) == (-1, -1, 0)
 
 
@@ -306,7 +306,7 @@ def test_statistics_ages_and_versions() -> None:
     assert ch.get_nowait(3) == "a"  # age 2
     assert ch.get_nowait(3) == "b"  # age 1
     stats = ch.statistics()
-    assert (stats.age_min, stats.age_mean, stats.age_max) == (1, 1.5, 2)
+    assert (stats.sample_age_mean, stats.sample_age_max, stats.staleness_max) == (1, 1, 2)  # the latest take; the run
     assert (stats.size, stats.utilization, stats.version_diversity) == (2, 0.5, 2)
     assert (stats.oldest_version, stats.newest_version) == (2, 3)
 

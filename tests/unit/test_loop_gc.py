@@ -34,7 +34,7 @@ async def test_objects_alive_after_start_up_are_frozen_during_the_run_and_releas
 ) -> None:
     cfg = sim_config("trainer.total_training_steps=3", output_dir=tmp_path)
     during: list[tuple[int, bool]] = []
-    async with Supervisor(cfg) as sup:
+    async with Supervisor.open(cfg) as sup:
         during.append((gc.get_freeze_count(), gc.isenabled()))
         await sup.wait()
     assert during[0][0] > 0 and during[0][1], "start-up ended without a freeze, or left collection off"
@@ -47,7 +47,7 @@ async def test_a_failed_start_up_freezes_nothing_and_turns_collection_back_on(
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')  # an earlier run: start-up refuses it
     cfg = sim_config(output_dir=tmp_path)
     with pytest.raises(Exception, match="already holds a run"):
-        async with Supervisor(cfg):
+        async with Supervisor.open(cfg):
             pass
     assert gc.get_freeze_count() == 0 and gc.isenabled()
 
@@ -67,8 +67,8 @@ async def test_two_supervisors_at_once_unfreeze_only_when_the_last_ends(
 ) -> None:
     first = sim_config("trainer.total_training_steps=2", output_dir=tmp_path / "a")
     second = sim_config("trainer.total_training_steps=2", output_dir=tmp_path / "b")
-    async with Supervisor(first) as a:
-        async with Supervisor(second) as b:
+    async with Supervisor.open(first) as a:
+        async with Supervisor.open(second) as b:
             await b.wait()
         assert gc.get_freeze_count() > 0  # `a` still runs
         await a.wait()

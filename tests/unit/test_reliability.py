@@ -37,7 +37,7 @@ def cfg_for(tmp_path: Path, *overrides: str):
 
 
 async def run(cfg) -> RunResult:
-    async with Supervisor(cfg) as sup:
+    async with Supervisor.open(cfg) as sup:
         return await sup.wait()
 
 
@@ -76,9 +76,9 @@ async def test_hung_generations_time_out_and_are_retried(tmp_path: Path) -> None
         "async_training.generation_timeout=0.2",
         "rollout.max_retries=8",
     )
-    async with Supervisor(cfg) as sup:
+    async with Supervisor.open(cfg) as sup:
         result = await sup.wait()
-        assert sup.rollouter.counters.timeouts > 0
+        assert sup.rollouter.statistics().counters.timeouts > 0
     assert_accounted(result, 10)
 
 
@@ -91,7 +91,7 @@ async def test_dead_generation_engine_is_restarted_without_losing_queued_samples
         "rollout.max_retries=1",
         "rollout.max_restarts=10",
     )
-    async with Supervisor(cfg) as sup:
+    async with Supervisor.open(cfg) as sup:
         result = await sup.wait()
         trained = sup.engines.trainer.trained_prompts
     assert result.finished
@@ -125,7 +125,7 @@ async def test_trainer_failure_keeps_the_last_good_checkpoint(tmp_path: Path) ->
     assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-00000005", "step-00000010"]
 
     resumed = cfg_for(tmp_path, "trainer.total_training_steps=20", "trainer.save_freq=5", "resume=auto")
-    async with Supervisor(resumed) as sup:
+    async with Supervisor.open(resumed) as sup:
         result = await sup.wait()
         trained = sup.engines.trainer.trained_prompts
     assert_accounted(result, 20)
@@ -158,7 +158,7 @@ async def test_resume_restores_queue_in_flight_cursor_and_counters(tmp_path: Pat
     assert drawn == state.rollout.completed + len(state.in_flight), "a drawn prompt is neither made nor in flight"
 
     more = cfg_for(tmp_path, "trainer.total_training_steps=16", "async_training.staleness_threshold=3", "async_training.max_queue_size=16", "resume=auto")
-    async with Supervisor(more) as sup:
+    async with Supervisor.open(more) as sup:
         result = await sup.wait()
         trained = sup.engines.trainer.trained_prompts
     assert_accounted(result, 16)
@@ -182,7 +182,7 @@ async def test_resume_from_a_missing_path_is_bad_input(tmp_path: Path) -> None:
 async def test_stop_checkpoints_and_reports_unfinished(tmp_path: Path) -> None:
     """Supervisor.stop() finishes the step in progress, writes a checkpoint, and says finished=False."""
     cfg = cfg_for(tmp_path, "trainer.total_training_steps=100000")
-    async with Supervisor(cfg) as sup:
+    async with Supervisor.open(cfg) as sup:
         async for row in sup.events():
             if row["step"] >= 5:
                 sup.stop()
@@ -198,7 +198,7 @@ async def test_events_iteration_ends_when_the_run_ends(tmp_path: Path) -> None:
     """A host that follows every event to the end is not left waiting after the last step."""
     cfg = cfg_for(tmp_path, "trainer.total_training_steps=6")
     with anyio.fail_after(30):
-        async with Supervisor(cfg) as sup:
+        async with Supervisor.open(cfg) as sup:
             steps = [row["step"] async for row in sup.events()]
             result = await sup.wait()
             late = [row async for row in sup.events()]  # subscribing after the end ends at once
@@ -215,18 +215,18 @@ async def test_every_admitted_group_is_made_or_in_flight_across_restarts_and_res
         "rollout.max_restarts=50",
         "trainer.save_freq=3",
     )
-    async with Supervisor(cfg) as sup:
+    async with Supervisor.open(cfg) as sup:
         result = await sup.wait()
-        counters = sup.rollouter.counters
-        assert counters.admitted == result.made + len(sup.rollouter.in_flight_prompts())
+        counters = sup.rollouter.statistics().counters
+        assert counters.admitted == result.made + sup.rollouter.statistics().in_flight
     state = checkpoint.load_state(latest_checkpoint(tmp_path))
     assert state.rollout.admitted == state.channel.produced + len(state.in_flight)
 
     more = cfg_for(tmp_path, "trainer.total_training_steps=20", "rollout.simulated.die_after_requests=30",
                    "rollout.max_retries=0", "rollout.max_restarts=50", "resume=auto")
-    async with Supervisor(more) as sup:
+    async with Supervisor.open(more) as sup:
         result = await sup.wait()
-        assert sup.rollouter.counters.admitted == result.made + len(sup.rollouter.in_flight_prompts())
+        assert sup.rollouter.statistics().counters.admitted == result.made + sup.rollouter.statistics().in_flight
     assert_accounted(result, 20)
 
 
@@ -234,7 +234,7 @@ async def test_concurrent_syncs_end_on_the_newest_version_and_resume_generation(
     """Two syncs at once (the trainer's and an engine restart's) are serialised: the engine ends on
     the newer version, never an older one, and generation is not resumed in the middle of a push."""
     cfg = cfg_for(tmp_path, "trainer.simulated.sync_latency_s=0.05")
-    async with Supervisor(cfg) as sup:
+    async with Supervisor.open(cfg) as sup:
         sup.stop()
         await sup.wait()
     from asyncpolicy.actors.synchronizer import ParameterSynchronizer
@@ -262,7 +262,7 @@ async def test_concurrent_syncs_end_on_the_newest_version_and_resume_generation(
 async def test_weights_are_staged_while_rollout_runs_and_pushed_while_it_is_paused(tmp_path: Path) -> None:
     """Only the hand-over stops generation; the sync records how long it did (sync_pause_s in metrics)."""
     cfg = cfg_for(tmp_path, "trainer.total_training_steps=3")
-    async with Supervisor(cfg) as sup:
+    async with Supervisor.open(cfg) as sup:
         await sup.wait()
     from asyncpolicy.actors.synchronizer import ParameterSynchronizer
     from asyncpolicy.engines.simulated import SimulatedTransport
@@ -282,7 +282,7 @@ async def test_weights_are_staged_while_rollout_runs_and_pushed_while_it_is_paus
     sync = ParameterSynchronizer(cfg.async_training, rollouter, WatchedTransport(sup.engines.generation, cfg.trainer.simulated))
     latency = (await sync.sync(rollouter.version + 1)).latency_s
     assert seen == [("stage", False), ("push", True)]
-    c = sync.counters
+    c = sync.statistics().counters
     assert 0 < c.last_pause_s <= latency and c.last_stage_s + c.last_pause_s == pytest.approx(latency, abs=1e-3)
 
     rows = [msgspec.json.decode(line) for line in (tmp_path / "metrics.jsonl").read_bytes().splitlines()]
@@ -314,7 +314,7 @@ def test_a_checkpoint_set_aside_for_replacement_survives_a_kill_between_the_rena
 async def test_throughput_after_resume_counts_only_the_resumed_process_work(tmp_path: Path) -> None:
     """Restored totals are not divided by the new process's short elapsed time."""
     await run(cfg_for(tmp_path, "trainer.total_training_steps=30"))
-    async with Supervisor(cfg_for(tmp_path, "trainer.total_training_steps=32", "resume=auto")) as sup:
+    async with Supervisor.open(cfg_for(tmp_path, "trainer.total_training_steps=32", "resume=auto")) as sup:
         await sup.wait()
     rows = [msgspec.json.decode(line) for line in (tmp_path / "metrics.jsonl").read_bytes().splitlines()]
     resumed = rows[-1]

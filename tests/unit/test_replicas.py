@@ -202,7 +202,7 @@ async def test_every_request_is_answered_exactly_once_when_a_replica_dies_mid_fl
     assert Counter(r.request_id for r in results) == Counter(q.request_id for q in requests)
     assert all(r.finish_reason in ("stop", "length") for r in results)
     died = replicas[dying].inner.requests > die_after
-    assert (gen.counters.failovers > 0) == died and (gen.counters.restarts > 0) == died
+    assert (gen.statistics().counters.failovers > 0) == died and (gen.statistics().counters.restarts > 0) == died
     if not died:  # no death: each group was served by one replica (its prefix cache)
         for g in {grp for _, grp, _ in calls}:
             assert len({k for _, grp, k in calls if grp == g}) == 1
@@ -228,7 +228,7 @@ async def test_a_restarted_replica_gets_the_current_weights_before_it_serves_aga
             while not all(gen.router.up):
                 await anyio.sleep(0.001)
         tg.cancel_scope.cancel()
-    assert gen.counters.restarts == 1 and gen.counters.failovers == 1
+    assert gen.statistics().counters.restarts == 1 and gen.statistics().counters.failovers == 1
     assert seen_at_reload == [[0, 1]]  # the restarted replica (loading) and the live one
     assert [r.version for r in replicas] == [7, 7] and gen.version == 7
     assert (await gen.generate(_requests(1, 1)[0])).token_versions[-1] == 7
@@ -251,7 +251,7 @@ async def test_a_restarted_replica_whose_reload_failed_stays_down() -> None:
         for req in _requests(4, 1):  # the first replica dies on its third request
             await gen.generate(req)
         with anyio.fail_after(10):
-            while gen.counters.restarts < 1 or gen._restarting:
+            while gen.statistics().counters.restarts < 1 or gen._restarting:
                 await anyio.sleep(0.001)
         tg.cancel_scope.cancel()
     assert gen.router.up == [False, True]  # its one restart is spent: it stays out of routing
@@ -275,7 +275,7 @@ async def test_a_hung_replica_is_taken_down_by_its_callers_timeouts() -> None:
                     break
                 timeouts += 1
             assert result.finish_reason in ("stop", "length")
-    assert gen.router.up == [False, True] and gen.counters.downs == 1
+    assert gen.router.up == [False, True] and gen.statistics().counters.downs == 1
     assert timeouts >= 2  # two took it down; after that every call went to the live replica
 
 
@@ -287,7 +287,7 @@ async def test_a_failure_on_a_replica_that_stays_up_goes_to_the_callers_retry_pa
     await gen.start()
     with pytest.raises(SimulatedEngineError, match="simulated generation failure"):
         await gen.generate(_requests(1, 1)[0])
-    assert gen.router.up == [True, True] and gen.counters.failovers == 0
+    assert gen.router.up == [True, True] and gen.statistics().counters.failovers == 0
 
 
 @pytest.mark.anyio
@@ -379,10 +379,10 @@ async def test_a_run_on_three_replicas_survives_their_deaths_and_accounts_for_ev
         output_dir=tmp_path,
     )
     with anyio.fail_after(60):
-        async with Supervisor(cfg) as sup:
+        async with Supervisor.open(cfg) as sup:
             result = await sup.wait()
             trained = sup.engines.trainer.trained_prompts
-            counters = sup.engines.generation.counters
+            counters = sup.engines.generation.statistics().counters
     assert result.finished and result.steps == 12
     assert result.made == result.trained + result.dropped_stale + result.queued
     assert len(trained) == len(set(trained)), "a prompt was trained twice"
@@ -397,7 +397,7 @@ async def test_a_run_on_three_replicas_survives_their_deaths_and_accounts_for_ev
         "rollout.max_restarts=20", "resume=auto", output_dir=tmp_path,
     )
     with anyio.fail_after(60):
-        async with Supervisor(more) as sup:
+        async with Supervisor.open(more) as sup:
             await sup.wait()
     rows = [msgspec.json.decode(line) for line in (tmp_path / "metrics.jsonl").read_bytes().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 15))

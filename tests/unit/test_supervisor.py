@@ -40,7 +40,7 @@ def rows_of(cfg: Config) -> list[dict[str, Any]]:
 
 async def run(cfg: Config, **kw: Any) -> RunResult:
     with anyio.fail_after(30):
-        async with Supervisor(cfg, **kw) as sup:
+        async with Supervisor.open(cfg, **kw) as sup:
             return await sup.wait()
 
 
@@ -55,6 +55,28 @@ async def test_a_run_trains_every_step_and_accounts_for_every_sample(sim_config:
     assert METRIC_KEYS <= set(rows[0])
     assert all(0.0 <= r["trainer_idle_ratio"] <= 1.0 and 0.0 <= r["rollouter_idle_ratio"] <= 1.0 for r in rows)
     assert max(r["staleness_max"] for r in rows) <= 1
+
+
+async def test_the_staleness_metrics_are_the_ages_of_the_batches_trained(
+    sim_config: Make, engines_for: Make, tmp_path: Path
+) -> None:
+    """sample_age_mean/max of each line are its batch's ages (trainer version − sample.min_version),
+    staleness_max their running maximum, whoever computes them."""
+    cfg = sim_config("trainer.total_training_steps=8", "async_training.staleness_threshold=2", "data.train_batch_size=3",
+                     "async_training.trigger_parameter_sync_step=3", output_dir=tmp_path)
+    engines, recorder = engines_for(cfg)
+    with anyio.fail_after(30):
+        async with Supervisor.open(cfg, engines=engines) as sup:
+            await sup.wait()
+    rows = rows_of(cfg)
+    running_max = 0
+    for row, (version, batch) in zip(rows, recorder.steps, strict=True):
+        ages = [version - min_version for _, _, min_version, _, _ in batch]
+        running_max = max(running_max, *ages)
+        assert (row["sample_age_mean"], row["sample_age_max"], row["staleness_max"]) == (
+            sum(ages) / len(ages), max(ages), running_max
+        )
+    assert running_max > 0, "every sample was fresh: the test would not tell the measures apart"
 
 
 async def test_sync_retry_survives_transient_transfer_failures(sim_config: Make, tmp_path: Path) -> None:
@@ -95,7 +117,7 @@ async def test_a_failing_actor_cancels_the_others_and_the_run_names_it(
     cfg = sim_config("trainer.total_training_steps=5", "trainer.simulated.fail_at_step=2",
                      "rollout.simulated.mean_latency_s=0.05", output_dir=tmp_path)
     engines, _ = engines_for(cfg)
-    sup = Supervisor(cfg, engines=engines)
+    sup = await Supervisor.build(cfg, engines=engines)
     with anyio.fail_after(10), pytest.raises(ActorFailed) as info:
         async with sup:
             await sup.wait()
@@ -135,11 +157,11 @@ async def test_admission_rule_holds_with_a_slow_trainer(sim_config: Make, engine
 
     def check(request: Any) -> None:
         chan = sup_box[0].channel.statistics()
-        live = len(sup_box[0].rollouter.in_flight_prompts()) + chan.size + chan.consumed
+        live = sup_box[0].rollouter.statistics().in_flight + chan.size + chan.consumed
         seen.append((live, (2 + 1 + sup_box[0].rollouter.version) * 2))
 
     engines, _ = engines_for(cfg, on_generate=check)
-    sup = Supervisor(cfg, engines=engines)
+    sup = await Supervisor.build(cfg, engines=engines)
     sup_box.append(sup)
     with anyio.fail_after(30):
         async with sup:
@@ -160,7 +182,7 @@ async def test_reward_errors_are_counted_and_never_crash_the_run(sim_config: Mak
 
 
 async def test_the_supervisor_embeds_in_a_host_loop_without_blocking_it(sim_config: Make, tmp_path: Path) -> None:
-    """`async with Supervisor(cfg)` beside another task: the host keeps ticking; events stream every step."""
+    """`async with Supervisor.open(cfg)` beside another task: the host keeps ticking; events stream every step."""
     cfg = sim_config("trainer.total_training_steps=5", output_dir=tmp_path)
     ticks = 0
 
@@ -174,7 +196,7 @@ async def test_the_supervisor_embeds_in_a_host_loop_without_blocking_it(sim_conf
     with anyio.fail_after(30):
         async with anyio.create_task_group() as host:
             host.start_soon(host_task)
-            async with Supervisor(cfg) as sup:
+            async with Supervisor.open(cfg) as sup:
 
                 async def follow() -> None:
                     async for row in sup.events():
@@ -190,7 +212,7 @@ async def test_the_supervisor_embeds_in_a_host_loop_without_blocking_it(sim_conf
 async def test_pause_and_resume_through_the_supervisor_return_true(sim_config: Make, tmp_path: Path) -> None:
     cfg = sim_config("trainer.total_training_steps=3", output_dir=tmp_path)
     with anyio.fail_after(30):
-        async with Supervisor(cfg) as sup:
+        async with Supervisor.open(cfg) as sup:
             assert await sup.pause() is True
             assert await sup.pause() is True
             assert await sup.resume() is True
@@ -202,7 +224,7 @@ async def test_pause_and_resume_through_the_supervisor_return_true(sim_config: M
 async def test_stop_ends_the_run_early_and_gracefully(sim_config: Make, tmp_path: Path) -> None:
     cfg = sim_config("trainer.total_training_steps=1000", output_dir=tmp_path)
     with anyio.fail_after(30):
-        async with Supervisor(cfg) as sup:
+        async with Supervisor.open(cfg) as sup:
             async for row in sup.events():
                 if row["step"] >= 2:
                     sup.stop()
@@ -220,7 +242,7 @@ async def test_validation_survives_a_generation_engine_restart(sim_config: Make,
                      "rollout.n=1", "rollout.max_concurrency=1", "data.train_batch_size=1", "async_training.max_queue_size=1",
                      "rollout.max_restarts=1000", "rollout.max_retries=0", "task.num_val_prompts=4", output_dir=tmp_path)
     with anyio.fail_after(30):
-        async with Supervisor(cfg) as sup:
+        async with Supervisor.open(cfg) as sup:
             result = await sup.wait()
     assert result.finished and result.steps == 2
     assert sup.validator.failures >= 1, "no validation met the dead engine: the test proved nothing"
@@ -260,5 +282,5 @@ async def test_an_engine_that_never_starts_fails_the_run_naming_it(
 
     engines = msgspec.structs.replace(engines, generation=HungStart(cfg.rollout.simulated, random.Random(0)))
     with anyio.fail_after(20), pytest.raises(RunFailed, match=r"the generation engine \(HungStart\) did not start within 0.5s"):
-        async with Supervisor(cfg, engines=engines) as sup:
+        async with Supervisor.open(cfg, engines=engines) as sup:
             await sup.wait()

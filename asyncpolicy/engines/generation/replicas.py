@@ -34,6 +34,7 @@ import anyio.lowlevel
 import msgspec
 import structlog
 
+from asyncpolicy import counters
 from asyncpolicy.channels.signal import StateSignal
 from asyncpolicy.config import Config
 from asyncpolicy.engines.protocols import GenerationEngine, GenerationRequest, GenerationResult
@@ -142,12 +143,21 @@ class ReplicaRouter:
         return sum(1 for r in self._running.values() if r.replica == replica)
 
 
-class ReplicaCounters(msgspec.Struct, kw_only=True):
-    """Monotone counters of the replica set, for metrics (`rollout/replica_*`)."""
+class ReplicaCounters(msgspec.Struct, frozen=True, kw_only=True):
+    """Monotone counters of the replica set, for metrics (`rollout/replica_*`); checkpoints hold them."""
 
     failovers: int = 0  # requests moved off a replica that died under them
     restarts: int = 0  # replica restarts begun by `serve`
     downs: int = 0  # times a replica was taken out of routing
+
+
+class ReplicaStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A consistent view of the replica set now; metrics and logs read these, never the internals."""
+
+    counters: ReplicaCounters
+    up: tuple[bool, ...]  # per replica: routed to
+    load: tuple[int, ...]  # per replica: tokens still to generate of its running requests
+    restarting: int  # replicas being restarted now
 
 
 def _errored(engine: Any) -> bool:
@@ -172,7 +182,7 @@ class ReplicatedGeneration:
         self.max_restarts = max_restarts
         self.restart_timeout_s = restart_timeout_s
         self.call_timeout_s = call_timeout_s  # the caller's bound on one call (the rollouter's generation_timeout)
-        self.counters = ReplicaCounters()
+        self._counters = ReplicaCounters()
         self.restarts_of = [0] * len(self.replicas)  # per replica, since the last `start`
         self._changed = StateSignal()
         self._abort: anyio.Event | None = None
@@ -237,7 +247,7 @@ class ReplicatedGeneration:
                     token_versions=result.token_versions,
                 )
                 cost = max(0, request.max_tokens - len(request.response_tokens))
-                self.counters.failovers += 1
+                self._counters = counters.add(self._counters, failovers=1)
                 log.warning("replica_failover", request_id=request.request_id, replica=k, error="aborted by its restart")
             except Exception as exc:  # the replica failed this call: down (fail over) or not (raise)
                 outcome = False
@@ -246,7 +256,7 @@ class ReplicatedGeneration:
                 ticket = -1
                 if self.router.up[k]:
                     raise
-                self.counters.failovers += 1
+                self._counters = counters.add(self._counters, failovers=1)
                 log.warning("replica_failover", request_id=request.request_id, replica=k, error=repr(exc))
             finally:
                 if ticket >= 0:
@@ -282,6 +292,25 @@ class ReplicatedGeneration:
         async with anyio.create_task_group() as tg:
             for k in range(len(self.replicas)):
                 tg.start_soon(self._close_one, k)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> ReplicaCounters:
+        return self._counters
+
+    def restore(self, snap: ReplicaCounters) -> None:
+        """Load a snapshot into this fresh replica set: the metrics' counts continue."""
+        if self._counters != ReplicaCounters():
+            raise RuntimeError("replicas: restore() needs a fresh replica set")
+        self._counters = snap
+
+    def statistics(self) -> ReplicaStatistics:
+        return ReplicaStatistics(
+            counters=self._counters,
+            up=tuple(self.router.up),
+            load=tuple(self.router.load),
+            restarting=len(self._restarting),
+        )
 
     # -- what the weight transports use ----------------------------------------------------------
 
@@ -336,7 +365,7 @@ class ReplicatedGeneration:
 
     async def _restart(self, k: int, scope: anyio.CancelScope, reload_weights: Callable[[], Awaitable[None]]) -> None:
         self.restarts_of[k] += 1
-        self.counters.restarts += 1
+        self._counters = counters.add(self._counters, restarts=1)
         log.warning("replica_restart", replica=k, restart=self.restarts_of[k], max_restarts=self.max_restarts)
         try:
             with scope:
@@ -373,7 +402,7 @@ class ReplicatedGeneration:
         return [k for k in range(len(self.replicas)) if self.router.up[k] or k in self._loading]
 
     def _went_down(self, k: int, error: BaseException) -> None:
-        self.counters.downs += 1
+        self._counters = counters.add(self._counters, downs=1)
         log.error("replica_down", replica=k, running=self.router.running_on(k), error=repr(error))
         self._changed.notify()
 

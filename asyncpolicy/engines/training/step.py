@@ -60,7 +60,6 @@ class PolicyBatch(msgspec.Struct, kw_only=True):
     advantages: torch.Tensor  # (N, T-1) the response's advantage on each of its tokens
     same_version_mask: torch.Tensor  # (N, T-1) float, 1 on response tokens sampled by the trainer's version
     rewards: torch.Tensor  # (N,)
-    staleness: torch.Tensor  # (N,) trainer version - oldest version among the response's tokens
 
     @property
     def num_tokens(self) -> float:
@@ -78,7 +77,6 @@ class PolicyBatch(msgspec.Struct, kw_only=True):
             advantages=self.advantages[rows, : cut - 1],
             same_version_mask=self.same_version_mask[rows, : cut - 1],
             rewards=self.rewards[rows],
-            staleness=self.staleness[rows],
         )
 
     def micro(self, rows: list[int], device: torch.device, packed: bool = False) -> MicroBatch:
@@ -98,7 +96,7 @@ class PolicyBatch(msgspec.Struct, kw_only=True):
                 input_ids=torch.zeros((1, 2), dtype=torch.long),
                 attention_mask=torch.ones((1, 2), dtype=torch.long),
                 response_mask=zeros, behaviour_logprobs=zeros, advantages=zeros, same_version_mask=zeros,
-                rewards=torch.zeros(1), staleness=torch.zeros(1),
+                rewards=torch.zeros(1),
             )
         index = sub.response_mask.flatten().nonzero().squeeze(1)  # (K,) built here: no device sync later
         full = bool(sub.attention_mask.all())  # no padding: let SDPA take its fastest causal path
@@ -171,8 +169,8 @@ class MicroBatch(msgspec.Struct, kw_only=True):
 def collate(samples: list[Sample], version: int, algo: AlgorithmConfig, pad_id: int) -> PolicyBatch:
     """Samples (groups of responses) → one padded PolicyBatch; advantages are computed per group.
 
-    `version` is the trainer's: it gives each response's staleness and marks the tokens its
-    current weights sampled (`same_version_mask`, for the mismatch metric).
+    `version` is the trainer's: it marks the tokens its current weights sampled
+    (`same_version_mask`, for the mismatch metric).
     """
     rows = [(s.prompt.tokens, t) for s in samples for t in s.trajectories]
     advantages: list[float] = []
@@ -208,9 +206,6 @@ def collate(samples: list[Sample], version: int, algo: AlgorithmConfig, pad_id: 
         advantages=adv,
         same_version_mask=same,
         rewards=torch.tensor([t.reward for t in trajs], dtype=torch.float32),
-        staleness=torch.tensor(
-            [version - t.min_version if t.token_versions else 0 for t in trajs], dtype=torch.float32
-        ),
     )
 
 
@@ -662,8 +657,6 @@ def step_metrics(
         "train/updates": float(updates_total),
         "train/skipped_updates": float(sum(1 for n in norms if not math.isfinite(n))),
         "train/reward_mean": float(pb.rewards.mean()),
-        "staleness/mean": float(pb.staleness.mean()),
-        "staleness/max": float(pb.staleness.max()),
         "perf/train_step_s": seconds,
         "perf/train_tokens_per_s": float(pb.attention_mask.sum()) / seconds,  # prompt + response tokens
     }
