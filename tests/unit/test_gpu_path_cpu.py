@@ -19,7 +19,8 @@ from asyncpolicy.engines import weight_sync
 from asyncpolicy.engines.fsdp_trainer import FSDPTrainEngine
 from asyncpolicy.engines.protocols import GenerationRequest
 from asyncpolicy.engines.torch_policy import StepRunner
-from asyncpolicy.engines.vllm_fsdp import place, stop_token_ids
+from asyncpolicy.engines.vllm_fsdp import place
+from asyncpolicy.models.stop_ids import stop_token_ids
 from asyncpolicy.engines.vllm_generation import VLLMGenerationEngine, VLLMSettings, import_vllm
 from asyncpolicy.errors import ConfigError
 from asyncpolicy.bench.synthetic import random_batch
