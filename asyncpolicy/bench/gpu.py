@@ -328,7 +328,7 @@ class GPUEngines(_EngineCache):
     """vLLM on GPU 0 (dummy weights, EOS ignored: fixed lengths), FSDP2 trainers on the GPUs asked for."""
 
     def _new_generation(self) -> Any:
-        from asyncpolicy.engines.generation.vllm import stop_token_ids
+        from asyncpolicy.models.stop_ids import stop_token_ids
         from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine, VLLMSettings
 
         s = self.settings

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ import torch
 
 from asyncpolicy.config import Config
 from asyncpolicy.errors import ConfigError, first_line
+from asyncpolicy.models.cache import build_once, model_cache
 
 log = structlog.get_logger(__name__)
 
@@ -72,9 +70,8 @@ def _version_hash() -> str:
 
 
 def embedded_dir() -> Path:
-    """Where the embedded model lives: $ASYNCPOLICY_CACHE or ~/.cache/asyncpolicy, never the repo."""
-    root = Path(os.environ.get("ASYNCPOLICY_CACHE") or Path.home() / ".cache" / "asyncpolicy")
-    return root / f"embedded-{_version_hash()}"
+    """Where the embedded model lives, under the model cache."""
+    return model_cache() / f"embedded-{_version_hash()}"
 
 
 def build_tokenizer() -> Any:
@@ -131,27 +128,18 @@ def build_model(tokenizer: Any) -> Any:
 
 
 def ensure_embedded() -> Path:
-    """Build the embedded model once; concurrent builders race safely (temp dir, then rename)."""
+    """Build the embedded model once (see models/cache.py)."""
     target = embedded_dir()
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _quiet_transformers()
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
+        _quiet_transformers()
         tokenizer = build_tokenizer()
         model = build_model(tokenizer)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():  # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("embedded_model_built", path=str(target), parameters=n_params)
+        log.info("embedded_model_built", path=str(target), parameters=sum(p.numel() for p in model.parameters()))
+
+    build_once(target, write)
     return target
 
 
@@ -159,6 +147,10 @@ def resolve_model_path(cfg: Config) -> str:
     """`model.path` as a directory from_pretrained can load, or a ConfigError naming what is missing."""
     if cfg.model.path == "embedded":
         return str(ensure_embedded())
+    from asyncpolicy.models import smollm2
+
+    if cfg.model.path == smollm2.NAME:
+        return str(smollm2.ensure_smollm2())
     path = Path(cfg.model.path).expanduser()
     if not path.is_dir():
         raise ConfigError(f"config key 'model.path': {str(path)!r} is not a directory", key="model.path")

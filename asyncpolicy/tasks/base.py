@@ -17,12 +17,24 @@ import msgspec
 from asyncpolicy.samples import Prompt
 
 
+Message = dict[str, str]
+"""One chat message, as chat templates take it: {"role": "system" | "user" | "assistant", "content": text}."""
+
+
 class PromptRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """A tokenised prompt as loaded from a task or a data file."""
+    """A tokenised prompt as loaded from a task or a data file.
+
+    A chat prompt sets `messages` (e.g. one user message asking for the answer in \\boxed{}); its
+    `tokens` are `tasks.loading.encode_prompt(tokenizer, messages)` — the chat template rendered
+    once with the generation prompt and tokenised once — and its `text` is the last user message's
+    content (what a reward function's `prompt` argument and the logs show). Engines only ever see
+    `tokens`.
+    """
 
     text: str
     tokens: list[int]
     ground_truth: str = ""
+    messages: list[Message] | None = None
 
 
 class CursorState(msgspec.Struct, kw_only=True):

@@ -21,21 +21,28 @@ from asyncpolicy.errors import ConfigError, first_line
 from asyncpolicy.models.tiny import ALPHABET_TEXT, character_vocabulary
 from asyncpolicy.samples import Prompt
 from asyncpolicy.tasks import builtin
-from asyncpolicy.tasks.base import PromptRecord, PromptSource, TaskData
+from asyncpolicy.tasks.base import Message, PromptRecord, PromptSource, TaskData
 
 log = structlog.get_logger(__name__)
 
 
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a prompt: through the chat template when the tokenizer has one, else plain."""
+def encode_prompt(tokenizer: Any, prompt: str | list[Message]) -> list[int]:
+    """Token ids of a prompt (a text is one user message): with a chat template, rendered once with the
+    assistant's header (`add_generation_prompt`) and tokenised once, its special tokens as they are;
+    these ids are what every engine receives. Without a template: the text (a chat's contents joined
+    by newlines) tokenised plain."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        if not isinstance(ids, list):  # newer transformers return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return [int(i) for i in ids]
+    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages)
     return list(tokenizer(text)["input_ids"])
+
+
+def prompt_text(messages: list[Message]) -> str:
+    """What a chat prompt reads as in rewards and logs: its last user message."""
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    return users[-1] if users else messages[-1]["content"]
 
 
 class BuiltinScorer:
@@ -156,6 +163,24 @@ def fit_prompt(tokens: list[int], cfg: Config, where: str) -> list[int] | None:
     return tokens[-limit:]  # keep the end: the question and the assistant header
 
 
+def _chat_messages(prompt: object, where: str) -> list[Message] | None:
+    """A prompt cell is a text, or a chat (verl's format): a list of {"role": ..., "content": ...} objects.
+    None for a text; anything else is bad input, named."""
+    if isinstance(prompt, str):
+        return None
+    ok = isinstance(prompt, list) and prompt and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+    )
+    if not ok:
+        raise ConfigError(
+            f"config key 'data.prompt_key': {where}: prompt is {type(prompt).__name__}, not a string or a list of "
+            '{"role": ..., "content": ...} messages',
+            key="data.prompt_key",
+        )
+    assert isinstance(prompt, list)
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
 def load_records(cfg: Config, files: list[str], key: str, tokenizer: Any) -> list[PromptRecord]:
     """Tokenised prompts of data files; over-long prompts follow `data.truncation`."""
     data = cfg.data
@@ -169,20 +194,17 @@ def load_records(cfg: Config, files: list[str], key: str, tokenizer: Any) -> lis
             for column, column_key in ((data.prompt_key, "data.prompt_key"), (data.answer_key, "data.answer_key")):
                 if column not in row:
                     raise ConfigError(f"config key {column_key!r}: {where} has no column {column!r}", key=column_key)
-            text = row[data.prompt_key]
-            if not isinstance(text, str):
-                raise ConfigError(
-                    f"config key 'data.prompt_key': {where}: prompt is {type(text).__name__}, not a string",
-                    key="data.prompt_key",
-                )
+            messages = _chat_messages(row[data.prompt_key], where)
+            text = prompt_text(messages) if messages is not None else row[data.prompt_key]
             answer = str(row[data.answer_key])
             if known_chars is not None:
-                _refuse_unknown_chars(known_chars, ((text, "prompt"), (answer, "ground truth")), key, where)
-            tokens = fit_prompt(encode_prompt(tokenizer, text), cfg, where)
+                contents = [m["content"] for m in messages] if messages is not None else [text]
+                _refuse_unknown_chars(known_chars, (*((c, "prompt") for c in contents), (answer, "ground truth")), key, where)
+            tokens = fit_prompt(encode_prompt(tokenizer, messages if messages is not None else text), cfg, where)
             if tokens is None:
                 skipped += 1
                 continue
-            records.append(PromptRecord(text=text, tokens=tokens, ground_truth=answer))
+            records.append(PromptRecord(text=text, tokens=tokens, ground_truth=answer, messages=messages))
         if len(records) == before and skipped == skipped_before:
             raise ConfigError(f"config key {key!r}: file {path!r} holds no prompts", key=key)
     if skipped:

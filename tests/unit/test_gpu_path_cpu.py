@@ -19,7 +19,7 @@ from asyncpolicy.engines.transport import cuda
 from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
 from asyncpolicy.engines.protocols import GenerationRequest
 from asyncpolicy.engines.training.step import StepRunner
-from asyncpolicy.engines.generation.vllm import stop_token_ids
+from asyncpolicy.models.stop_ids import stop_token_ids
 from asyncpolicy.engines.sets.vllm_fsdp import place
 from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine, VLLMSettings, import_vllm
 from asyncpolicy.errors import ConfigError

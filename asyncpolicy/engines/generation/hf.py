@@ -88,17 +88,14 @@ class HFGenerationEngine:
         return self._model
 
     async def start(self) -> None:
+        from asyncpolicy.models.stop_ids import stop_token_ids
         from asyncpolicy.models.tiny import load_model, load_tokenizer
 
         def load() -> None:
             model = load_model(self.model_path, self.dtype)
             model.eval()
             tokenizer = load_tokenizer(self.model_path)
-            eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-            eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-            if tokenizer.eos_token_id is not None:
-                eos_ids.add(tokenizer.eos_token_id)
-            self._eos = eos_ids
+            self._eos = set(stop_token_ids(self.model_path, tokenizer.eos_token_id))  # the same as vLLM's
             self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             # transformers renamed `past_key_values` to `cache`; support both.
             params = inspect.signature(model.forward).parameters

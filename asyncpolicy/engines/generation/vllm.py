@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import threading
 import time
@@ -41,6 +40,7 @@ from asyncpolicy.config import Config
 from asyncpolicy.engines.child_procs import children_shielded
 from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
 from asyncpolicy.errors import ConfigError, EngineTimeout
+from asyncpolicy.models.stop_ids import stop_token_ids
 
 log = structlog.get_logger("asyncpolicy.vllm")
 
@@ -75,32 +75,14 @@ def has_weights(model_path: str) -> bool:
     return any(f.endswith(WEIGHT_SUFFIXES) for f in os.listdir(model_path))
 
 
-def stop_token_ids(model_path: str) -> list[int]:
-    """EOS ids from generation_config.json / config.json (vLLM runs without a tokenizer here)."""
-    ids: list[int] = []
-    for name in ("generation_config.json", "config.json"):
-        path = os.path.join(model_path, name)
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
-        for e in eos if isinstance(eos, list) else [eos]:
-            if isinstance(e, int) and e not in ids:
-                ids.append(e)
-    return ids
-
-
 def vllm_settings(cfg: Config, model_path: str, gpus: list[int], eos_token_id: int | None, replica: int = 0) -> VLLMSettings:
     """One vLLM engine of a run (its own or a rollout server's): stops at the model's EOS ids and the
     tokenizer's, dummy weights when the directory has none (the trainer's arrive before the first generation)."""
-    stops = stop_token_ids(model_path)
-    if eos_token_id is not None and eos_token_id not in stops:
-        stops.append(int(eos_token_id))
     return VLLMSettings(
         model_path=model_path,
         gpus=gpus,
         dummy_weights=not has_weights(model_path),
-        stop_token_ids=stops,
+        stop_token_ids=stop_token_ids(model_path, eos_token_id),
         max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length + 8,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         max_num_seqs=max(8, min(1024, cfg.rollout.max_concurrency)),
