@@ -59,19 +59,19 @@ def last_boxed(text: str) -> str | None:
     text, whatever the nesting or however many unbalanced braces.
     """
     opened: list[int | None] = []  # per open brace: where its box content starts, None for a plain brace
-    content: str | None = None
+    span: tuple[int, int] | None = None  # sliced once at the end: slicing every nested box would be quadratic
     for match in _BRACES.finditer(text):
         token = match.group()
         if token == "}":
             if opened:
                 start = opened.pop()
                 if start is not None:
-                    content = text[start : match.start()]
+                    span = (start, match.start())
         elif token == "{":
             opened.append(None)
         else:
             opened.append(match.end())
-    return content
+    return text[span[0] : span[1]] if span is not None else None
 
 
 def extract_answer(response: str) -> str | None:
