@@ -220,10 +220,20 @@ class AlgorithmConfig(_Section):
 
 
 class TaskConfig(_Section):
-    name: Annotated[str, _doc("built-in task (reverse, copy, add) when no data files are given")] = "reverse"
+    name: Annotated[
+        Literal["reverse", "copy", "add", "arith", "countdown", "gsm8k"],  # = tasks/catalog.py's TASKS (a test checks)
+        _doc(
+            "built-in task: reverse/copy/add (the embedded model's puzzles), arith/countdown (math for instruct "
+            "models), gsm8k (shapes and scores GSM8K-format data.train_files)"
+        ),
+    ] = "reverse"
     reward_fn: Annotated[str, _doc("dotted path 'pkg.module:function' of a custom reward; empty = the task's")] = ""
     num_prompts: Annotated[int, _doc("size of the built-in task's training set", ge=1)] = 2000
-    num_val_prompts: Annotated[int, _doc("size of the built-in task's held-out set", ge=1)] = 64
+    num_val_prompts: Annotated[int, _doc("size of the built-in task's held-out set (never in training)", ge=1)] = 64
+    difficulty: Annotated[
+        int,
+        _doc("arith/countdown: 1 (sized for a ~135M instruct model) to 5 (steps, number ranges, operations)", ge=1, le=5),
+    ] = 1
 
 
 class Config(_Section):
@@ -530,6 +540,7 @@ def check_consistency(cfg: Config) -> None:
         )
     _check_nodes(cfg)
     _check_servers(cfg)
+    _check_task(cfg)
     _check_replicas(cfg)
     at = cfg.async_training
     if at.max_queue_size < cfg.data.train_batch_size:
@@ -582,6 +593,16 @@ def _check_servers(cfg: Config) -> None:
         raise ConfigError(
             "config key 'rollout.colocate': remote rollout servers (rollout.servers) cannot share the trainer's GPU",
             key="rollout.colocate",
+        )
+
+
+def _check_task(cfg: Config) -> None:
+    """gsm8k has no problems of its own: it shapes and scores the user's GSM8K-format files."""
+    if cfg.task.name == "gsm8k" and not cfg.data.train_files:
+        raise ConfigError(
+            "config key 'task.name': gsm8k reads GSM8K-format JSONL/Parquet files ({\"question\": ..., "
+            "\"answer\": \"... #### 72\"}); give them as data.train_files (and data.val_files)",
+            key="task.name",
         )
 
 

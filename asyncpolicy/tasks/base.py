@@ -17,24 +17,38 @@ import msgspec
 from asyncpolicy.samples import Prompt
 
 
-Message = dict[str, str]
-"""One chat message, as chat templates take it: {"role": "system" | "user" | "assistant", "content": text}."""
+class ChatMessage(msgspec.Struct, frozen=True):
+    """One turn of a chat prompt, as a tokenizer's chat template takes it (`role`: user, system, ...)."""
+
+    role: str
+    content: str
 
 
 class PromptRecord(msgspec.Struct, frozen=True, kw_only=True):
     """A tokenised prompt as loaded from a task or a data file.
 
-    A chat prompt sets `messages` (e.g. one user message asking for the answer in \\boxed{}); its
-    `tokens` are `tasks.loading.encode_prompt(tokenizer, messages)` — the chat template rendered
-    once with the generation prompt and tokenised once — and its `text` is the last user message's
-    content (what a reward function's `prompt` argument and the logs show). Engines only ever see
-    `tokens`.
+    `messages` is the prompt as a chat (a user message); `text` is its plain-text form. `tokens` are
+    rendered once, at load (`loading.encode_prompt`): the messages through the tokenizer's chat
+    template when it has one, else `text` tokenised as it is. Engines take `tokens` only.
     """
 
     text: str
     tokens: list[int]
     ground_truth: str = ""
-    messages: list[Message] | None = None
+    messages: tuple[ChatMessage, ...] = ()
+
+
+class Example(msgspec.Struct, frozen=True, kw_only=True):
+    """One generated problem: a plain prompt, the instruction a chat model gets, the ground truth.
+
+    `key` identifies the problem itself, whatever its wording, for the held-out split
+    (`splits.hashed_splits`); empty = the prompt.
+    """
+
+    prompt: str
+    instruction: str
+    answer: str
+    key: str = ""
 
 
 class CursorState(msgspec.Struct, kw_only=True):

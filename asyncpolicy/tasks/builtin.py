@@ -13,18 +13,10 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-import msgspec
+from asyncpolicy.tasks.base import Example
 
 LETTERS = "abcdefgh"  # a small alphabet: random responses hit a right letter often enough to learn from
 MIN_LEN, MAX_LEN = 2, 4
-
-
-class Example(msgspec.Struct, frozen=True, kw_only=True):
-    """One puzzle: the terse prompt, the instruction for chat models, and the answer."""
-
-    prompt: str
-    instruction: str
-    answer: str
 
 
 def _word(rng: random.Random) -> str:
@@ -89,3 +81,8 @@ def make_splits(name: str, num_train: int, num_val: int, seed: int) -> tuple[lis
         if ex.prompt not in seen:
             train.append(ex)
     return train, val
+
+
+def position_reward(prompt: str, response: str, ground_truth: str) -> float:
+    """`position_credit` as a reward function (the form `task.reward_fn` names)."""
+    return position_credit(response, ground_truth)

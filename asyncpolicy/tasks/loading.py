@@ -14,51 +14,70 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
-from asyncpolicy.config import Config
+from asyncpolicy.config import Config, DataConfig
 from asyncpolicy.errors import ConfigError, first_line
 from asyncpolicy.models.tiny import ALPHABET_TEXT, character_vocabulary
 from asyncpolicy.samples import Prompt
-from asyncpolicy.tasks import builtin
-from asyncpolicy.tasks.base import Message, PromptRecord, PromptSource, TaskData
+from asyncpolicy.tasks.base import ChatMessage, Example, PromptRecord, PromptSource, TaskData
+from asyncpolicy.tasks.catalog import TASKS, FileTask, GeneratedTask
 
 log = structlog.get_logger(__name__)
 
 
-def encode_prompt(tokenizer: Any, prompt: str | list[Message]) -> list[int]:
-    """Token ids of a prompt (a text is one user message): with a chat template, rendered once with the
-    assistant's header (`add_generation_prompt`) and tokenised once, its special tokens as they are;
-    these ids are what every engine receives. Without a template: the text (a chat's contents joined
-    by newlines) tokenised plain."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_prompt(tokenizer: Any, text: str, messages: tuple[ChatMessage, ...] = ()) -> list[int]:
+    """Token ids of a prompt, the ids every engine receives (none re-tokenises text).
+
+    With a chat template: `messages` (default: `text` as one user message) rendered once with the
+    assistant's header (`add_generation_prompt`) and tokenised once, special tokens as they are.
+    Without one: `text` tokenised plainly, or, for a chat of several messages, their contents joined
+    by newlines (a system prompt is not lost)."""
+    if has_chat_template(tokenizer):
+        chat = [msgspec.to_builtins(m) for m in messages] or [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
         return [int(i) for i in ids]
-    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages)
-    return list(tokenizer(text)["input_ids"])
+    plain = "\n".join(m.content for m in messages) if len(messages) > 1 else text
+    return list(tokenizer(plain)["input_ids"])
 
 
-def prompt_text(messages: list[Message]) -> str:
+def prompt_text(messages: tuple[ChatMessage, ...]) -> str:
     """What a chat prompt reads as in rewards and logs: its last user message."""
-    users = [m["content"] for m in messages if m.get("role") == "user"]
-    return users[-1] if users else messages[-1]["content"]
+    users = [m.content for m in messages if m.role == "user"]
+    return users[-1] if users else messages[-1].content
 
 
-class BuiltinScorer:
-    """Per-position credit of the decoded response against the ground truth."""
+def _chat_messages(prompt: object, where: str) -> tuple[ChatMessage, ...] | None:
+    """A prompt cell is a text, or a chat (verl's format): a list of {"role": ..., "content": ...} objects.
+    None for a text; anything else is bad input, named."""
+    if isinstance(prompt, str):
+        return None
+    ok = isinstance(prompt, list) and prompt and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+    )
+    if not ok:
+        raise ConfigError(
+            f"config key 'data.prompt_key': {where}: prompt is {type(prompt).__name__}, not a string or a list of "
+            '{"role": ..., "content": ...} messages',
+            key="data.prompt_key",
+        )
+    assert isinstance(prompt, list)
+    return tuple(ChatMessage(m["role"], m["content"]) for m in prompt)
 
-    name = "asyncpolicy.tasks.builtin:position_credit"
 
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self.decode = decode
-
-    def __call__(self, prompt: Prompt, response_tokens: list[int]) -> float:
-        return builtin.position_credit(self.decode(response_tokens), prompt.ground_truth)
+def example_prompt(example: Example, chat: bool) -> tuple[str, tuple[ChatMessage, ...]]:
+    """(text, messages) of a generated problem: the instruction as the user's message; the text is
+    that instruction for a chat model, the plain prompt for a tokenizer without a chat template."""
+    return (example.instruction if chat else example.prompt), (ChatMessage("user", example.instruction),)
 
 
-class UserScorer:
-    """A user's `score(prompt, response, ground_truth)`, named by its dotted path."""
+class RewardScorer:
+    """A reward `score(prompt, response, ground_truth)`, named by its dotted path: a task's or the user's."""
 
     def __init__(self, name: str, fn: Callable[[str, str, str], float], decode: Callable[[list[int]], str]) -> None:
         self.name = name
@@ -163,44 +182,49 @@ def fit_prompt(tokens: list[int], cfg: Config, where: str) -> list[int] | None:
     return tokens[-limit:]  # keep the end: the question and the assistant header
 
 
-def _chat_messages(prompt: object, where: str) -> list[Message] | None:
-    """A prompt cell is a text, or a chat (verl's format): a list of {"role": ..., "content": ...} objects.
-    None for a text; anything else is bad input, named."""
-    if isinstance(prompt, str):
-        return None
-    ok = isinstance(prompt, list) and prompt and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+def _columns(cfg: Config, file_task: FileTask | None) -> tuple[str, str]:
+    """(prompt column, answer column): a file task's own unless data.prompt_key/answer_key are changed."""
+    data, defaults = cfg.data, DataConfig()
+    if file_task is None:
+        return data.prompt_key, data.answer_key
+    return (
+        data.prompt_key if data.prompt_key != defaults.prompt_key else file_task.prompt_column,
+        data.answer_key if data.answer_key != defaults.answer_key else file_task.answer_column,
     )
-    if not ok:
-        raise ConfigError(
-            f"config key 'data.prompt_key': {where}: prompt is {type(prompt).__name__}, not a string or a list of "
-            '{"role": ..., "content": ...} messages',
-            key="data.prompt_key",
-        )
-    assert isinstance(prompt, list)
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
-def load_records(cfg: Config, files: list[str], key: str, tokenizer: Any) -> list[PromptRecord]:
-    """Tokenised prompts of data files; over-long prompts follow `data.truncation`."""
+def load_records(
+    cfg: Config, files: list[str], key: str, tokenizer: Any, file_task: FileTask | None = None
+) -> list[PromptRecord]:
+    """Tokenised prompts of data files, as a file task shapes them (gsm8k) or as they are;
+    over-long prompts follow `data.truncation`."""
     data = cfg.data
+    prompt_column, answer_column = _columns(cfg, file_task)
     records: list[PromptRecord] = []
     skipped = 0
     known_chars = character_vocabulary(tokenizer)
+    chat = has_chat_template(tokenizer)
     for path in files:
         before, skipped_before = len(records), skipped
         for number, row in _read_rows(path, key):
             where = f"{path}:{number}"
-            for column, column_key in ((data.prompt_key, "data.prompt_key"), (data.answer_key, "data.answer_key")):
+            for column, column_key in ((prompt_column, "data.prompt_key"), (answer_column, "data.answer_key")):
                 if column not in row:
                     raise ConfigError(f"config key {column_key!r}: {where} has no column {column!r}", key=column_key)
-            messages = _chat_messages(row[data.prompt_key], where)
-            text = prompt_text(messages) if messages is not None else row[data.prompt_key]
-            answer = str(row[data.answer_key])
+            chat_cell = _chat_messages(row[prompt_column], where)
+            text = prompt_text(chat_cell) if chat_cell is not None else row[prompt_column]
+            answer = str(row[answer_column])
+            messages: tuple[ChatMessage, ...] = chat_cell or (ChatMessage("user", text),)
+            if file_task is not None:
+                try:
+                    example = file_task.example(text, answer)
+                except ValueError as e:
+                    raise ConfigError(f"config key {key!r}: {where}: {e}", key=key) from None
+                (text, messages), answer = example_prompt(example, chat), example.answer
             if known_chars is not None:
-                contents = [m["content"] for m in messages] if messages is not None else [text]
-                _refuse_unknown_chars(known_chars, (*((c, "prompt") for c in contents), (answer, "ground truth")), key, where)
-            tokens = fit_prompt(encode_prompt(tokenizer, messages if messages is not None else text), cfg, where)
+                contents = [(m.content, "prompt") for m in messages]
+                _refuse_unknown_chars(known_chars, (*contents, (answer, "ground truth")), key, where)
+            tokens = fit_prompt(encode_prompt(tokenizer, text, messages), cfg, where)
             if tokens is None:
                 skipped += 1
                 continue
@@ -218,24 +242,19 @@ def load_records(cfg: Config, files: list[str], key: str, tokenizer: Any) -> lis
     return records
 
 
-def builtin_records(cfg: Config, tokenizer: Any) -> tuple[list[PromptRecord], list[PromptRecord]]:
-    """The named built-in task's train and held-out splits, tokenised."""
-    if cfg.task.name not in builtin.TASKS:
-        raise ConfigError(
-            f"config key 'task.name': unknown task {cfg.task.name!r}; built in: {', '.join(builtin.TASKS)} "
-            "(or give data.train_files)",
-            key="task.name",
-        )
-    chat = bool(getattr(tokenizer, "chat_template", None))
-    train, val = builtin.make_splits(cfg.task.name, cfg.task.num_prompts, cfg.task.num_val_prompts, cfg.seed)
+def builtin_records(cfg: Config, task: GeneratedTask, tokenizer: Any) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """A generated task's train and held-out splits, tokenised."""
+    chat = has_chat_template(tokenizer)
+    train, val = task.splits(cfg.task.num_prompts, cfg.task.num_val_prompts, cfg.seed, cfg.task.difficulty)
 
-    def records(examples: list[builtin.Example], split: str) -> list[PromptRecord]:
+    def records(examples: list[Example], split: str) -> list[PromptRecord]:
         out = []
         for i, ex in enumerate(examples):
-            text = ex.instruction if chat else ex.prompt
-            tokens = fit_prompt(encode_prompt(tokenizer, text), cfg, f"task {cfg.task.name!r} {split} prompt {i}")
+            text, messages = example_prompt(ex, chat)
+            where = f"task {cfg.task.name!r} {split} prompt {i}"
+            tokens = fit_prompt(encode_prompt(tokenizer, text, messages), cfg, where)
             if tokens is not None:
-                out.append(PromptRecord(text=text, tokens=tokens, ground_truth=ex.answer))
+                out.append(PromptRecord(text=text, tokens=tokens, ground_truth=ex.answer, messages=messages))
         if len(out) < len(examples):
             log.warning(
                 "prompts_skipped",
@@ -260,28 +279,29 @@ def build_real_task(cfg: Config, tokenizer: Any) -> TaskData:
     def decode(tokens: list[int]) -> str:
         return tokenizer.decode(tokens, skip_special_tokens=True)
 
+    task = TASKS[cfg.task.name]  # config's task.name admits only these names
+    file_task = task if isinstance(task, FileTask) else None
+    val: list[PromptRecord]
     if cfg.data.train_files:
-        train = load_records(cfg, cfg.data.train_files, "data.train_files", tokenizer)
-        val = load_records(cfg, cfg.data.val_files, "data.val_files", tokenizer) if cfg.data.val_files else []
+        train, val = load_records(cfg, cfg.data.train_files, "data.train_files", tokenizer, file_task), []
     else:
-        train, val = builtin_records(cfg, tokenizer)
-        if cfg.data.val_files:
-            val = load_records(cfg, cfg.data.val_files, "data.val_files", tokenizer)
-    if cfg.task.reward_fn:
-        scorer: Any = UserScorer(cfg.task.reward_fn, import_reward_fn(cfg.task.reward_fn), decode)
-    elif cfg.data.train_files:
+        assert isinstance(task, GeneratedTask), "check_consistency refuses a file task without data.train_files"
+        train, val = builtin_records(cfg, task, tokenizer)
+    if cfg.data.val_files:
+        val = load_records(cfg, cfg.data.val_files, "data.val_files", tokenizer, file_task)
+    if cfg.data.train_files and file_task is None and not cfg.task.reward_fn:
         raise ConfigError(
-            "config key 'task.reward_fn' is required with data.train_files (a built-in reward only fits its own task)",
+            "config key 'task.reward_fn' is required with data.train_files (a generated task's reward only fits its "
+            "own problems; task.name=gsm8k scores GSM8K-format files)",
             key="task.reward_fn",
         )
-    else:
-        scorer = BuiltinScorer(decode)
+    reward_fn = cfg.task.reward_fn or task.reward_fn
     return TaskData(
         train=PromptSource(train, seed=cfg.seed, shuffle=cfg.data.shuffle),
         val=[
             Prompt(index=i, epoch=0, text=r.text, tokens=r.tokens, ground_truth=r.ground_truth)
             for i, r in enumerate(val)
         ],
-        scorer=scorer,
+        scorer=RewardScorer(reward_fn, import_reward_fn(reward_fn), decode),
         decode=decode,
     )

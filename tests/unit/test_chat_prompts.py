@@ -23,13 +23,14 @@ from asyncpolicy.engines.generation.hf import HFGenerationEngine
 from asyncpolicy.engines.sets.hf_torch import build_hf_torch_engines
 from asyncpolicy.engines.protocols import EngineSet, GenerationRequest, GenerationResult
 from asyncpolicy.engines.training.step import collate
-from asyncpolicy.engines.sets.vllm_fsdp import vllm_settings
+from asyncpolicy.engines.generation.vllm import vllm_settings
 from asyncpolicy.errors import ConfigError
 from asyncpolicy.models import tiny
 from asyncpolicy.models.stop_ids import stop_token_ids
 from asyncpolicy.samples import Sample
 from asyncpolicy.supervisor import Supervisor
 from asyncpolicy.tasks import builtin
+from asyncpolicy.tasks.base import ChatMessage
 from asyncpolicy.tasks.loading import build_real_task, encode_prompt
 
 CHATML = (
@@ -66,7 +67,7 @@ def ids(tokenizer: Any, *pieces: str) -> list[int]:
 
 
 def test_a_chat_prompt_is_rendered_once_and_tokenised_once(chatml: Any) -> None:
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]
+    messages = (ChatMessage("system", "Be brief."), ChatMessage("user", "What is 2+3?"))
     expected = ids(
         chatml,
         "<s>",  # once: from the template, not again from the tokenizer's post-processor
@@ -74,16 +75,17 @@ def test_a_chat_prompt_is_rendered_once_and_tokenised_once(chatml: Any) -> None:
         "<|im_start|>", "user\nWhat is 2+3?", "<|im_end|>", "\n",
         "<|im_start|>", "assistant\n",
     )
-    assert encode_prompt(chatml, messages) == expected
-    # a text is one user message
-    assert encode_prompt(chatml, "hi") == encode_prompt(chatml, [{"role": "user", "content": "hi"}])
+    assert encode_prompt(chatml, "What is 2+3?", messages) == expected
+    # a text alone is one user message
+    assert encode_prompt(chatml, "hi") == encode_prompt(chatml, "ignored", (ChatMessage("user", "hi"),))
 
 
 def test_without_a_chat_template_a_chat_is_its_contents(chatml: Any) -> None:
     plain = type(chatml)(tokenizer_object=chatml.backend_tokenizer, bos_token="<s>", eos_token="<|im_end|>")
     assert not plain.chat_template
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-    assert encode_prompt(plain, chat) == ids(plain, "<s>", "Be brief.\nhi")
+    chat = (ChatMessage("system", "Be brief."), ChatMessage("user", "hi"))
+    assert encode_prompt(plain, "hi", chat) == ids(plain, "<s>", "Be brief.\nhi")
+    assert encode_prompt(plain, "hi", chat[1:]) == ids(plain, "<s>", "hi")
 
 
 def test_builtin_tasks_give_a_chat_model_the_instruction_as_a_user_message(chatml: Any) -> None:
@@ -99,10 +101,12 @@ def test_a_data_file_prompt_may_be_a_list_of_messages(tmp_path: Path, chatml: An
     chat = [{"role": "system", "content": "Answer in \\boxed{}."}, {"role": "user", "content": "What is 2+3?"}]
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps({"prompt": chat, "ground_truth": "5"}) + "\n" + json.dumps({"prompt": "1+1?", "ground_truth": "2"}) + "\n")
-    cfg = load_config(overrides=[f"data.train_files=[{train}]", "task.reward_fn=asyncpolicy.tasks.builtin:position_credit"])
+    cfg = load_config(overrides=[f"data.train_files=[{train}]", "task.reward_fn=asyncpolicy.tasks.builtin:position_reward"])
     first, second = build_real_task(cfg, chatml).train.records
-    assert first.messages == chat and first.text == "What is 2+3?" and first.tokens == encode_prompt(chatml, chat)
-    assert second.messages is None and second.tokens == encode_prompt(chatml, "1+1?")
+    as_structs = tuple(ChatMessage(m["role"], m["content"]) for m in chat)
+    assert first.messages == as_structs and first.text == "What is 2+3?"
+    assert first.tokens == encode_prompt(chatml, first.text, as_structs)
+    assert second.messages == (ChatMessage("user", "1+1?"),) and second.tokens == encode_prompt(chatml, "1+1?")
     train.write_text(json.dumps({"prompt": [{"role": "user"}], "ground_truth": "5"}) + "\n")
     with pytest.raises(ConfigError, match=r"'data.prompt_key': .*train.jsonl:1: prompt is list, not a string or a list of"):
         build_real_task(cfg, chatml)
