@@ -35,6 +35,7 @@ import structlog
 from asyncpolicy.config import FSDP_START_TIMEOUT_S
 from asyncpolicy.engines import fsdp_worker as w
 from asyncpolicy.engines.child_procs import children_shielded
+from asyncpolicy.engines.trainer_setup import TrainerSummary
 from asyncpolicy.errors import EngineTimeout, RunFailed
 from asyncpolicy.samples import Sample
 
@@ -78,6 +79,7 @@ class FSDPTrainEngine:
         self._pending: _Replies | None = None  # an interrupted command's replies, drained before the next
         self._lock = anyio.Lock()
         self.n_params = 0
+        self.summary: TrainerSummary | None = None  # rank 0's set-up as built, after start()
         self.meta: list[tuple[str, list[int], int, int]] = []
         self.last_pack_s = 0.0
 
@@ -106,7 +108,11 @@ class FSDPTrainEngine:
         pending = _Replies("start", self.world_size, time.monotonic() + self.start_timeout_s)
         replies = await self._await(pending, pending.deadline)
         self.n_params = int(replies[0].value)
-        log.info("fsdp_started", ranks=self.world_size, gpus=self.gpus, params_M=round(self.n_params / 1e6, 1), start_s=round(time.perf_counter() - t0, 1))
+        self.summary = replies[0].summary
+        log.info(
+            "fsdp_started", ranks=self.world_size, gpus=self.gpus, params_M=round(self.n_params / 1e6, 1),
+            start_s=round(time.perf_counter() - t0, 1), **(msgspec.structs.asdict(self.summary) if self.summary else {}),
+        )
 
     def _died(self, rank: int) -> WorkerDied:
         proc = self._procs[rank]
