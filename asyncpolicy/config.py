@@ -164,7 +164,7 @@ class TrainerConfig(_Section):
     keep_checkpoints: Annotated[int, _doc("complete checkpoints kept", ge=1)] = 2
     test_freq: Annotated[int, _doc("validate every N steps; 0 = never", ge=0)] = 0
     threads: Annotated[
-        int, _doc("torch CPU threads (hf/torch engines); 1 suits the tiny default model on 2 cores, 0 = torch's default", ge=0)
+        int, _doc("torch CPU threads (hf engine and the CPU trainers: torch, fsdp on CPU); 1 suits the tiny default model on 2 cores, 0 = torch's default", ge=0)
     ] = 1
     worker_timeout_s: Annotated[
         float, _doc("fsdp: seconds a trainer worker may take to answer one command before the run fails (finite)", gt=0)

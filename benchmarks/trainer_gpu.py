@@ -31,6 +31,7 @@ from asyncpolicy.bench.gpu import QWEN05, TINY_QWEN, TRAINER_OVERRIDES, fixed_ba
 from asyncpolicy.config import load_config
 from asyncpolicy.engines.training import fsdp_worker as w
 from asyncpolicy.engines.training.relay import join_process_group
+from asyncpolicy.engines.training.step import make_scheduler
 from asyncpolicy.errors import first_line
 
 BASE = [*TRAINER_OVERRIDES, "trainer.max_tokens_per_micro_batch=16384"]
@@ -100,7 +101,7 @@ def run_variant(
     if foreach_adam:  # the same AdamW as foreach kernels (the trainer's before it took the fused one on CUDA)
         tr = init.config.trainer
         policy.opt = torch.optim.AdamW(policy.module.parameters(), lr=tr.lr, weight_decay=tr.weight_decay, foreach=True)
-        policy.sched = w.make_scheduler(policy.opt, init.config)
+        policy.sched = make_scheduler(policy.opt, init.config)
         policy.step.optimizer, policy.step.scheduler = policy.opt, policy.sched
     start_s = time.perf_counter() - t0
     version = 0

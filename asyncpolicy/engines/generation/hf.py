@@ -28,7 +28,7 @@ from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
 
 log = structlog.get_logger(__name__)
 
-GATHER_WAIT_S = 0.002  # a new batch waits while requests keep arriving, this long each time...
+GATHER_WAIT_S = 0.002  # a new batch waits while requests keep arriving, this long for each next one...
 GATHER_MAX_S = 0.02  # ...but never longer than this: latency of the first request
 
 
@@ -75,6 +75,7 @@ class HFGenerationEngine:
         self._pending: list[_Slot] = []
         self._busy = False
         self._batch_done = anyio.Event()
+        self._arrived = anyio.Event()  # set by each new request; a batch being gathered waits on it
         self._abort_epoch = 0
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # rows of the latest batches, for metrics and tests
         self.generated_tokens = 0
@@ -112,6 +113,7 @@ class HFGenerationEngine:
             raise RuntimeError("HFGenerationEngine.generate called before start() or after aclose()")
         slot = _Slot(request, self._abort_epoch)
         self._pending.append(slot)
+        self._arrived.set()
         try:
             while slot.result is None:
                 if slot.error is not None:
@@ -131,13 +133,7 @@ class HFGenerationEngine:
         """Run every waiting request as one batch in the worker thread; wake all waiters after."""
         self._busy = True
         try:
-            waited = 0.0
-            while waited < GATHER_MAX_S:  # let requests started in the same moment join this batch
-                before = len(self._pending)
-                await anyio.sleep(GATHER_WAIT_S)
-                waited += GATHER_WAIT_S
-                if len(self._pending) == before:
-                    break
+            await self._gather()
             slots, self._pending = self._pending, []
             if slots:
                 self.batch_sizes.append(len(slots))
@@ -151,6 +147,18 @@ class HFGenerationEngine:
             self._busy = False
             done, self._batch_done = self._batch_done, anyio.Event()
             done.set()
+
+    async def _gather(self) -> None:
+        """Let requests started in the same moment (the n of a group, a wave of admissions) join
+        this batch: wait while they keep arriving, woken by each arrival, until none came for
+        GATHER_WAIT_S or GATHER_MAX_S passed."""
+        with anyio.move_on_after(GATHER_MAX_S):
+            while True:
+                self._arrived = arrived = anyio.Event()
+                with anyio.move_on_after(GATHER_WAIT_S):
+                    await arrived.wait()
+                if not arrived.is_set():
+                    return
 
     async def abort_all(self) -> None:
         """Every request submitted so far returns at its next token boundary with finish_reason 'abort'."""

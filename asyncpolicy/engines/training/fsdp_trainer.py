@@ -35,12 +35,11 @@ import structlog
 from asyncpolicy.config import FSDP_START_TIMEOUT_S
 from asyncpolicy.engines.training import fsdp_worker as w
 from asyncpolicy.engines.child_procs import children_shielded
+from asyncpolicy.engines.training.setup import TrainerSummary
 from asyncpolicy.errors import EngineTimeout, RunFailed
 from asyncpolicy.samples import Sample
 
 log = structlog.get_logger("asyncpolicy.fsdp")
-
-POLL_S = 0.5  # how soon a collector whose caller was cancelled lets go of the pipes
 
 
 class WorkerDied(RunFailed):
@@ -77,7 +76,11 @@ class FSDPTrainEngine:
         self._broken: str = ""
         self._pending: _Replies | None = None  # an interrupted command's replies, drained before the next
         self._lock = anyio.Lock()
+        # A doorbell a cancelled caller rings: its collecting thread, waiting on the pipes and the
+        # processes' sentinels, wakes at once and lets go of them (no poll interval).
+        self._wake_reader, self._wake = multiprocessing.Pipe(duplex=False)
         self.n_params = 0
+        self.summary: TrainerSummary | None = None  # rank 0's set-up as built, after start()
         self.meta: list[tuple[str, list[int], int, int]] = []
         self.last_pack_s = 0.0
 
@@ -106,7 +109,11 @@ class FSDPTrainEngine:
         pending = _Replies("start", self.world_size, time.monotonic() + self.start_timeout_s)
         replies = await self._await(pending, pending.deadline)
         self.n_params = int(replies[0].value)
-        log.info("fsdp_started", ranks=self.world_size, gpus=self.gpus, params_M=round(self.n_params / 1e6, 1), start_s=round(time.perf_counter() - t0, 1))
+        self.summary = replies[0].summary
+        log.info(
+            "fsdp_started", ranks=self.world_size, gpus=self.gpus, params_M=round(self.n_params / 1e6, 1),
+            start_s=round(time.perf_counter() - t0, 1), **(msgspec.structs.asdict(self.summary) if self.summary else {}),
+        )
 
     def _died(self, rank: int) -> WorkerDied:
         proc = self._procs[rank]
@@ -117,7 +124,9 @@ class FSDPTrainEngine:
         """Read replies into `pending` until every rank answered (worker thread).
 
         Raises on a failed reply, a dead rank or the deadline; returns early once `cancelled`
-        is set, having stored whatever arrived (the next collector continues from there).
+        is set (its caller then rings `_wake`), having stored whatever arrived (the next collector
+        continues from there). One wait on the pipes, the processes' sentinels and the doorbell:
+        a reply, a death or a cancellation is seen as it happens.
         """
         with pending.reader:
             while True:
@@ -134,7 +143,10 @@ class FSDPTrainEngine:
                     raise EngineTimeout(f"FSDP worker rank {missing[0]}{relaying} did not answer {pending.what} within its timeout")
                 conns = {self._conns[rank]: rank for rank in missing}
                 sentinels = {self._procs[rank].sentinel: rank for rank in missing}
-                ready = multiprocessing.connection.wait([*conns, *sentinels], timeout=min(left, POLL_S))
+                ready = multiprocessing.connection.wait([*conns, *sentinels, self._wake_reader], timeout=left)
+                if self._wake_reader in ready:
+                    while self._wake_reader.poll():  # rung for this collector or an earlier, finished one
+                        self._wake_reader.recv_bytes()
                 for obj in ready:
                     if obj in conns:
                         rank = conns[obj]
@@ -154,7 +166,9 @@ class FSDPTrainEngine:
         try:
             await anyio.to_thread.run_sync(self._collect, pending, deadline, cancelled, abandon_on_cancel=True)
         except anyio.get_cancelled_exc_class():
-            cancelled.set()  # its thread lets go of the pipes within POLL_S; replies stay in `pending`
+            cancelled.set()  # then wake its thread: it lets go of the pipes; replies stay in `pending`
+            with contextlib.suppress(OSError):  # closed: the engine is closed, no thread is left to wake
+                self._wake.send_bytes(b"")
             self._pending = pending
             log.info("fsdp_command_interrupted", command=pending.what, note="its replies are drained before the next command")
             raise
@@ -263,4 +277,6 @@ class FSDPTrainEngine:
                     proc.kill()  # the workers ignore SIGTERM; they stop by command, EOF, or not at all
                     await anyio.to_thread.run_sync(proc.join, 5)
         self._procs, self._conns = [], []
+        self._wake.close()
+        self._wake_reader.close()
 

@@ -34,13 +34,8 @@ import msgspec
 
 from asyncpolicy.config import Config
 from asyncpolicy.engines.training.relay import Relay, join_process_group, node_of
-from asyncpolicy.engines.training.step import (
-    PolicyLogprobs,
-    StepRunner,
-    compile_layers,
-    make_optimizer,
-    make_scheduler,
-)
+from asyncpolicy.engines.training.setup import TrainerSummary, build_trainer
+from asyncpolicy.engines.training.step import PolicyLogprobs, StepRunner
 from asyncpolicy.errors import RunFailed
 from asyncpolicy.samples import Sample
 
@@ -137,6 +132,7 @@ class Reply(msgspec.Struct, kw_only=True):
     blob: bytes = b""
     value: float = 0.0
     relayed: list[Reply] = []  # global rank 0 only: the replies of the other nodes' ranks, in rank order
+    summary: TrainerSummary | None = None  # the start reply: the rank's set-up as built
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -172,9 +168,8 @@ class _ShardedStep(StepRunner):
     """The shared training step on one FSDP rank: the global grad norm of DTensor gradients and the
     step's sums over all ranks (its share of the rows is `StepRunner.micro_batches`' by rank)."""
 
-    def __init__(self, *args: Any, rank: int, dist: Any) -> None:
-        super().__init__(*args)
-        self.rank = rank  # the micro-batch plan deals rows by rank (plan_micro_batches)
+    def __init__(self, *args: Any, dist: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)  # `rank`: the micro-batch plan deals rows by rank (plan_micro_batches)
         self.dist = dist
 
     def clip_grad_norm(self) -> Any:
@@ -193,9 +188,8 @@ class _Policy:
         import torch
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        cfg = init.config
         self.init = init
         self.torch = torch
         cuda = init.gpu is not None
@@ -205,63 +199,31 @@ class _Policy:
         self.dist = dist  # the process group is joined before (join_process_group)
         mesh = init_device_mesh(self.device.type, (init.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
-        model = self._load_model()
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.trainer.compile:
-            compile_layers(model)  # before sharding: fully_shard wraps the compiled layers
-        self.names = [n for n, _ in model.named_parameters()]  # HF names; tied weights appear once
-        self.n_params = sum(p.numel() for p in model.parameters())
-        # Small models: keep layers gathered from forward to backward (ZeRO-2-like): the memory
-        # is small and it saves one all-gather per layer per micro-batch (two with recompute).
-        kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self.n_params > 2e9}
-        if mp is not None:
-            kw["mp_policy"] = mp
-        self.module = self._shard(PolicyLogprobs.of(model, cfg), kw)
-        ref = None
-        if cfg.algorithm.kl_coef > 0:  # the initial model at model.path, sharded like the policy, frozen
-            ref_model = self._load_model().requires_grad_(False)
-            # no backward to keep its layers gathered for: free them after each forward
-            ref = self._shard(PolicyLogprobs.of(ref_model, cfg), {**kw, "reshard_after_forward": True}).eval()
-        self.cfg = model.config
-        self.opt = make_optimizer(self.module.parameters(), cfg)
-        self.sched = make_scheduler(self.opt, cfg)
-        pad = self.cfg.pad_token_id
-        self.step = _ShardedStep(
-            cfg, self.module, ref, self.opt, self.sched, self.device, pad if isinstance(pad, int) else 0,
-            init.world_size, rank=init.rank, dist=dist,
-        )
+
+        def shard(wrapper: PolicyLogprobs, trainable: bool) -> Any:
+            """FSDP2 per decoder layer, then the root (embeddings, final norm, lm_head)."""
+            # Small models keep layers gathered from forward to backward (ZeRO-2-like): the memory
+            # is small and it saves one all-gather per layer per micro-batch (two with recompute).
+            # The reference has no backward to keep them for: free them after each forward.
+            big = sum(p.numel() for p in wrapper.parameters()) > 2e9
+            kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": big or not trainable}
+            if mp is not None:
+                kw["mp_policy"] = mp
+            for layer in wrapper.model.model.layers:
+                fully_shard(layer, **kw)
+            fully_shard(wrapper, **kw)
+            return wrapper
+
+        setup = build_trainer(init.config, init.model_path, self.device, shard)
+        self.names, self.n_params = setup.names, setup.n_params
+        self.module: Any = setup.policy  # the FSDP module wrapping PolicyLogprobs (its HF model is .model)
+        self.opt, self.sched = setup.optimizer, setup.scheduler
+        self.step = setup.runner(_ShardedStep, world_size=init.world_size, rank=init.rank, dist=dist)
+        self.summary = setup.summary()
         self.steps = 0
         self.flat: Any = None
         self.meta: list[tuple[str, list[int], int, int]] = []
         self.group: Any = None
-
-    def _load_model(self) -> Any:
-        """The causal LM at model_path; a directory with only a config gets the same seeded random
-        init on every rank (and for the reference)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        torch, init = self.torch, self.init
-        torch.manual_seed(init.config.seed)
-        dtype = getattr(torch, init.config.model.dtype)
-        attn = init.config.trainer.attn_implementation
-        has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(init.model_path))
-        if has_weights:
-            model = AutoModelForCausalLM.from_pretrained(init.model_path, dtype=dtype, attn_implementation=attn)
-        else:
-            config = AutoConfig.from_pretrained(init.model_path)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-        model.config.use_cache = False
-        # transformers declares `to` with @wraps(nn.Module.to), which types it as unbound (self first)
-        return model.to(self.device)  # type: ignore[arg-type]
-
-    def _shard(self, wrapper: Any, kw: dict[str, Any]) -> Any:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in wrapper.model.model.layers:
-            fully_shard(layer, **kw)
-        fully_shard(wrapper, **kw)  # root: embeddings, final norm, lm_head
-        return wrapper
 
     # -- training --
 
@@ -409,7 +371,7 @@ def _start(init: WorkerInit) -> tuple[_Policy | None, Relay | None, Reply]:
         return None, relay, Reply(rank=init.rank, ok=False, error=str(e))
     except Exception:
         return None, relay, Reply(rank=init.rank, ok=False, error=traceback.format_exc())
-    return policy, relay, Reply(rank=init.rank, ok=True, value=float(policy.n_params))
+    return policy, relay, Reply(rank=init.rank, ok=True, value=float(policy.n_params), summary=policy.summary)
 
 
 def worker_main(init_blob: bytes, conn: Any | None) -> None:

@@ -1,8 +1,9 @@
 """The CPU trainer: PPO/GRPO updates of a Hugging Face causal LM with plain torch.
 
-A training step is `step.StepRunner.run`, the same code every FSDP rank runs: the
-mini-batch split, loss, non-finite-gradient rule, LR schedule (counted in optimizer updates) and
-metrics are shared. This engine adds the model, the worker thread and checkpoints. The
+A training step is `step.StepRunner.run`, the same code every FSDP rank runs, over parts
+built by the same `setup.build_trainer`: the model's loading and settings, the reference,
+the mini-batch split, loss, non-finite-gradient rule, LR schedule (counted in optimizer updates)
+and metrics are shared. This engine adds the worker thread and checkpoints. The
 scheduler's position is part of every checkpoint, so a resumed run continues the same curve
 instead of restarting the warm-up.
 
@@ -18,11 +19,13 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import msgspec
 import structlog
 import torch
 
 from asyncpolicy.config import Config
-from asyncpolicy.engines.training.step import PolicyLogprobs, StepRunner, compile_layers, make_optimizer, make_scheduler
+from asyncpolicy.engines.training.setup import TrainerSummary, build_trainer
+from asyncpolicy.engines.training.step import StepRunner
 from asyncpolicy.samples import Sample
 
 log = structlog.get_logger(__name__)
@@ -43,6 +46,7 @@ class TorchTrainEngine:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.step: StepRunner | None = None
+        self.summary: TrainerSummary | None = None  # the set-up as built, after start()
 
     @property
     def updates(self) -> int:
@@ -53,38 +57,15 @@ class TorchTrainEngine:
         await anyio.to_thread.run_sync(self._start, limiter=self.limiter)
 
     def _start(self) -> None:
-        from asyncpolicy.models.tiny import load_model
-
         cfg, tr = self.cfg, self.cfg.trainer
-        if tr.threads:
-            torch.set_num_threads(tr.threads)
-        torch.manual_seed(cfg.seed)
-        model = load_model(self.model_path, cfg.model.dtype, tr.attn_implementation)
-        if cfg.model.gradient_checkpointing:
-            # transformers 5 renamed it; older versions only have the first name
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable()
-            model.config.use_cache = False
-        if tr.compile:
-            compile_layers(model)
-        model.train()
-        self.model = model
-        ref = None
-        if cfg.algorithm.kl_coef > 0:  # the reference is always the initial model at model.path, even on resume
-            ref_model = load_model(self.model_path, cfg.model.dtype, tr.attn_implementation).eval().requires_grad_(False)
-            ref = PolicyLogprobs.of(ref_model, cfg).eval()
-        self.optimizer = make_optimizer(model.parameters(), cfg)
-        self.scheduler = make_scheduler(self.optimizer, cfg)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.step = StepRunner(
-            cfg, PolicyLogprobs.of(model, cfg), ref, self.optimizer, self.scheduler,
-            torch.device("cpu"), pad_id,
-        )
+        setup = build_trainer(cfg, self.model_path)
+        self.model, self.optimizer, self.scheduler = setup.model, setup.optimizer, setup.scheduler
+        self.step = setup.runner()
+        self.summary = setup.summary()
         per_step = cfg.async_training.require_batches
         log.info(
             "trainer_started",
-            parameters=sum(p.numel() for p in model.parameters()),
-            dtype=cfg.model.dtype,
+            **msgspec.structs.asdict(self.summary),
             total_updates=tr.total_training_steps * per_step,
             warmup_updates=tr.warmup_steps * per_step,
             schedule=tr.lr_schedule,
