@@ -119,7 +119,10 @@ def reward_summary(metrics_file: Path) -> str:
     text = f"reward {first:.3f} -> {last:.3f} (mean of the first and last {tenth} step(s))"
     val = next((r for r in reversed(rows) if r.get("val_reward_mean") is not None), None)
     if val is not None:
-        text += f", validation reward {val['val_reward_mean']:.3f} (step {val['val_step']})"
+        text += f", validation reward {val['val_reward_mean']:.3f}"
+        if val.get("val/accuracy") is not None:
+            text += f", accuracy {val['val/accuracy']:.3f}"
+        text += f" (step {val['val_step']})"
     return text
 
 

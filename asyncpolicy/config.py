@@ -95,6 +95,9 @@ class RolloutConfig(_Section):
     ] = 0
     max_concurrency: Annotated[int, _doc("most responses generated at once", ge=1)] = 64
     temperature: Annotated[float, _doc("sampling temperature", gt=0)] = 1.0
+    val_temperature: Annotated[
+        float, _doc("sampling temperature of validation; 0 = greedy (val/accuracy is then pass@1)", ge=0)
+    ] = 0.0
     top_p: Annotated[float, _doc("nucleus sampling mass", gt=0, le=1)] = 1.0
     interval_s: Annotated[float, _doc("pause between starting generations (verl's generation interval)", ge=0)] = 0.0
     max_retries: Annotated[int, _doc("retries of a failed or timed-out generation before the engine is restarted", ge=0)] = 2

@@ -57,6 +57,7 @@ class StepMetrics(msgspec.Struct, kw_only=True, omit_defaults=False):
     response_length_mean: float
     rss_bytes: int
     val_reward_mean: float | None = None  # latest validation score, when validation has run
+    val_accuracy: float | None = msgspec.field(default=None, name="val/accuracy")  # share of held-out prompts answered correctly (pass@1 when greedy)
     val_step: int | None = None
     val_failures_total: int = 0  # validations abandoned because their generations failed
     # generation replicas (rollout.replicas > 1): requests moved off a replica that died, replica restarts

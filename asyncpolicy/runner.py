@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
@@ -73,7 +74,10 @@ async def _follow_progress(sup: Supervisor, total: int) -> None:
     try:
         async for row in sup.events():
             bar.update(row["step"] - bar.n)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", age=row["sample_age_max"], queue=row["queue_size"])
+            shown: dict[str, Any] = {"reward": f"{row['reward_mean']:.3f}", "age": row["sample_age_max"], "queue": row["queue_size"]}
+            if row.get("val/accuracy") is not None:
+                shown["val_acc"] = f"{row['val/accuracy']:.2f}"
+            bar.set_postfix(shown)
     finally:
         bar.close()
 

@@ -512,6 +512,7 @@ class Supervisor:
             response_length_mean=sum(lengths) / len(lengths) if lengths else math.nan,
             rss_bytes=rss_bytes(),
             val_reward_mean=self.validator.latest.reward_mean if self.validator.latest else None,
+            val_accuracy=self.validator.latest.accuracy if self.validator.latest else None,
             val_step=self.validator.latest.step if self.validator.latest else None,
             val_failures_total=self.validator.failures,
             replica_failovers=replicas.failovers,

@@ -286,18 +286,21 @@ class Rollouter:
             self._changed.notify()
 
     async def evaluate(self, prompt: Prompt) -> float:
-        """One scored response to a held-out prompt, through the guarded path; never queued."""
-        trajectory = await self._generate(prompt, 0, tag="val")
+        """One scored response to a held-out prompt at `rollout.val_temperature` (0: greedy), through
+        the guarded path; never queued."""
+        trajectory = await self._generate(prompt, 0, tag="val", temperature=self.cfg.rollout.val_temperature)
         return self._score(prompt, trajectory)
 
-    async def _generate(self, prompt: Prompt, i: int, *, tag: str = "train") -> Trajectory:
+    async def _generate(
+        self, prompt: Prompt, i: int, *, tag: str = "train", temperature: float | None = None
+    ) -> Trajectory:
         cfg = self.cfg
         request = GenerationRequest(
             request_id=f"{tag}/{prompt.uid}/{i}",
             group=f"{tag}/{prompt.uid}",
             prompt_tokens=prompt.tokens,
             max_tokens=cfg.data.max_response_length,
-            temperature=cfg.rollout.temperature,
+            temperature=cfg.rollout.temperature if temperature is None else temperature,
             top_p=cfg.rollout.top_p,
             seed=hash((cfg.seed, prompt.epoch, prompt.index, i)) & 0x7FFFFFFF,
         )

@@ -1,5 +1,8 @@
 """The validator: scores the rollout policy on held-out prompts every `trainer.test_freq` steps.
 
+Greedy by default (`rollout.val_temperature=0`), so `val/accuracy` is pass@1: the share of
+held-out prompts whose one greedy response scores as correct.
+
 It runs beside training, never in its way: its generations go through the rollouter's guarded
 path (so weight syncs pause them like any other) but their results never enter the channel.
 Requests that arrive while a validation runs are coalesced into one for the latest step.
@@ -24,11 +27,14 @@ from asyncpolicy.samples import Prompt
 
 log = structlog.get_logger("asyncpolicy.validator")
 
+CORRECT = 1.0  # a reward at least this counts as a correct answer (math tasks score 0 or 1; reverse/copy/add 1 when exact)
+
 
 class ValidationResult(msgspec.Struct, frozen=True, kw_only=True):
     step: int  # the training step after which validation started
     rollout_version: int
     reward_mean: float
+    accuracy: float  # share of prompts whose response scored at least 1: a correct answer on every built-in task
     prompts: int
 
 
@@ -63,7 +69,10 @@ class Validator:
                 self.failures += 1
                 log.error("validation_failed", step=step, error=str(exc), validation_failures=self.failures)
                 continue
-            log.info("validation", step=step, val_reward_mean=round(self.latest.reward_mean, 4), version=self.latest.rollout_version)
+            log.info(
+                "validation", step=step, val_reward_mean=round(self.latest.reward_mean, 4),
+                val_accuracy=round(self.latest.accuracy, 4), version=self.latest.rollout_version,
+            )
 
     async def validate(self, step: int) -> ValidationResult:
         version = self.rollouter.version
@@ -79,6 +88,8 @@ class Validator:
                     tg.start_soon(one, i, prompt)
         except BaseExceptionGroup as group:  # surface the named failure, not the task group's wrapper
             raise first_failure(group) from None
+        n = max(1, len(rewards))
         return ValidationResult(
-            step=step, rollout_version=version, reward_mean=sum(rewards) / max(1, len(rewards)), prompts=len(rewards)
+            step=step, rollout_version=version, reward_mean=sum(rewards) / n,
+            accuracy=sum(r >= CORRECT for r in rewards) / n, prompts=len(rewards),
         )

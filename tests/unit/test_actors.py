@@ -14,6 +14,7 @@ from asyncpolicy.actors.synchronizer import ParameterSynchronizer, SyncResult
 from asyncpolicy.actors.trainer import Trainer
 from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import Config
+from asyncpolicy.engines.protocols import GenerationRequest
 from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTrainEngine, SimulatedTransport
 from asyncpolicy.errors import GenerationFailed, RunFailed, SyncFailed
 from asyncpolicy.samples import Prompt, Sample
@@ -430,3 +431,46 @@ async def test_a_failed_validation_raises_the_named_generation_failure(sim_confi
     await engine.start()
     with anyio.fail_after(5), pytest.raises(GenerationFailed, match=r"^generation val/"):
         await validator.validate(1)
+
+
+class _RecordingEngine:
+    """The simulated engine, recording each request it is given."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.requests: list[GenerationRequest] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def generate(self, request: GenerationRequest) -> Any:
+        self.requests.append(request)
+        return await self.inner.generate(request)
+
+
+@pytest.mark.parametrize("val_temperature", [None, 0.7])
+async def test_validation_is_greedy_by_default_and_its_accuracy_is_the_share_scored_correct(
+    sim_config: Make, rollouter_for: Make, val_temperature: float | None
+) -> None:
+    from asyncpolicy.actors.validator import Validator
+    from asyncpolicy.tasks.registry import simulated_task
+
+    overrides = [f"rollout.val_temperature={val_temperature}"] if val_temperature is not None else []
+    cfg = sim_config("task.num_val_prompts=10", *overrides)
+    rewards = [1.0, 0.3, 1.5, 0.0, 0.999]  # by prompt index: 1.0 and 1.5 count as correct
+
+    def scorer(prompt: Any, response_tokens: list[int]) -> float:
+        return rewards[prompt.index % len(rewards)]
+
+    engine = _RecordingEngine(SimulatedGenerationEngine(cfg.rollout.simulated, random.Random(cfg.seed)))
+    rollouter, _, _ = rollouter_for(cfg, engine=engine, scorer=scorer)
+    prompts = simulated_task(cfg).val
+    await engine.start()
+    with anyio.fail_after(10):
+        result = await Validator(rollouter, prompts, concurrency=3).validate(4)
+    got = [rewards[p.index % len(rewards)] for p in prompts]
+    assert result.prompts == len(prompts) == 10
+    assert result.accuracy == sum(r >= 1.0 for r in got) / 10 and 0 < result.accuracy < 1
+    assert result.reward_mean == pytest.approx(sum(got) / 10)
+    assert len(engine.requests) == 10
+    assert {r.temperature for r in engine.requests} == {0.0 if val_temperature is None else val_temperature}

@@ -268,3 +268,6 @@ def test_reward_summary_includes_the_latest_validation(tmp_path: Path) -> None:
     assert reward_summary(tmp_path / "metrics.jsonl") == (
         "reward 0.100 -> 1.000 (mean of the first and last 1 step(s)), validation reward 0.750 (step 10)"
     )
+    rows[9]["val/accuracy"] = 0.5
+    write_rows(tmp_path / "metrics.jsonl", rows)  # type: ignore[arg-type]
+    assert reward_summary(tmp_path / "metrics.jsonl").endswith(", validation reward 0.750, accuracy 0.500 (step 10)")

@@ -346,3 +346,10 @@ async def test_aclose_aborts_running_generations_then_releases_the_model(model_p
     assert engine.model is None
     with pytest.raises(RuntimeError, match="after aclose"):
         await engine.generate(GenerationRequest(request_id="b", prompt_tokens=prompt_tokens(0), max_tokens=2))
+
+
+def test_temperature_zero_is_greedy_row_by_row() -> None:
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3], [0.2, 0.5, 0.3]], dtype=torch.float64))
+    logp = sampling_distribution(logits, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0]))
+    assert logp[0].tolist() == [float("-inf"), 0.0, float("-inf")]  # all mass on the argmax: log 1 = 0
+    assert torch.allclose(logp[1], torch.log_softmax(logits[1].float(), dim=-1))  # the sampled row is untouched

@@ -46,8 +46,13 @@ class _Slot:
 
 
 def sampling_distribution(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities (B, V) of softmax(logits / T) restricted to the top-p nucleus and renormalised."""
-    logp = torch.log_softmax(logits.float() / temperature[:, None], dim=-1)  # (B, V)
+    """Log-probabilities (B, V) of softmax(logits / T) restricted to the top-p nucleus and renormalised;
+    a row with T = 0 is greedy: all its mass on the argmax (log 1 = 0 there, -inf elsewhere)."""
+    greedy = temperature <= 0  # (B,)
+    logp = torch.log_softmax(logits.float() / torch.where(greedy, 1.0, temperature)[:, None], dim=-1)  # (B, V)
+    if bool(greedy.any()):
+        top = torch.zeros_like(logp).scatter(-1, logp.argmax(-1, keepdim=True), 1.0) > 0  # (B, V)
+        logp = torch.where(greedy[:, None] & ~top, float("-inf"), torch.where(greedy[:, None], 0.0, logp))
     if bool((top_p < 1.0).any()):
         sorted_logp, order = logp.sort(dim=-1, descending=True)  # (B, V)
         sorted_p = sorted_logp.exp()
