@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
-from asyncpolicy.bench.gpu import QWEN05, TINY_QWEN, TRAINER_OVERRIDES, fixed_batch, make_model_dir, vocab_size
+from asyncpolicy.bench.gpu.model_dir import QWEN05, TINY_QWEN, make_model_dir, vocab_size
+from asyncpolicy.bench.gpu.settings import TRAINER_OVERRIDES
+from asyncpolicy.bench.synthetic import fixed_batch
 from asyncpolicy.config import load_config
 from asyncpolicy.engines import fsdp_worker as w
 from asyncpolicy.errors import first_line
