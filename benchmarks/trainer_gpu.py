@@ -1,4 +1,4 @@
-"""Trainer variants side by side in ONE process: the FSDP rank's own policy (`fsdp_worker._Policy`),
+"""Trainer variants side by side in ONE process: the FSDP rank's own policy (`RankPolicy` below),
 one rank, tokens/s, MFU, peak memory, and where a step's GPU time goes.
 
     python benchmarks/trainer_gpu.py [--seqs 16,256] [--steps 4] [--profile NAME,NAME] \
@@ -34,6 +34,10 @@ from asyncpolicy.config import load_config
 from asyncpolicy.engines import fsdp_worker as w
 from asyncpolicy.errors import first_line
 
+# The class each FSDP worker process builds its rank from; the engine offers no public way to build
+# one in this process (FSDPTrainEngine starts a worker per trainer). The one private name benchmarks/
+# uses, until fsdp_worker names it publicly (`RankPolicy`).
+RankPolicy = w._Policy
 BASE = [*TRAINER_OVERRIDES, "trainer.max_tokens_per_micro_batch=16384"]
 DEFAULT_VARIANTS = [
     "base",
@@ -97,7 +101,7 @@ def run_variant(
     """`args.steps` steps of each batch size on a fresh policy; a row each (and a profile when asked)."""
     cuda = init.gpu is not None
     t0 = time.perf_counter()
-    policy = w._Policy(init)
+    policy = RankPolicy(init)
     if foreach_adam:  # the same AdamW as foreach kernels (the trainer's before it took the fused one on CUDA)
         tr = init.config.trainer
         policy.opt = torch.optim.AdamW(policy.module.parameters(), lr=tr.lr, weight_decay=tr.weight_decay, foreach=True)
