@@ -2,7 +2,8 @@
 
 Same model (the embedded one), same batches; per layout the median time of a no-op command round
 trip (Checksum of the tiny model: the relay's latency) and of a training step. Node 1 is a
-`python -m asyncpolicy trainer-node` process, as in tests/unit/test_multinode_cpu.py.
+`python -m asyncpolicy trainer-node` process; the layout is `asyncpolicy.bench.multinode`'s, the one
+tests/unit/test_multinode_cpu.py holds equal.
 
     python benchmarks/multinode_cpu.py [repeats]
 """
@@ -19,28 +20,26 @@ from pathlib import Path
 
 import anyio
 
+from asyncpolicy.bench.multinode import CPU_FSDP, LAYOUT_TRAIN, layout_batch, two_node_overrides
+from asyncpolicy.config import load_config
+from asyncpolicy.engines.training import fsdp_worker as w
+from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
+from asyncpolicy.models.tiny import resolve_model_path
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "unit"))
-
-from test_multinode_cpu import CPU_FSDP, TRAIN, _batch, _two_node_config  # type: ignore[import-not-found]  # noqa: E402
-
-from asyncpolicy.config import load_config  # noqa: E402
-from asyncpolicy.engines.training import fsdp_worker as w  # noqa: E402
-from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine  # noqa: E402
-from asyncpolicy.models.tiny import resolve_model_path  # noqa: E402
 
 
 async def measure(eng: FSDPTrainEngine, repeats: int) -> tuple[float, float]:
     await eng.start()
     try:
-        await eng.train_step(_batch(0), 0)  # warm-up
+        await eng.train_step(layout_batch(0), 0)  # warm-up
         calls, steps = [], []
         for i in range(repeats):
             t0 = time.perf_counter()
             await eng.checksum()
             calls.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            await eng.train_step(_batch(i + 1), i + 1)
+            await eng.train_step(layout_batch(i + 1), i + 1)
             steps.append(time.perf_counter() - t0)
         return statistics.median(calls), statistics.median(steps)
     finally:
@@ -50,9 +49,9 @@ async def measure(eng: FSDPTrainEngine, repeats: int) -> tuple[float, float]:
 async def main(repeats: int) -> None:
     os.environ.setdefault("ASYNCPOLICY_CACHE", tempfile.mkdtemp())
     model = resolve_model_path(load_config())
-    one = await measure(FSDPTrainEngine(w.WorkerInit(model_path=model, config=load_config(overrides=[*CPU_FSDP, *TRAIN])),
+    one = await measure(FSDPTrainEngine(w.WorkerInit(model_path=model, config=load_config(overrides=[*CPU_FSDP, *LAYOUT_TRAIN])),
                                         [None, None], timeout_s=120), repeats)
-    overrides = _two_node_config(w.free_port(), 120)
+    overrides = two_node_overrides(w.free_port(), 120)
     node = subprocess.Popen([sys.executable, "-m", "asyncpolicy", "trainer-node", *overrides, "trainer.node_rank=1"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -1,4 +1,4 @@
-"""Trainer variants side by side in ONE process: the FSDP rank's own policy (`fsdp_worker._Policy`),
+"""Trainer variants side by side in ONE process: the FSDP rank's own policy (`fsdp_worker.RankPolicy`),
 one rank, tokens/s, MFU, peak memory, and where a step's GPU time goes.
 
     python benchmarks/trainer_gpu.py [--seqs 16,256] [--steps 4] [--profile NAME,NAME] \
@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
-from asyncpolicy.bench.gpu import QWEN05, TINY_QWEN, TRAINER_OVERRIDES, fixed_batch, make_model_dir, vocab_size
+from asyncpolicy.bench.gpu.model_dir import QWEN05, TINY_QWEN, make_model_dir, vocab_size
+from asyncpolicy.bench.gpu.settings import TRAINER_OVERRIDES
+from asyncpolicy.bench.synthetic import fixed_batch
 from asyncpolicy.config import load_config
 from asyncpolicy.engines.training import fsdp_worker as w
 from asyncpolicy.engines.training.relay import join_process_group
@@ -97,7 +99,7 @@ def run_variant(
     """`args.steps` steps of each batch size on a fresh policy; a row each (and a profile when asked)."""
     cuda = init.gpu is not None
     t0 = time.perf_counter()
-    policy = w._Policy(init)
+    policy = w.RankPolicy(init)
     if foreach_adam:  # the same AdamW as foreach kernels (the trainer's before it took the fused one on CUDA)
         tr = init.config.trainer
         policy.opt = torch.optim.AdamW(policy.module.parameters(), lr=tr.lr, weight_decay=tr.weight_decay, foreach=True)

@@ -95,7 +95,7 @@ def bench_main(argv: list[str]) -> int:
     """Entry point of `python -m asyncpolicy bench`; returns the exit code."""
     argv = [a for a in argv if a != "--"]  # `bench -- --quick` gets options past the top-level parser
     if argv[:1] == ["gpu"]:  # vLLM + FSDP2 experiments: their own options, no matplotlib needed
-        from asyncpolicy.bench.gpu import gpu_main
+        from asyncpolicy.bench.gpu.cli import gpu_main
 
         return gpu_main(argv[1:])
     names, quick, overrides = _parse(argv)

@@ -6,6 +6,7 @@ equal to another all draw here, so "a batch of G prompts × n responses" means o
 
 from __future__ import annotations
 
+import math
 import random
 
 from asyncpolicy.samples import Prompt, Sample, Trajectory, make_sample
@@ -42,3 +43,14 @@ def random_batch(
             ))
         out.append(make_sample(prompt, trajs, 0))
     return out
+
+
+def fixed_batch(groups: int, n: int, prompt_len: int, resp_len: int, vocab: int, seed: int, min_len: int = 0) -> list[Sample]:
+    """`groups` samples of `n` responses of exactly `resp_len` tokens (of `min_len`..`resp_len`
+    tokens, seeded, when `min_len` > 0), sampled by the uniform policy: a training batch of known size."""
+    uniform = -math.log(vocab)
+    return random_batch(
+        seed, groups=groups, n=n, prompt_len=(prompt_len, prompt_len), response_len=(min_len or resp_len, resp_len),
+        tokens=range(vocab), logprob=(uniform, uniform), finish_reason="length",
+    )
+

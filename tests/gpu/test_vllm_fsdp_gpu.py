@@ -31,7 +31,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    from asyncpolicy.bench.gpu import make_model_dir
+    from asyncpolicy.bench.gpu.model_dir import make_model_dir
 
     return make_model_dir(str(tmp_path_factory.mktemp("qwen05")), tokenizer=False)
 

@@ -14,23 +14,27 @@ from pathlib import Path
 import anyio
 import pytest
 
-from asyncpolicy.bench import gpu
+from asyncpolicy.bench.gpu.fakes import CPUPlumbing
+from asyncpolicy.bench.gpu.model_dir import TINY_QWEN, make_model_dir
+from asyncpolicy.bench.gpu.sections import GPUBenchResult, run_sections
+from asyncpolicy.bench.gpu.settings import SECTION_NAMES, cpu_settings
+from asyncpolicy.bench.gpu.table import format_table, table_rows
 from asyncpolicy.bench.cli import bench_main
 from asyncpolicy.bench.common import BenchContext, Machine
 
 MACHINE = Machine(cores=2, cpu_model="Test CPU", gpu="none", python="3.11", torch="2.x", os="Linux")
 
 
-def _run_all(tmp_path: Path) -> gpu.GPUBenchResult:
-    model = gpu.make_model_dir(str(tmp_path / "model"), gpu.TINY_QWEN, tokenizer=False)
-    settings = gpu.cpu_settings(model)
+def _run_all(tmp_path: Path) -> GPUBenchResult:
+    model = make_model_dir(str(tmp_path / "model"), TINY_QWEN, tokenizer=False)
+    settings = cpu_settings(model)
     ctx = BenchContext(tmp_path / "out", quick=True, overrides=[], machine=MACHINE, command="pytest")
     ctx.out_dir.mkdir()
 
-    async def main() -> gpu.GPUBenchResult:
+    async def main() -> GPUBenchResult:
         with anyio.fail_after(300):
-            async with gpu.CPUPlumbing(settings) as engines:
-                return await gpu.run_sections(engines, settings, ctx)
+            async with CPUPlumbing(settings) as engines:
+                return await run_sections(engines, settings, ctx)
 
     return anyio.run(main, backend="asyncio")
 
@@ -38,13 +42,13 @@ def _run_all(tmp_path: Path) -> gpu.GPUBenchResult:
 def test_every_section_runs_on_cpu_and_fills_its_rows(tmp_path: Path) -> None:
     res = _run_all(tmp_path)
     assert res.errors == {}, "\n".join(res.errors.values())
-    assert list(res.sections) == list(gpu.SECTION_NAMES)
-    rows = gpu.table_rows(res)
-    assert sorted({r.section for r in rows}) == sorted(gpu.SECTION_NAMES)
+    assert list(res.sections) == list(SECTION_NAMES)
+    rows = table_rows(res)
+    assert sorted({r.section for r in rows}) == sorted(SECTION_NAMES)
     assert [r.section for r in rows].count("nccl") == 2  # the link and the sync
     for row in rows:
         assert row.values and all(math.isfinite(v) for v in row.values.values()), row
-    table = gpu.format_table(res)
+    table = format_table(res)
     assert table.count("\n| ") == len(rows) + 1 and "FAILED" not in table
 
     s = res.sections
@@ -54,7 +58,7 @@ def test_every_section_runs_on_cpu_and_fills_its_rows(tmp_path: Path) -> None:
         assert s[k]["checksum_match"] and s[k]["bytes_GB"] > 0
         assert s[k]["post_sync_versions"] == [s[k]["engine_version"]]
     assert s["fsdp2"]["ranks"] == 2 and s["train"]["ranks"] == 1
-    settings = gpu.cpu_settings("")
+    settings = cpu_settings("")
     for k in ("train", "fsdp2"):  # every batch size × packing on/off, with finite losses, two ranks ÷ one in the table
         got = [(x["sequences"], x["packing"], x["compile"]) for x in s[k]["rows"]]
         assert got == [(n, p, False) for p in (False, True) for n in settings.train_seqs]
@@ -70,14 +74,14 @@ def test_every_section_runs_on_cpu_and_fills_its_rows(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_the_train_section_runs_compiled_variants_on_cpu(tmp_path: Path) -> None:
     """trainer.compile=true through the FSDP worker (torch.compile on the CPU takes a minute or more)."""
-    model = gpu.make_model_dir(str(tmp_path / "model"), gpu.TINY_QWEN, tokenizer=False)
-    settings = gpu.cpu_settings(model, ["train"])
+    model = make_model_dir(str(tmp_path / "model"), TINY_QWEN, tokenizer=False)
+    settings = cpu_settings(model, ["train"])
     settings.train_seqs, settings.train_packing, settings.train_compile = [4], [True], [False, True]
     ctx = BenchContext(tmp_path / "out", quick=True, overrides=[], machine=MACHINE, command="pytest")
 
-    async def main() -> gpu.GPUBenchResult:
-        async with gpu.CPUPlumbing(settings) as engines:
-            return await gpu.run_sections(engines, settings, ctx)
+    async def main() -> GPUBenchResult:
+        async with CPUPlumbing(settings) as engines:
+            return await run_sections(engines, settings, ctx)
 
     res = anyio.run(main, backend="asyncio")
     assert res.errors == {}, "\n".join(res.errors.values())
@@ -96,18 +100,18 @@ def test_bench_gpu_bad_train_options_exit_2(argv: list[str], message: str, capsy
 
 
 def test_a_failing_section_is_recorded_not_raised(tmp_path: Path) -> None:
-    model = gpu.make_model_dir(str(tmp_path / "model"), gpu.TINY_QWEN, tokenizer=False)
-    settings = gpu.cpu_settings(model, ["gen"])
+    model = make_model_dir(str(tmp_path / "model"), TINY_QWEN, tokenizer=False)
+    settings = cpu_settings(model, ["gen"])
     settings.gen_prompts = 0  # nothing generated: the throughput ratio divides by zero inside the section
     ctx = BenchContext(tmp_path, quick=True, overrides=[], machine=MACHINE, command="pytest")
 
-    async def main() -> gpu.GPUBenchResult:
-        async with gpu.CPUPlumbing(settings) as engines:
-            return await gpu.run_sections(engines, settings, ctx)
+    async def main() -> GPUBenchResult:
+        async with CPUPlumbing(settings) as engines:
+            return await run_sections(engines, settings, ctx)
 
     res = anyio.run(main, backend="asyncio")
     assert list(res.errors) == ["gen"] and "ZeroDivisionError" in res.errors["gen"] and res.sections == {}
-    assert gpu.table_rows(res) == [] and "FAILED sections: gen" in gpu.format_table(res)
+    assert table_rows(res) == [] and "FAILED sections: gen" in format_table(res)
 
 
 def test_make_model_writes_a_loadable_directory(tmp_path: Path) -> None:

@@ -23,17 +23,10 @@ from asyncpolicy.config import load_config
 from asyncpolicy.engines.training import fsdp_worker as w
 from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine, WorkerDied
 from asyncpolicy.errors import RunFailed
-from asyncpolicy.bench.synthetic import random_batch
-from asyncpolicy.samples import Sample
+from asyncpolicy.bench.multinode import CPU_FSDP, LAYOUT_TRAIN, layout_batch, two_node_overrides
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]
-VOCAB = 40  # token ids the embedded model has
-CPU_FSDP = ["rollout.engine=hf", "trainer.engine=fsdp", "trainer.n_gpus_per_node=0"]
-# float64: the layouts sum in different orders; Adam would lift float32's machine-dependent noise to
-# lr-sized steps where a gradient is zero in exact arithmetic (k_proj's bias)
-TRAIN = ["model.dtype=float64", "trainer.threads=1", "trainer.micro_batch_size=2", "trainer.lr=1e-2", "trainer.warmup_steps=0",
-         "data.train_batch_size=3", "rollout.n=3", "async_training.require_batches=3", "algorithm.kl_coef=0.1"]
 
 
 @pytest.fixture
@@ -48,15 +41,6 @@ def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
     monkeypatch.setenv("ASYNCPOLICY_CACHE", str(tmp_path / "cache"))
     return resolve_model_path(load_config())
-
-
-def _batch(seed: int) -> list[Sample]:
-    return random_batch(seed, tokens=range(VOCAB), versions=(0, 1))
-
-
-def _two_node_config(port: int, timeout_s: float, *extra: str) -> list[str]:
-    return [*CPU_FSDP, *TRAIN, "trainer.nnodes=2", f"trainer.master_port={port}",
-            f"trainer.worker_timeout_s={timeout_s}", *extra]
 
 
 def _start_node(overrides: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -76,7 +60,7 @@ def _dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
 async def _train(eng: FSDPTrainEngine, out: Path) -> list[dict[str, float]]:
     await eng.start()
     try:
-        rows = [await eng.train_step(_batch(s), s) for s in range(2)]
+        rows = [await eng.train_step(layout_batch(s), s) for s in range(2)]
         await eng.save_state(str(out))
         return rows
     finally:
@@ -85,12 +69,12 @@ async def _train(eng: FSDPTrainEngine, out: Path) -> list[dict[str, float]]:
 
 @pytest.mark.slow
 async def test_two_nodes_of_one_rank_train_as_one_node_of_two(tmp_path: Path, model: str) -> None:
-    one_cfg = load_config(overrides=[*CPU_FSDP, *TRAIN])
+    one_cfg = load_config(overrides=[*CPU_FSDP, *LAYOUT_TRAIN])
     one = await _train(FSDPTrainEngine(w.WorkerInit(model_path=model, config=one_cfg), [None, None], timeout_s=120),
                        tmp_path / "one")
 
     port = w.free_port()
-    overrides = _two_node_config(port, 120)
+    overrides = two_node_overrides(port, 120)
     node = _start_node(overrides, tmp_path / "node1.log")
     try:
         cfg = load_config(overrides=overrides)
@@ -116,7 +100,7 @@ async def test_two_nodes_of_one_rank_train_as_one_node_of_two(tmp_path: Path, mo
 async def test_a_node_that_never_joins_fails_the_start_naming_it(model: str) -> None:
     """The start itself may take 120 s; the rendezvous gives up after worker_timeout_s and says who is missing."""
     port = w.free_port()
-    cfg = load_config(overrides=_two_node_config(port, 2))
+    cfg = load_config(overrides=two_node_overrides(port, 2))
     eng = FSDPTrainEngine(w.WorkerInit(model_path=model, config=cfg), [None], timeout_s=120,
                           start_timeout_s=120)
     try:
@@ -143,12 +127,12 @@ def _gone(pgid: int) -> bool:
 @pytest.mark.slow
 async def test_a_node_that_dies_fails_the_next_command_naming_it(tmp_path: Path, model: str) -> None:
     port = w.free_port()
-    overrides = _two_node_config(port, 60)
+    overrides = two_node_overrides(port, 60)
     node = _start_node(overrides, tmp_path / "node1.log")
     eng = FSDPTrainEngine(w.WorkerInit(model_path=model, config=load_config(overrides=overrides)), [None], timeout_s=60)
     try:
         await eng.start()
-        await eng.train_step(_batch(0), 0)
+        await eng.train_step(layout_batch(0), 0)
         os.killpg(node.pid, signal.SIGKILL)  # the node's process and its rank, as a machine that goes down
         await anyio.to_thread.run_sync(node.wait)
         while not _gone(node.pid):  # its rank, reparented, is reaped once dead
@@ -167,7 +151,7 @@ async def test_a_node_that_dies_fails_the_next_command_naming_it(tmp_path: Path,
 async def test_idle_nodes_outlive_the_worker_timeout(tmp_path: Path, model: str) -> None:
     """Node 1 bounds its wait for each command by worker_timeout_s; while the supervisor sends
     nothing (waiting for a batch), rank 0's pings keep it from giving up."""
-    overrides = _two_node_config(w.free_port(), 6)
+    overrides = two_node_overrides(w.free_port(), 6)
     node = _start_node(overrides, tmp_path / "node1.log")
     eng = FSDPTrainEngine(w.WorkerInit(model_path=model, config=load_config(overrides=overrides)), [None], timeout_s=60)
     try:

@@ -21,7 +21,7 @@ import torch
 Meta = list[tuple[str, list[int], int, int]]
 
 
-def _views(flat: torch.Tensor, meta: Meta) -> list[tuple[str, torch.Tensor]]:
+def views(flat: torch.Tensor, meta: Meta) -> list[tuple[str, torch.Tensor]]:
     return [(name, flat[off : off + n].view(shape)) for name, shape, off, n in meta]
 
 
@@ -44,7 +44,7 @@ class AsyncPolicyWorkerExt:
             args[6] = torch.cuda.current_device()  # the producer's device index means nothing here
             flat = rebuild_cuda_tensor(*args)
             self._ap_ipc = (handle_blob, flat)
-        self.model_runner.model.load_weights(weights=_views(flat, meta))
+        self.model_runner.model.load_weights(weights=views(flat, meta))
         torch.cuda.synchronize()  # the trainer may overwrite its buffer as soon as we return
         return len(meta)
 
@@ -67,7 +67,7 @@ class AsyncPolicyWorkerExt:
             self._ap_recv = torch.empty(numel, dtype=torch.bfloat16, device=torch.cuda.current_device())
         stream = torch.cuda.current_stream()
         self._ap_group.broadcast(self._ap_recv, src=0, stream=stream)
-        self.model_runner.model.load_weights(weights=_views(self._ap_recv, meta))
+        self.model_runner.model.load_weights(weights=views(self._ap_recv, meta))
         stream.synchronize()
         return len(meta)
 

@@ -181,7 +181,7 @@ class _ShardedStep(StepRunner):
         self.dist.all_reduce(maxes, op=self.dist.ReduceOp.MAX)
 
 
-class _Policy:
+class RankPolicy:
     """Model (and reference), optimizer, schedule and weight-sync buffers of one rank."""
 
     def __init__(self, init: WorkerInit) -> None:
@@ -360,13 +360,13 @@ class _Policy:
 # ---- command loop ---------------------------------------------------------------------------------
 
 
-def _start(init: WorkerInit) -> tuple[_Policy | None, Relay | None, Reply]:
+def _start(init: WorkerInit) -> tuple[RankPolicy | None, Relay | None, Reply]:
     """Join the process group and build this rank's policy; the start reply says how it went."""
     relay: Relay | None = None
     try:
         group = join_process_group(init)
         relay = None if group is None else Relay(group, init)
-        policy = _Policy(init)
+        policy = RankPolicy(init)
     except RunFailed as e:
         return None, relay, Reply(rank=init.rank, ok=False, error=str(e))
     except Exception:
@@ -408,7 +408,7 @@ def _next_command(conn: Any, relay: Relay | None, ping_s: float) -> tuple[bytes 
         return None, lost
 
 
-def _serve_pipe(init: WorkerInit, policy: _Policy | None, relay: Relay | None, started: Reply, conn: Any) -> None:
+def _serve_pipe(init: WorkerInit, policy: RankPolicy | None, relay: Relay | None, started: Reply, conn: Any) -> None:
     """A rank of node 0: commands from the supervisor's pipe; rank 0 relays them to the other nodes."""
     if relay is not None and started.ok:
         started = _with_relayed(started, relay)
@@ -433,7 +433,7 @@ def _serve_pipe(init: WorkerInit, policy: _Policy | None, relay: Relay | None, s
             return
 
 
-def _relayed_command(policy: _Policy, relay: Relay | None, cmd: Any, blob: bytes, rank: int) -> Reply:
+def _relayed_command(policy: RankPolicy, relay: Relay | None, cmd: Any, blob: bytes, rank: int) -> Reply:
     """Run one command on this rank; rank 0 first hands it to the other nodes, then adds their replies
     (also after its own failure: they are in the pipe of the next command otherwise)."""
     if relay is not None:
@@ -445,7 +445,7 @@ def _relayed_command(policy: _Policy, relay: Relay | None, cmd: Any, blob: bytes
     return reply if relay is None else _with_relayed(reply, relay)
 
 
-def _handle_safely(policy: _Policy, cmd: Any, rank: int) -> Reply:
+def _handle_safely(policy: RankPolicy, cmd: Any, rank: int) -> Reply:
     """`_handle`'s reply, or the failure as a reply: our own errors as their message, others with their traceback."""
     try:
         return _handle(policy, cmd, rank)
@@ -462,7 +462,7 @@ def _with_relayed(reply: Reply, relay: Relay) -> Reply:
         return Reply(rank=reply.rank, ok=False, error=str(e))
 
 
-def _serve_relayed(init: WorkerInit, policy: _Policy | None, relay: Relay | None, started: Reply) -> int:
+def _serve_relayed(init: WorkerInit, policy: RankPolicy | None, relay: Relay | None, started: Reply) -> int:
     """A rank of node 1..: commands relayed by global rank 0; the exit code of this process."""
     where = f"fsdp worker rank {init.rank} (node {node_of(init, init.rank)})"
     if relay is None:  # it never joined: nobody to tell but the node's log
@@ -503,7 +503,7 @@ def _debug_hold(cmd: Any) -> None:
         time.sleep(0.02)
 
 
-def _handle(policy: _Policy, cmd: Any, rank: int) -> Reply:
+def _handle(policy: RankPolicy, cmd: Any, rank: int) -> Reply:
     if isinstance(cmd, Train):
         return Reply(rank=rank, ok=True, metrics=policy.train(cmd))
     if isinstance(cmd, Pack):
