@@ -5,8 +5,10 @@ A validation shows in the first metrics line written after it ends (`val_step`, 
 the latest result), so it is counted once, at the step it followed (`val_step`; 0 is the one at
 the start, of the policy training starts from). Its time is that step's time — when the policy it
 measured existed —, not when its result came back: validation runs beside training in every
-schedule alike, and how long it takes is a cost of measuring, not of learning. A validation whose
-result no later line carries (one still running when the run ended) is not counted.
+schedule alike, and how long it takes is a cost of measuring, not of learning. (A weight sync during
+a validation continues its generations under the new weights, as it does training's, so a
+validation "at step k" may hold tokens of the next versions too.) A validation whose result no
+later line carries (one still running when the run ended) is not counted.
 
 Times are seconds of training: a line's `elapsed_s` minus the run's start-up (`Supervisor.ready_s`:
 engines, first weight sync), so every schedule's clock starts at its first step, whatever its
