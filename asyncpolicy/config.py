@@ -165,7 +165,7 @@ class TrainerConfig(_Section):
     ] = 900.0
     save_freq: Annotated[int, _doc("checkpoint every N steps; 0 = only at the end", ge=0)] = 0
     keep_checkpoints: Annotated[int, _doc("complete checkpoints kept", ge=1)] = 2
-    test_freq: Annotated[int, _doc("validate every N steps; 0 = never", ge=0)] = 0
+    test_freq: Annotated[int, _doc("validate at the start and every N steps; 0 = never", ge=0)] = 0
     threads: Annotated[
         int, _doc("torch CPU threads (hf engine and the CPU trainers: torch, fsdp on CPU); 1 suits the tiny default model on 2 cores, 0 = torch's default", ge=0)
     ] = 1

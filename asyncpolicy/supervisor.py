@@ -183,6 +183,9 @@ class Supervisor:
         self._stop_requested = False
         self._done = anyio.Event()
         self._started_at = time.monotonic()
+        # seconds from the start to every actor running (engines started, state restored, first sync):
+        # what the run paid before training; metrics' elapsed_s minus this is training time
+        self.ready_s: float | None = None
         self._rate_base = (0, 0, 0)  # (produced, consumed, step) restored from a checkpoint: rates count this process's work
         self.result: RunResult | None = None
         self._gc_quieted = False  # a successful start-up froze long-lived objects (loop_gc)
@@ -294,6 +297,9 @@ class Supervisor:
                             await actors.start(self._run_actor, "replicas", self._serve_replicas)
                         if self._validating:
                             await actors.start(self._run_actor, self.validator.name, self.validator.run)
+                            # the policy training starts from is measured too: the base of every learning curve
+                            self.validator.request(self.trainer.statistics().step)
+                        self.ready_s = time.monotonic() - self._started_at
                         task_status.started()
                         log.info(
                             "run_started",

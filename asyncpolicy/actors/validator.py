@@ -1,4 +1,5 @@
-"""The validator: scores the rollout policy on held-out prompts every `trainer.test_freq` steps.
+"""The validator: scores the rollout policy on held-out prompts at the start (the policy training
+starts from) and every `trainer.test_freq` steps.
 
 Greedy by default (`rollout.val_temperature=0`), so `val/accuracy` is pass@1: the share of
 held-out prompts whose one greedy response scores as correct.

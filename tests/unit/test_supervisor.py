@@ -284,3 +284,28 @@ async def test_an_engine_that_never_starts_fails_the_run_naming_it(
     with anyio.fail_after(20), pytest.raises(RunFailed, match=r"the generation engine \(HungStart\) did not start within 0.5s"):
         async with Supervisor.open(cfg, engines=engines) as sup:
             await sup.wait()
+
+
+async def test_validation_measures_the_starting_policy_and_ready_s_precedes_the_first_step(sim_config: Make, tmp_path: Path) -> None:
+    """With trainer.test_freq > 0 the policy training starts from is validated (val_step 0) before any
+    step asks for it; ready_s (start-up) is known once the block is entered and precedes every step."""
+    cfg = sim_config("trainer.total_training_steps=1000", "trainer.test_freq=500", "task.num_val_prompts=3", output_dir=tmp_path)
+    with anyio.fail_after(30):
+        async with Supervisor.open(cfg) as sup:
+            ready = sup.ready_s
+            async for row in sup.events():
+                if row["val_step"] is not None:
+                    sup.stop()
+                    break
+            result = await sup.wait()
+    rows = rows_of(cfg)
+    assert result.steps < 500  # no step's request: the validation seen is the one at the start
+    assert rows[-1]["val_step"] == 0 and rows[-1]["val/accuracy"] is not None and sup.validator.latest is not None
+    assert sup.validator.latest.step == 0 and sup.validator.latest.prompts == 3
+    assert ready is not None and 0 < ready <= rows[0]["elapsed_s"]
+
+
+async def test_no_validation_without_test_freq(sim_config: Make, tmp_path: Path) -> None:
+    cfg = sim_config("trainer.total_training_steps=4", "trainer.test_freq=0", output_dir=tmp_path)
+    result = await run(cfg)
+    assert result.finished and all(r["val_step"] is None and r["val/accuracy"] is None for r in rows_of(cfg))

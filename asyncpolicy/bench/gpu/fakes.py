@@ -157,6 +157,14 @@ class CPUPlumbing(EngineCache):
             f"seed={self.seed}",
         ]
 
+    def learn_overrides(self) -> list[str]:
+        """Simulated engines (whose task is the simulated one: arith's keys are accepted and unused) and the
+        tiny model the trainer of `engine_set` trains."""
+        return [
+            "rollout.engine=simulated", "trainer.engine=simulated", f"model.path={self.settings.model_dir}",
+            f"rollout.simulated.mean_latency_s={self.mean_latency_s}", "rollout.simulated.latency_sigma=0.3",
+        ]
+
     def engine_set(self, cfg: Config) -> EngineSet:
         gen = SimulatedVLLMGeneration(cfg.rollout.simulated, random.Random(cfg.seed))
         trainer = FSDPTrainEngine(self.worker_init(), [None], timeout_s=600)

@@ -8,6 +8,7 @@ runner that records a failing section's traceback and runs the rest.
   train  FSDP2 trainer tokens/s, MFU and peak memory, one rank, per batch size and variant
   fsdp2  the same over 2 ranks (GPUs 0 and 1)
   async  the Supervisor, as users run it: the same run with staleness_threshold=0 and ≥ 1
+  learn  a real model on a real task: held-out accuracy against time, on-policy vs staleness 1 and 2 (learn.py)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import structlog
 
 from asyncpolicy.bench.common import WARMUP, BenchContext, ScenarioRun, run_supervised, steady_step_s
 from asyncpolicy.bench.gpu.engines import BenchEngines, engine_batch
+from asyncpolicy.bench.gpu.learn import section_learn
 from asyncpolicy.bench.gpu.settings import GPUBenchSettings
 from asyncpolicy.bench.synthetic import fixed_batch
 from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
@@ -238,6 +240,7 @@ SECTIONS: dict[str, Section] = {
     "train": section_train,
     "fsdp2": section_fsdp2,
     "async": section_async,
+    "learn": section_learn,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
@@ -68,6 +69,40 @@ def table_rows(res: GPUBenchResult) -> list[TableRow]:
             text=f"{v['speedup']:.3f}× (ideal {v['ideal_speedup']:.3f}× = (g + t) / max(g, t); {v['fraction_of_ideal']:.1%} of ideal); "
             f"g {v['gen_s']:.3f} s, t {v['train_s']:.3f} s, sync {v['sync_s']:.4f} s; step {v['step_sync_s']:.3f} → {v['step_async_s']:.3f} s; "
             f"wall {v['wall_sync_s']:.1f} s / {v['wall_async_s']:.1f} s",
+        ))
+    if "learn" in s:
+        rows += _learn_rows(s["learn"])
+    return rows
+
+
+def _acc(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _learn_rows(L: dict[str, Any]) -> list[TableRow]:
+    """One row per arm: accuracy (start → final, best), time to the on-policy final, throughput, syncs, drops."""
+    rows, target = [], L["target"]
+    for a in L["arms"]:
+        numbers = {
+            "base_accuracy": a["base_accuracy"], "final_accuracy": a["final_accuracy"], "best_accuracy": a["best_accuracy"],
+            "reached_s": a["reached_s"], "vs_on_policy": a["vs_on_policy"], "steps_per_s": a["steps_per_s"],
+            "gen_tokens_per_s": a["gen_tokens_per_s"], "sync_pause_mean_s": a["sync_pause_mean_s"],
+            "sync_pause_p99_s": a["sync_pause_p99_s"], "dropped_stale": float(a["dropped_stale"]), "train_s": a["train_s"],
+        }
+        v = {k: float(x) for k, x in numbers.items() if x is not None and math.isfinite(x)}  # what was not measured is not shown as a number
+        if target is None:
+            reach = "no target (the on-policy arm has no validation)"
+        elif a["reached_s"] is None:
+            reach = f"to {target:.3f}: not reached"
+        else:
+            ratio = f"{a['vs_on_policy']:.2f}× on-policy's" if a["vs_on_policy"] is not None else "on-policy's is 0"
+            reach = f"to {target:.3f}: {a['reached_s']:.0f} s, step {a['reached_step']} ({ratio})"
+        schedule = "on-policy (staleness 0)" if a["staleness"] == 0 else f"staleness {a['staleness']}"
+        rows.append(TableRow(
+            section="learn", figure=f"learn {L['task']}, {schedule}: {a['steps']} steps in {a['train_s']:.0f} s", values=v,
+            text=f"accuracy {_acc(a['base_accuracy'])} → {_acc(a['final_accuracy'])} (best {_acc(a['best_accuracy'])}); {reach}; "
+            f"{a['steps_per_s']:.3f} steps/s, {a['gen_tokens_per_s']:.0f} gen tok/s; sync pause {a['sync_pause_mean_s']:.3f} / "
+            f"{a['sync_pause_p99_s']:.3f} s (mean / p99); {a['dropped_stale']} stale drops",
         ))
     return rows
 
