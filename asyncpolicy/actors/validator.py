@@ -49,9 +49,15 @@ class Validator:
         self.prompts = prompts
         self.limiter = anyio.CapacityLimiter(max(1, concurrency))
         self.latest: ValidationResult | None = None
+        self._history: list[ValidationResult] = []
         self.failures = 0
         self._requested_step: int | None = None
         self._changed = StateSignal()
+
+    def history(self) -> tuple[ValidationResult, ...]:
+        """Every validation that completed, in order: metrics lines carry only the latest, and two may
+        end between one line and the next (a learning curve needs them all)."""
+        return tuple(self._history)
 
     def request(self, step: int) -> None:
         """Ask for a validation after `step` (coalesced with any pending request)."""
@@ -66,6 +72,7 @@ class Validator:
             assert step is not None
             try:
                 self.latest = await self.validate(step)
+                self._history.append(self.latest)
             except GenerationFailed as exc:
                 self.failures += 1
                 log.error("validation_failed", step=step, error=str(exc), validation_failures=self.failures)

@@ -17,9 +17,12 @@ engines took to start.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+
+from asyncpolicy.actors.validator import ValidationResult
 
 
 class ValPoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -30,10 +33,18 @@ class ValPoint(msgspec.Struct, frozen=True, kw_only=True):
     accuracy: float
 
 
-def validation_points(rows: list[dict[str, Any]], ready_s: float = 0.0) -> list[ValPoint]:
-    """Each validation of a run once, in step order, from its metrics lines (see the module's docstring)."""
+def validation_points(
+    rows: list[dict[str, Any]], ready_s: float = 0.0, results: Sequence[ValidationResult] | None = None
+) -> list[ValPoint]:
+    """Each validation of a run once, in step order: from the validator's own `results` when given
+    (`Validator.history()`: every one), else from its metrics lines (see the module's docstring)."""
     step_t = {0: 0.0} | {int(r["step"]): float(r["elapsed_s"]) - ready_s for r in rows}
     points: dict[int, ValPoint] = {}
+    if results is not None:
+        for v in results:
+            if v.step not in points and v.step in step_t:
+                points[v.step] = ValPoint(step=v.step, t_s=step_t[v.step], accuracy=v.accuracy)
+        return [points[k] for k in sorted(points)]
     for r in rows:
         step, accuracy = r.get("val_step"), r.get("val/accuracy")
         if step is None or accuracy is None or step in points:
@@ -45,7 +56,9 @@ def validation_points(rows: list[dict[str, Any]], ready_s: float = 0.0) -> list[
     return [points[k] for k in sorted(points)]
 
 
-def time_to_accuracy(rows: list[dict[str, Any]], target: float, ready_s: float = 0.0) -> ValPoint | None:
+def time_to_accuracy(
+    rows: list[dict[str, Any]], target: float, ready_s: float = 0.0, results: Sequence[ValidationResult] | None = None
+) -> ValPoint | None:
     """The first validation whose accuracy is at least `target`; None when none is.
 
     No interpolation between validations: accuracy is measured only at them, noisily, so the time
@@ -53,4 +66,4 @@ def time_to_accuracy(rows: list[dict[str, Any]], target: float, ready_s: float =
     at the resolution of `trainer.test_freq`. A target the starting policy already meets is reached
     at step 0, time 0.
     """
-    return next((p for p in validation_points(rows, ready_s) if p.accuracy >= target), None)
+    return next((p for p in validation_points(rows, ready_s, results) if p.accuracy >= target), None)

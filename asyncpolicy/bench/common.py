@@ -25,6 +25,7 @@ import anyio
 import msgspec
 import structlog
 
+from asyncpolicy.actors.validator import ValidationResult
 from asyncpolicy.config import Config, load_config
 from asyncpolicy.engines.protocols import EngineSet
 from asyncpolicy.logging import JsonEvents
@@ -110,6 +111,7 @@ class ScenarioRun(msgspec.Struct, kw_only=True):
     finished: bool
     rows: list[dict[str, Any]] = msgspec.field(default_factory=list)  # metrics.jsonl lines
     ready_s: float = math.nan  # Supervisor start → every actor running (engines, first sync): rows' elapsed_s minus it is training time
+    validations: list[ValidationResult] = msgspec.field(default_factory=list)  # every completed validation (rows carry the latest only)
     run_s: float = math.nan  # Supervisor start → the run's end (RunResult.elapsed_s)
 
 
@@ -258,10 +260,12 @@ async def run_supervised(
             trainer_wait = sup.trainer.statistics().idle_s
             sync_total = sup.synchronizer.statistics().counters.total_latency_s
             ready = sup.ready_s
+            validations = list(sup.validator.history())
         wall = time.monotonic() - started
         run = summarise(name, result, read_metrics(Path(result.output_dir)), wall, trainer_wait, sync_total)
         run.ready_s = math.nan if ready is None else ready
-        write_log_record(logf, "bench_scenario_result", msgspec.structs.replace(run, rows=[]))
+        run.validations = validations
+        write_log_record(logf, "bench_scenario_result", msgspec.structs.replace(run, rows=[], validations=[]))
         log.info(
             "bench_scenario_done",
             scenario=name,

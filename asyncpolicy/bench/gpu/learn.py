@@ -3,8 +3,10 @@
 SmolLM2-135M-Instruct (`model.path=smollm2-135m-instruct`, or `--learn-model DIR`) on `arith`,
 through the Supervisor as users run it, once per arm: on-policy (staleness 0) and with staleness
 1 and 2 (`--learn-staleness`). Every arm has the same seed, settings (`LEARN_RUN` ← the user's
-key=value words) and training budget (`--learn-budget-s`, counted from the arm's first step; then
-a graceful `Supervisor.stop()`: the step in progress ends and a checkpoint is written).
+key=value words) and training budget (`--learn-budget-s`, counted from the arm's first step; then,
+once the policy has also been validated after training began, a graceful `Supervisor.stop()`: the
+step in progress ends and a checkpoint is written). The curve is read from the validator's own
+history (every validation), not from the metrics lines (which carry the latest only).
 
 An arm is a hard bound: start-up allowance + budget + stop allowance, or it fails naming itself.
 The held-out accuracy (greedy pass@1, at the start and every `trainer.test_freq` steps) is the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from typing import Any
 
 import anyio
@@ -24,10 +27,11 @@ import msgspec
 import structlog
 
 from asyncpolicy.bench.accuracy import ValPoint, time_to_accuracy, validation_points
-from asyncpolicy.bench.common import BenchContext, ScenarioRun, percentile, run_supervised
+from asyncpolicy.bench.common import BenchContext, Host, ScenarioRun, percentile, run_supervised
 from asyncpolicy.bench.gpu.engines import BenchEngines
 from asyncpolicy.bench.gpu.settings import LEARN_RUN, GPUBenchSettings
 from asyncpolicy.config import Config, load_config
+from asyncpolicy.supervisor import Supervisor
 
 log = structlog.get_logger("asyncpolicy.bench.gpu")
 
@@ -69,7 +73,7 @@ class LearnResult(msgspec.Struct, kw_only=True):
 
 def learn_arm(staleness: int, run: ScenarioRun, generated_tokens: float, s: GPUBenchSettings, target: float | None) -> LearnArm:
     """One arm's figures from its run; times to `target` when there is one."""
-    points = validation_points(run.rows, run.ready_s)
+    points = validation_points(run.rows, run.ready_s, run.validations or None)
     pauses = [r["sync_pause_s"] for r in run.rows if r.get("sync_pause_s") is not None]
     last = run.rows[-1] if run.rows else None
     last_t = float(last["elapsed_s"]) - run.ready_s if last else math.nan
@@ -87,7 +91,7 @@ def learn_arm(staleness: int, run: ScenarioRun, generated_tokens: float, s: GPUB
         dropped_stale=run.dropped_stale,
     )
     if target is not None:
-        hit = time_to_accuracy(run.rows, target, run.ready_s)
+        hit = time_to_accuracy(run.rows, target, run.ready_s, run.validations or None)
         if hit is not None:
             arm.reached_s, arm.reached_step = hit.t_s, hit.step
     return arm
@@ -96,7 +100,7 @@ def learn_arm(staleness: int, run: ScenarioRun, generated_tokens: float, s: GPUB
 def learn_result(runs: list[tuple[int, ScenarioRun, float]], s: GPUBenchSettings, settings: list[str], cfg: Config) -> LearnResult:
     """Every arm's figures; the target is the on-policy arm's final accuracy (None until it ran or without validations)."""
     on_policy = next((run for staleness, run, _ in runs if staleness == 0), None)
-    finals = validation_points(on_policy.rows, on_policy.ready_s) if on_policy else []
+    finals = validation_points(on_policy.rows, on_policy.ready_s, on_policy.validations or None) if on_policy else []
     target = finals[-1].accuracy if finals else None
     arms = [learn_arm(staleness, run, tokens, s, target) for staleness, run, tokens in runs]
     base = next((a.reached_s for a in arms if a.staleness == 0), None)
@@ -104,6 +108,23 @@ def learn_result(runs: list[tuple[int, ScenarioRun, float]], s: GPUBenchSettings
         if a.reached_s is not None and base:  # base 0: the target was met at the start, no ratio
             a.vs_on_policy = a.reached_s / base
     return LearnResult(model=cfg.model.path, task=cfg.task.name, budget_s=s.learn_budget_s, target=target, arms=arms, settings=settings)
+
+
+def _stop_at_budget(budget_s: float) -> Host:
+    """A host that stops the arm once `budget_s` of training have passed since its first step AND
+    the policy has been validated after training began, so every arm ends on a measured accuracy
+    whatever the machine's speed (the arm's hard bound, in `_run_arm`, still caps it)."""
+
+    async def host(sup: Supervisor) -> None:
+        first: float | None = None
+        async for _ in sup.events():  # one per trained step
+            now = time.monotonic()
+            first = now if first is None else first
+            if now - first >= budget_s and any(v.step > 0 for v in sup.validator.history()):
+                sup.stop()
+                return
+
+    return host
 
 
 async def _run_arm(e: BenchEngines, s: GPUBenchSettings, ctx: BenchContext, staleness: int, words: list[str]) -> tuple[ScenarioRun, float]:
@@ -115,7 +136,7 @@ async def _run_arm(e: BenchEngines, s: GPUBenchSettings, ctx: BenchContext, stal
         with anyio.fail_after(limit):
             engines = await anyio.to_thread.run_sync(e.engine_set, cfg)  # reads the model's files: off the loop
             run = await run_supervised(
-                ctx, name, cfg, engines=engines, max_wall_s=s.learn_budget_s,
+                ctx, name, cfg, engines=engines, host=_stop_at_budget(s.learn_budget_s),
                 settings={"staleness_threshold": staleness, "budget_s": s.learn_budget_s},
             )
     except TimeoutError:
