@@ -37,3 +37,11 @@ def build_once(target: Path, write: Callable[[Path], None]) -> bool:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return True
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def has_weights(model_path: str) -> bool:
+    """Whether a model directory holds weights, or only a config (engines then start from random or dummy weights)."""
+    return any(f.endswith(WEIGHT_SUFFIXES) for f in os.listdir(model_path))

@@ -53,7 +53,7 @@ def test_vllm_engine_takes_the_embedded_model_from_its_saved_directory(tmp_path)
 
     from transformers import AutoConfig
 
-    from asyncpolicy.engines.generation.vllm import has_weights
+    from asyncpolicy.models.cache import has_weights
     from asyncpolicy.models.tiny import resolve_model_path
 
     gpu_keys = ["rollout.engine=vllm", "trainer.engine=fsdp"]

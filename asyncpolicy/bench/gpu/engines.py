@@ -105,8 +105,7 @@ class EngineCache:
             try:
                 await t.start()
             except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await t.aclose()
+                await close_engine(t)
                 raise
             self._trainers[key] = t
             log.info("bench_gpu_engine", engine="trainer", gpus=gpus, overrides=list(overrides), start_s=round(time.perf_counter() - t0, 1), params_M=round(t.n_params / 1e6, 2))

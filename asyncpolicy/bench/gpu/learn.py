@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct (`model.path=smollm2-135m-instruct`, or `--learn-model DIR`) on `arith`,
 through the Supervisor as users run it, once per arm: on-policy (staleness 0) and with staleness
 1 and 2 (`--learn-staleness`). Every arm has the same seed, settings (`LEARN_RUN` ← the user's
-key=value words) and training budget (`--learn-budget-s`, counted from the arm's first step; then,
+key=value words) and training budget (`--learn-budget-s` of training time, counted from when every actor runs, after
+the engines started; then,
 once the policy has also been validated after training began, a graceful `Supervisor.stop()`: the
 step in progress ends and a checkpoint is written). The curve is read from the validator's own
 history (every validation), not from the metrics lines (which carry the latest only).
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from typing import Any
 
 import anyio
@@ -111,16 +111,15 @@ def learn_result(runs: list[tuple[int, ScenarioRun, float]], s: GPUBenchSettings
 
 
 def _stop_at_budget(budget_s: float) -> Host:
-    """A host that stops the arm once `budget_s` of training have passed since its first step AND
-    the policy has been validated after training began, so every arm ends on a measured accuracy
-    whatever the machine's speed (the arm's hard bound, in `_run_arm`, still caps it)."""
+    """A host that stops the arm once `budget_s` of training time have passed (the curve's clock:
+    a metrics line's `elapsed_s` minus `Supervisor.ready_s`) AND the policy has been validated after
+    training began, so every arm ends on a measured accuracy whatever the machine's speed (the arm's
+    hard bound, in `_run_arm`, still caps it)."""
 
     async def host(sup: Supervisor) -> None:
-        first: float | None = None
-        async for _ in sup.events():  # one per trained step
-            now = time.monotonic()
-            first = now if first is None else first
-            if now - first >= budget_s and any(v.step > 0 for v in sup.validator.history()):
+        async for row in sup.events():  # one per trained step
+            trained_s = float(row["elapsed_s"]) - (sup.ready_s or 0.0)
+            if trained_s >= budget_s and any(v.step > 0 for v in sup.validator.history()):
                 sup.stop()
                 return
 
@@ -188,7 +187,7 @@ def _plot(ctx: BenchContext, result: LearnResult) -> str:
             ax.axhline(result.target, color="grey", linestyle="--", alpha=0.7, label=f"target: on-policy final {result.target:.3f}")
         ax.set_ylabel("held-out accuracy (greedy pass@1)")
         ax.legend(fontsize=8)
-    by_time.set_xlabel("training time (s, from each arm's first step)")
+    by_time.set_xlabel("training time (s, from the end of each arm's start-up)")
     by_step.set_xlabel("training step")
     by_time.set_title(f"{result.model}, {result.task}: accuracy against time (budget {result.budget_s:g} s per arm)")
     by_step.set_title("accuracy against steps")

@@ -40,6 +40,7 @@ from asyncpolicy.config import Config
 from asyncpolicy.engines.child_procs import children_shielded
 from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
 from asyncpolicy.errors import ConfigError, EngineTimeout
+from asyncpolicy.models.cache import has_weights
 from asyncpolicy.models.stop_ids import stop_token_ids
 
 log = structlog.get_logger("asyncpolicy.vllm")
@@ -66,13 +67,6 @@ class VLLMSettings(msgspec.Struct, kw_only=True):
     seed: int = 0
     start_timeout_s: float = 900.0
     rpc_timeout_s: float = 300.0
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-def has_weights(model_path: str) -> bool:
-    return any(f.endswith(WEIGHT_SUFFIXES) for f in os.listdir(model_path))
 
 
 def vllm_settings(cfg: Config, model_path: str, gpus: list[int], eos_token_id: int | None, replica: int = 0) -> VLLMSettings:

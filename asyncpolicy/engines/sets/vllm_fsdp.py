@@ -28,7 +28,8 @@ from asyncpolicy.config import Config
 from asyncpolicy.engines.training.fsdp_trainer import FSDPTrainEngine
 from asyncpolicy.engines.protocols import EngineSet
 from asyncpolicy.engines.generation.replicas import ReplicatedGeneration
-from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine, has_weights, import_vllm, vllm_settings
+from asyncpolicy.engines.generation.vllm import VLLMGenerationEngine, import_vllm, vllm_settings
+from asyncpolicy.models.cache import has_weights
 from asyncpolicy.engines.training.placement import physical_gpu, worker_init
 from asyncpolicy.engines.transport.cuda import IPCTransport, NCCLTransport
 from asyncpolicy.errors import ConfigError

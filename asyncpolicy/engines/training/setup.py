@@ -12,7 +12,6 @@ start, and a test compares the two trainers' summaries.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,6 +20,7 @@ import torch
 
 from asyncpolicy.config import Config
 from asyncpolicy.engines.training.step import PolicyLogprobs, StepRunner, compile_layers, make_optimizer, make_scheduler
+from asyncpolicy.models.cache import has_weights
 
 # (the policy or reference wrapper, whether it is trained) -> the module the step runs; identity on one process
 ShardFn = Callable[[PolicyLogprobs, bool], torch.nn.Module]
@@ -122,7 +122,7 @@ def load_trainable(model_path: str, cfg: Config, device: torch.device) -> Any:
 
     torch.manual_seed(cfg.seed)
     attn = cfg.trainer.attn_implementation
-    if any(f.endswith((".safetensors", ".bin")) for f in os.listdir(model_path)):
+    if has_weights(model_path):
         model = load_model(model_path, cfg.model.dtype, attn)
     else:
         config = AutoConfig.from_pretrained(model_path, local_files_only=True)
