@@ -2,14 +2,17 @@ r"""`arith`: integer word problems of one to several steps, for instruct models.
 
 "Maya has 12 marbles. Maya buys 3 bags of 5 marbles each. Maya gives away 7 marbles. How many
 marbles does Maya have now?" — generated from a seed; every intermediate count is a whole number
-from 0 up, so the story always makes sense. The prompt asks for the answer in `\boxed{}`; the
-reward (`answers.number_reward`) is 1 for the exact number, else 0.
+from 0 up, so the story always makes sense. The prompt asks for the final number only, in
+`\boxed{}` (`INSTRUCTION`); the reward (`answers.number_reward`) is 1 for the exact number, else 0
+— a response without a box is scored by its last number.
 
 `task.difficulty` picks the steps, the number ranges and the operations (`LEVELS`). Level 1 is
-sized for a ~135M instruct model: SmolLM2-135M-Instruct answered 6 of 16 bare "What is a + b?"
-(a, b in 1-30); level 1's one- and two-step +/- stories over numbers up to 20 should start it
-around 15-35 % (an estimate, not a measurement: re-measure with `trainer.test_freq` and move the
-level). Larger models: 2-3 (~0.5B), 4-5 (several billion).
+sized for a ~135M instruct model, measured (`benchmarks/base_accuracy.py`, benchmarks/RESULTS.md,
+"Base accuracy of the math tasks"): SmolLM2-135M-Instruct, greedy, answers about a fifth of level
+1's held-out one-step +/- stories over numbers up to 20 (2 %, then 0 % at levels 2 and 3). "Please
+reason step by step" made it ramble to the 128-token cut (3 % at level 1), and 1-2 steps gave 15 %.
+It rarely writes the box: the format, like the arithmetic, is left for RL to teach. Larger models:
+2-3 (~0.5B), 4-5 (several billion).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import msgspec
 
 from asyncpolicy.tasks.base import Example
 
-BOX_INSTRUCTION = r"Please reason step by step, and put your final answer within \boxed{}."
+# Short on purpose: a ~135M model told to reason step by step rambles past any answer (see above).
+INSTRUCTION = r"Give only the final number, in \boxed{}."
 
 
 class Level(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,7 +40,7 @@ class Level(msgspec.Struct, frozen=True, kw_only=True):
 
 ALL_OPS = ("buy", "give", "buy_groups", "give_groups", "multiply", "share")
 LEVELS: dict[int, Level] = {
-    1: Level(min_steps=1, max_steps=2, max_number=20, max_group=5, ops=("buy", "give")),
+    1: Level(min_steps=1, max_steps=1, max_number=20, max_group=5, ops=("buy", "give")),
     2: Level(min_steps=2, max_steps=2, max_number=30, max_group=6, ops=("buy", "give", "buy_groups")),
     3: Level(min_steps=2, max_steps=3, max_number=50, max_group=10, ops=ALL_OPS),
     4: Level(min_steps=3, max_steps=4, max_number=100, max_group=12, ops=ALL_OPS),
@@ -105,7 +109,7 @@ def make_problem(rng: random.Random, difficulty: int) -> Example:
     question = " ".join([*sentences, f"How many {story.items} does {story.name} have now?"])
     return Example(
         prompt=f"Question: {question}\nAnswer:",
-        instruction=f"{question}\n{BOX_INSTRUCTION}",
+        instruction=f"{question}\n{INSTRUCTION}",
         answer=str(story.count),
         key=" ".join(key),
     )

@@ -1,7 +1,8 @@
 r"""`gsm8k`: the user's GSM8K-format files (`{"question": ..., "answer": "... #### 72"}`), scored by number.
 
 Rows load through the data-file path (`data.train_files`, `data.val_files`; JSONL or Parquet). The
-question gets the same `\boxed{}` instruction as `arith`; the gold answer is the number after the
+question asks for step-by-step reasoning and the answer in `\boxed{}` (`BOX_INSTRUCTION`: GSM8K's
+problems need the steps, unlike `arith`'s short ones); the gold answer is the number after the
 last `####` (commas stripped, `answers.gold_answer`), checked at load: a row without one is bad
 input naming its file and line. The reward is `answers.number_reward`.
 """
@@ -9,10 +10,10 @@ input naming its file and line. The reward is `answers.number_reward`.
 from __future__ import annotations
 
 from asyncpolicy.tasks.answers import gold_answer
-from asyncpolicy.tasks.arith import BOX_INSTRUCTION
 from asyncpolicy.tasks.base import Example
 
 PROMPT_COLUMN, ANSWER_COLUMN = "question", "answer"
+BOX_INSTRUCTION = r"Please reason step by step, and put your final answer within \boxed{}."
 
 
 def example(question: str, answer: str) -> Example:

@@ -16,7 +16,7 @@ import pytest
 from asyncpolicy.config import TaskConfig, load_config
 from asyncpolicy.errors import ConfigError
 from asyncpolicy.models import tiny
-from asyncpolicy.tasks import arith, countdown
+from asyncpolicy.tasks import arith, countdown, gsm8k
 from asyncpolicy.tasks.answers import canonical_number, extract_answer, gold_answer, last_boxed, number_reward
 from asyncpolicy.tasks.base import ChatMessage, Example
 from asyncpolicy.tasks.catalog import TASKS, GeneratedTask
@@ -251,7 +251,7 @@ def test_arith_problems_are_right_and_follow_their_level(difficulty: int) -> Non
         assert ex.answer == str(answer)
         assert level.min_steps <= len(steps) <= level.max_steps
         assert int(ex.key.split()[0]) <= level.max_number
-        assert ex.instruction.endswith(arith.BOX_INSTRUCTION) and ex.instruction.count(".") == len(steps) + 2
+        assert ex.instruction.endswith(arith.INSTRUCTION) and ex.instruction.count(".") == len(steps) + 2
         assert number_reward(ex.instruction, f"\\boxed{{{ex.answer}}}", ex.answer) == 1.0
     if level.ops == ("buy", "give"):
         assert all(step[0] in "+-" and "*" not in step for ex in train for step in ex.key.split()[1:])
@@ -361,7 +361,7 @@ def test_chat_models_get_the_messages_through_the_template(chat_tokenizer: Any) 
     task = build_real_task(load_config(overrides=["task.name=arith", *LONG]), chat_tokenizer)
     record = task.train.records[0]
     assert record.messages == (ChatMessage("user", record.text),)
-    assert record.text.endswith(arith.BOX_INSTRUCTION) and not record.text.startswith("Question:")
+    assert record.text.endswith(arith.INSTRUCTION) and not record.text.startswith("Question:")
     assert chat_tokenizer.decode(record.tokens) == f"<user>{record.text}>"
 
 
@@ -393,7 +393,7 @@ def test_gsm8k_files_load_with_their_gold_number(tmp_path: Path, chat_tokenizer:
     assert task.scorer.name == "asyncpolicy.tasks.answers:number_reward"
     first, second = task.train.next(), task.train.next()
     assert (first.ground_truth, second.ground_truth) == ("7", "2400")
-    assert second.text == f"{GSM_ROWS[1]['question']}\n{arith.BOX_INSTRUCTION}"
+    assert second.text == f"{GSM_ROWS[1]['question']}\n{gsm8k.BOX_INSTRUCTION}"
     assert task.train.records[1].messages == (ChatMessage("user", second.text),)
     assert task.scorer(second, _tokens(chat_tokenizer, "2 * 1200 = \\boxed{2,400}")) == 1.0
     assert task.scorer(second, _tokens(chat_tokenizer, "\\boxed{2,400} hmm, or 1200")) == 1.0
