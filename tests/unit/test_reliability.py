@@ -68,13 +68,18 @@ async def test_transient_generation_errors_are_retried(tmp_path: Path) -> None:
 
 
 async def test_hung_generations_time_out_and_are_retried(tmp_path: Path) -> None:
-    """A generation that hangs past generation_timeout is abandoned and retried, never waited on forever."""
+    """A generation that hangs past generation_timeout is abandoned and retried, never waited on forever.
+
+    Hangs are frequent enough (3 in 10) that the run cannot finish without timing some out, however
+    fast the machine: most groups hold a hung response, and a group is made only when all are done.
+    (At 1 in 20, an idle machine could finish the run before any hang reached its timeout.) 20
+    retries make a generation that hangs every time (0.3^21) out of reach."""
     cfg = cfg_for(
         tmp_path,
         "trainer.total_training_steps=10",
-        "rollout.simulated.hang_rate=0.05",
+        "rollout.simulated.hang_rate=0.3",
         "async_training.generation_timeout=0.2",
-        "rollout.max_retries=8",
+        "rollout.max_retries=20",
     )
     async with Supervisor.open(cfg) as sup:
         result = await sup.wait()
