@@ -7,12 +7,12 @@ from 0 up, so the story always makes sense. The prompt asks for the final number
 — a response without a box is scored by its last number.
 
 `task.difficulty` picks the steps, the number ranges and the operations (`LEVELS`). Level 1 is
-sized for a ~135M instruct model, measured (`benchmarks/base_accuracy.py`, benchmarks/RESULTS.md,
-"Base accuracy of the math tasks"): SmolLM2-135M-Instruct, greedy, answers about a fifth of level
-1's held-out one-step +/- stories over numbers up to 20 (2 %, then 0 % at levels 2 and 3). "Please
-reason step by step" made it ramble to the 128-token cut (3 % at level 1), and 1-2 steps gave 15 %.
-It rarely writes the box: the format, like the arithmetic, is left for RL to teach. Larger models:
-2-3 (~0.5B), 4-5 (several billion).
+sized for a ~135M instruct model, measured (`benchmarks/base_accuracy.py`; benchmarks/RESULTS.md,
+"Base accuracy of the math tasks"): SmolLM2-135M-Instruct, greedy, answers 13 of 64 (20 %) of
+level 1's held-out one-step +/- stories over numbers up to 20, 2 % at level 2, 3 % at level 3.
+"Please reason step by step" made it ramble to the 128-token cut (1 of 32 at level 1), and 1-2
+steps at level 1 gave 7 of 48 (15 %). It rarely writes the box: the format, like the arithmetic,
+is left for RL to teach. Larger models: 2-3 (~0.5B), 4-5 (several billion).
 """
 
 from __future__ import annotations
