@@ -202,6 +202,14 @@ class AsyncTrainingConfig(_Section):
     partial_rollout: Annotated[
         bool, _doc("on a weight sync, interrupt generations and continue them under the new weights")
     ] = True
+    in_flight_updates: Annotated[
+        bool,
+        _doc(
+            "on a weight sync, pause the engine in place and load the new weights under running generations "
+            "(nothing aborted; later tokens carry the new version); needs partial_rollout and a vllm, remote or "
+            "simulated rollout engine"
+        ),
+    ] = False
     sync_timeout: Annotated[float, _doc("seconds one weight-sync attempt may take (finite)", gt=0)] = 60.0
     sync_retries: Annotated[int, _doc("retries of a failed weight sync before the run stops", ge=0)] = 3
     sync_backoff_s: Annotated[float, _doc("first retry delay of a weight sync; doubles each retry", ge=0)] = 0.05
@@ -545,6 +553,7 @@ def check_consistency(cfg: Config) -> None:
     _check_servers(cfg)
     _check_task(cfg)
     _check_replicas(cfg)
+    _check_in_flight_updates(cfg)
     at = cfg.async_training
     if at.max_queue_size < cfg.data.train_batch_size:
         raise ConfigError(
@@ -606,6 +615,25 @@ def _check_task(cfg: Config) -> None:
             "config key 'task.name': gsm8k reads GSM8K-format JSONL/Parquet files ({\"question\": ..., "
             "\"answer\": \"... #### 72\"}); give them as data.train_files (and data.val_files)",
             key="task.name",
+        )
+
+
+def _check_in_flight_updates(cfg: Config) -> None:
+    """Loading weights under running generations needs an engine that pauses in place (vLLM's mode "keep")."""
+    a = cfg.async_training
+    if not a.in_flight_updates:
+        return
+    if not a.partial_rollout:
+        raise ConfigError(
+            "config key 'async_training.in_flight_updates': generations continue under the new weights, which "
+            "async_training.partial_rollout=false forbids; set one of them the other way",
+            key="async_training.in_flight_updates",
+        )
+    if cfg.rollout.engine == "hf":
+        raise ConfigError(
+            "config key 'async_training.in_flight_updates': the hf engine cannot load weights under running "
+            "generations (nor can rollout servers running it); use rollout.engine=vllm or simulated",
+            key="async_training.in_flight_updates",
         )
 
 

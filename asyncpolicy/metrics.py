@@ -50,6 +50,7 @@ class StepMetrics(msgspec.Struct, kw_only=True, omit_defaults=False):
     queue_utilization: float
     sync_latency_s: float | None  # this step's weight sync, staging to resume; None when none ran
     sync_pause_s: float | None  # of that sync, how long rollout was stopped (pause requested → resumed)
+    sync_in_flight: int | None  # of that sync, the generations running when it began (aborted or, with in-flight updates, kept)
     trainer_idle_ratio: float  # share of this process's wall time the trainer waited for samples
     rollouter_idle_ratio: float  # share of this process's wall time no generation ran
     in_flight: int  # prompt groups being generated

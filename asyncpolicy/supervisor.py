@@ -511,6 +511,7 @@ class Supervisor:
             queue_utilization=chan.utilization,
             sync_latency_s=report.sync_latency_s,
             sync_pause_s=report.sync_pause_s,
+            sync_in_flight=report.sync_in_flight,
             trainer_idle_ratio=trainer.idle_ratio,
             rollouter_idle_ratio=rollout.idle_ratio,
             in_flight=rollout.in_flight,

@@ -156,6 +156,11 @@ class Rollouter:
         self._changed.notify()
         log.debug("admission_window_set", groups=groups)
 
+    def notify_version(self) -> None:
+        """The engine serves a newer version: the staleness capacity grew (the synchronizer calls it after a
+        push; with in-flight updates no pause/resume of this rollouter would otherwise wake admission)."""
+        self._changed.notify()
+
     def notify_dropped(self, sample: Sample, version: int) -> None:
         """Channel callback: a stale drop frees admission capacity."""
         self._changed.notify()

@@ -3,6 +3,14 @@
 Staging (gathering the trainer's weights for the hand-over) runs while rollout goes on; only the
 push holds generation up, and `SyncCounters.last_pause_s` records how long.
 
+Two ways to hold generation up (`async_training.in_flight_updates`): by default the rollouter is
+paused, which aborts running generations (partial rollout continues them, re-reading their tokens
+under the new weights) or drains them; with in-flight updates the rollouter is left alone and the
+transport pauses the engine in place (vLLM's pause mode "keep"): running requests stay in the
+engine's scheduler, nothing is aborted or recomputed, and their later tokens carry the new version
+(the staleness bound counts from a sample's oldest token, so it holds either way). Then the pause
+is the push alone: `last_pause_s` is its time, an upper bound of the engine's own pause.
+
 A sync either completes (the generation engine now serves the trainer's `version`) or raises
 `SyncFailed` naming the cause after `sync_retries` retries, each attempt bounded by
 `sync_timeout`. Rollout is resumed on every path out, so a failed sync never leaves a paused,
@@ -40,6 +48,7 @@ class SyncCounters(msgspec.Struct, frozen=True, kw_only=True):
     last_rollout_pause_s: float = 0.0  # waiting for in-flight generations to stop (abort or drain)
     last_push_s: float = 0.0  # the transport's push, retries included
     last_pause_s: float = 0.0  # rollout stopped: pause requested → resumed (what generation loses)
+    last_in_flight: int = 0  # generations running when the last sync began (aborted, drained, or kept running)
 
 
 class SyncStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,6 +63,7 @@ class SyncResult(msgspec.Struct, frozen=True):
 
     latency_s: float = 0.0  # stage → resumed
     pause_s: float = 0.0  # rollout stopped: pause requested → resumed
+    in_flight: int = 0  # generations running when it began
 
 
 class ParameterSynchronizer:
@@ -92,16 +102,22 @@ class ParameterSynchronizer:
                 return SyncResult()  # a newer push already happened while this one waited
             await self._with_retries(version, self.transport.stage)
             staged = paused = pushed = time.monotonic()
-            try:
-                # Partial rollout interrupts generations (they continue under the new weights);
-                # otherwise in-flight generations finish under the weights that started them.
-                await self.rollouter.pause("sync", drain=not self.cfg.partial_rollout)
-                paused = time.monotonic()
+            in_flight = self.rollouter.statistics().running
+            if self.cfg.in_flight_updates:  # the transport pauses the engine in place around its hand-over
                 await self._with_retries(version, self.transport.push)
                 pushed = time.monotonic()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await self.rollouter.resume("sync")
+                self.rollouter.notify_version()
+            else:
+                try:
+                    # Partial rollout interrupts generations (they continue under the new weights);
+                    # otherwise in-flight generations finish under the weights that started them.
+                    await self.rollouter.pause("sync", drain=not self.cfg.partial_rollout)
+                    paused = time.monotonic()
+                    await self._with_retries(version, self.transport.push)
+                    pushed = time.monotonic()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self.rollouter.resume("sync")
         end = time.monotonic()
         latency = end - start
         c = self._counters = msgspec.structs.replace(
@@ -113,6 +129,7 @@ class ParameterSynchronizer:
             last_rollout_pause_s=paused - staged,
             last_push_s=pushed - paused,
             last_pause_s=end - staged,
+            last_in_flight=in_flight,
         )
         log.debug(
             "weights_synced",
@@ -122,8 +139,10 @@ class ParameterSynchronizer:
             rollout_pause_s=round(c.last_rollout_pause_s, 4),
             push_s=round(c.last_push_s, 4),
             pause_s=round(c.last_pause_s, 4),
+            in_flight=in_flight,
+            in_place=self.cfg.in_flight_updates,
         )
-        return SyncResult(latency_s=latency, pause_s=c.last_pause_s)
+        return SyncResult(latency_s=latency, pause_s=c.last_pause_s, in_flight=in_flight)
 
     async def sync_weights(self, version: int) -> bool:
         """The seed's check: True once the rollout serves `version` (raises SyncFailed otherwise)."""

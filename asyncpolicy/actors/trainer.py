@@ -36,6 +36,7 @@ class StepReport(msgspec.Struct, kw_only=True):
     engine_metrics: dict[str, float]
     sync_latency_s: float | None
     sync_pause_s: float | None  # of that sync, the time rollout was stopped
+    sync_in_flight: int | None = None  # of that sync, the generations running when it began
     wait_s: float
     train_s: float
 
@@ -146,11 +147,11 @@ class Trainer:
                     engine_metrics = await self._bounded_step(batch)
                 self._state = counters.add(self._state, step=1, version=1)
             train_s = time.monotonic() - started
-            sync_latency = sync_pause = None
+            sync_latency = sync_pause = sync_in_flight = None
             try:
                 if self._state.step % cfg.async_training.trigger_parameter_sync_step == 0:
                     done = await self.synchronizer.sync(self._state.version)
-                    sync_latency, sync_pause = done.latency_s, done.pause_s
+                    sync_latency, sync_pause, sync_in_flight = done.latency_s, done.pause_s, done.in_flight
             finally:  # the step happened: its metrics line is written even if the sync is cancelled or fails
                 self.on_step(
                     StepReport(
@@ -160,6 +161,7 @@ class Trainer:
                         engine_metrics=engine_metrics,
                         sync_latency_s=sync_latency,
                         sync_pause_s=sync_pause,
+                        sync_in_flight=sync_in_flight,
                         wait_s=wait_s,
                         train_s=train_s,
                     )

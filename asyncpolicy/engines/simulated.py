@@ -29,14 +29,44 @@ class SimulatedEngineError(RuntimeError):
     """An injected generation or transfer failure."""
 
 
+class _Running:
+    """One generation's clock: it advances only while the engine is not paused (vLLM's pause "keep")."""
+
+    def __init__(self, version: int, now: float) -> None:
+        self.active_s = 0.0  # generating time before `since`
+        self.since: float | None = now  # None while paused
+        self.changes = [(0.0, version)]  # (active time of a weights change, the version from then on)
+
+    def elapsed(self, now: float) -> float:
+        return self.active_s + (now - self.since if self.since is not None else 0.0)
+
+    def stop_clock(self, now: float) -> None:
+        self.active_s, self.since = self.elapsed(now), None
+
+    def version_at(self, t: float) -> int:
+        """The version of a token finished at active time t: one finished at the moment of a change is the older's."""
+        version = self.changes[0][1]
+        for at, v in self.changes[1:]:
+            if at < t:
+                version = v
+        return version
+
+
 class SimulatedGenerationEngine:
-    """Produces random tokens at a steady rate over a lognormal duration; abortable at any time."""
+    """Produces random tokens at a steady rate over a lognormal duration; abortable at any time.
+
+    `pause()` / `resume()` stop and restart every running generation's clock in place, as vLLM's
+    pause mode "keep" does; a version set while they run labels their later tokens.
+    """
 
     def __init__(self, cfg: SimulatedRolloutConfig, rng: random.Random) -> None:
         self.cfg = cfg
         self.rng = rng
         self._version = 0
         self._abort: anyio.Event | None = None  # created inside the event loop
+        self._wake: anyio.Event | None = None  # set (and replaced) on every pause, resume and abort
+        self._paused = False
+        self._running: set[_Running] = set()
         self.generated_tokens = 0
         self.requests = 0
         self._requests_since_start = 0
@@ -46,6 +76,9 @@ class SimulatedGenerationEngine:
         return self._version
 
     def set_version(self, version: int) -> None:
+        now = anyio.current_time() if self._running else 0.0
+        for run in self._running:
+            run.changes.append((run.elapsed(now), version))
         self._version = version
 
     @property
@@ -70,6 +103,28 @@ class SimulatedGenerationEngine:
             return 0.0
         return self.cfg.mean_latency_s * math.exp(self.rng.gauss(0.0, self.cfg.latency_sigma))
 
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+        self._wake = anyio.Event()
+
+    async def _run_clock(self, run: _Running, duration: float, abort: anyio.Event) -> bool:
+        """Wait until `run` has generated for `duration` (paused time not counted); True if aborted first."""
+        await anyio.lowlevel.checkpoint()
+        while not abort.is_set():
+            if self._wake is None:
+                self._wake = anyio.Event()
+            wake = self._wake
+            if self._paused:
+                await wake.wait()
+                continue
+            left = duration - run.elapsed(anyio.current_time())
+            if left <= 0:
+                return False
+            with anyio.move_on_after(left):
+                await wake.wait()
+        return True
+
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         self.requests += 1
         self._check_alive(request)
@@ -84,32 +139,56 @@ class SimulatedGenerationEngine:
         remaining = max(0, request.max_tokens - done)
         target = self.rng.randint(1, remaining) if remaining else 0
         duration = self._duration() * (target / max(1, request.max_tokens))
-        abort = self._abort
-        start = anyio.current_time()
-        aborted = False
-        with anyio.move_on_after(duration):
-            await abort.wait()
-            aborted = True
+        run = _Running(self._version, anyio.current_time())
+        if self._paused:
+            run.stop_clock(run.since or 0.0)
+        self._running.add(run)
+        try:
+            aborted = await self._run_clock(run, duration, self._abort)
+        finally:
+            self._running.discard(run)
+        elapsed = min(duration, run.elapsed(anyio.current_time()))
+        per_token = duration / max(1, target)  # token i is finished at active time (i + 1) * per_token
         if aborted:
-            elapsed = anyio.current_time() - start
             target = min(target, int(target * elapsed / duration)) if duration > 0 else 0
         new_tokens = [self.rng.randrange(1, VOCAB) for _ in range(target)]
         finish = "abort" if aborted else ("length" if done + target >= request.max_tokens else "stop")
         if finish == "stop":
             new_tokens.append(EOS)
+        versions = [run.version_at((i + 1) * per_token) for i in range(len(new_tokens))]
         self.generated_tokens += len(new_tokens)
         return GenerationResult(
             request_id=request.request_id,
             response_tokens=request.response_tokens + new_tokens,
             behaviour_logprobs=request.behaviour_logprobs + [-self.rng.random() * 3 for _ in new_tokens],
-            token_versions=request.token_versions + [self._version] * len(new_tokens),
+            token_versions=request.token_versions + versions,
             finish_reason=finish,
         )
+
+    async def pause(self) -> None:
+        """Stop every running generation's clock; they keep their state (vLLM's pause mode "keep")."""
+        if not self._paused:
+            now = anyio.current_time()
+            for run in self._running:
+                run.stop_clock(now)
+            self._paused = True
+            self._poke()
+        await anyio.lowlevel.checkpoint()
+
+    async def resume(self) -> None:
+        if self._paused:
+            now = anyio.current_time()
+            for run in self._running:
+                run.since = now
+            self._paused = False
+            self._poke()
+        await anyio.lowlevel.checkpoint()
 
     async def abort_all(self) -> None:
         if self._abort is not None:
             self._abort.set()
         self._abort = anyio.Event()
+        self._poke()
         await anyio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
@@ -161,13 +240,23 @@ class SimulatedTransport:
     """Sets the generation engine's version after a fixed delay; fails `sync_failures` times per sync.
 
     `generation` is one simulated engine or a `ReplicatedGeneration` of them (which loads every replica).
+    `in_place`: pause every engine in place around the transfer, as the vLLM transports do (what
+    `async_training.in_flight_updates` relies on: running generations then span the versions).
     """
 
-    def __init__(self, generation: SimulatedGenerationEngine | ReplicatedGeneration, cfg: SimulatedTrainerConfig) -> None:
+    def __init__(
+        self, generation: SimulatedGenerationEngine | ReplicatedGeneration, cfg: SimulatedTrainerConfig, *, in_place: bool = False
+    ) -> None:
         self.generation = generation
         self.cfg = cfg
+        self.in_place = in_place
         self._failures_left: dict[int, int] = {}
         self.attempts = 0
+
+    def _engines(self) -> list[SimulatedGenerationEngine]:
+        if isinstance(self.generation, ReplicatedGeneration):
+            return [e for _, e in self.generation.push_targets()]
+        return [self.generation]
 
     async def stage(self, version: int) -> None:
         """The simulated transfer has nothing to gather ahead of the pause."""
@@ -175,12 +264,20 @@ class SimulatedTransport:
     async def push(self, version: int) -> None:
         self.attempts += 1
         left = self._failures_left.setdefault(version, self.cfg.sync_failures)
-        await anyio.sleep(self.cfg.sync_latency_s)
-        if left > 0:
-            self._failures_left[version] = left - 1
-            raise SimulatedEngineError(f"simulated weight-transfer failure for version {version}")
-        self._failures_left.pop(version, None)
-        self.generation.set_version(version)
+        paused = self._engines() if self.in_place else []
+        try:
+            for engine in paused:
+                await engine.pause()
+            await anyio.sleep(self.cfg.sync_latency_s)
+            if left > 0:
+                self._failures_left[version] = left - 1
+                raise SimulatedEngineError(f"simulated weight-transfer failure for version {version}")
+            self._failures_left.pop(version, None)
+            self.generation.set_version(version)
+        finally:
+            with anyio.CancelScope(shield=True):  # every engine paused is resumed, whatever failed
+                for engine in paused:
+                    await engine.resume()
 
 
 def simulated_reward(response_tokens: list[int]) -> float:

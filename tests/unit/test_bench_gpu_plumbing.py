@@ -72,6 +72,10 @@ def test_every_section_runs_on_cpu_and_fills_its_rows(tmp_path: Path) -> None:
     assert a["async_age_max"] <= a["staleness"]
     for staleness in (0, a["staleness"]):  # both supervised runs went through the Supervisor and wrote their logs
         assert (tmp_path / "out" / f"gpu_async_staleness_{staleness}.log").exists()
+    # the in-flight-updates run paused the engine in place: its syncs recorded pauses and what ran during them
+    p = a["pauses"][f"in_flight_staleness_{a['staleness']}"]
+    assert p["syncs"] > 0 and len(p["in_flight"]) == p["syncs"] and p["age_max"] <= a["staleness"]
+    assert sum(r.figure.startswith("sync pause") for r in rows) == 3
 
 
 def test_the_learn_section_runs_every_arm_to_its_budget_and_writes_its_table_plot_and_json(tmp_path: Path) -> None:

@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--async-len", type=int, default=d.async_len)
     p.add_argument("--async-steps", type=int, default=d.async_steps)
     p.add_argument("--async-staleness", type=int, default=d.async_staleness)
+    p.add_argument("--async-in-flight", action="store_true", help="async: also run staleness N with in-flight weight updates (no abort)")
     p.add_argument("--learn-model", default=d.learn_model, metavar="DIR", help="learn: model.path (smollm2-135m-instruct or a model directory)")
     p.add_argument("--learn-budget-s", type=float, default=d.learn_budget_s, help="learn: seconds of training per arm")
     p.add_argument("--learn-gpus", type=int, default=d.learn_gpus, choices=[1, 2], help="learn: 1 = colocated on GPU 0, 2 = GPUs 0 and 1")
@@ -171,7 +172,7 @@ def gpu_main(argv: list[str]) -> int:
     settings = GPUBenchSettings(
         model_dir=args.model_dir, sections=sections, util=args.util, trainer_gpu=args.trainer_gpu, eager=args.eager,
         gen_reps=args.gen_reps, async_prompts=args.async_prompts, async_len=args.async_len, async_steps=args.async_steps,
-        async_staleness=args.async_staleness, train_seqs=train_seqs, train_packing=train_packing, train_compile=train_compile,
+        async_staleness=args.async_staleness, async_in_flight=args.async_in_flight, train_seqs=train_seqs, train_packing=train_packing, train_compile=train_compile,
         train_max_tokens=args.train_max_tokens, train_len_min=args.train_len_min, train_recompute=train_recompute,
         train_attn=args.train_attn, learn_model=args.learn_model, learn_budget_s=args.learn_budget_s, learn_gpus=args.learn_gpus,
         learn_staleness=learn_staleness, learn_overrides=list(args.overrides),

@@ -32,7 +32,8 @@ Meta = list[tuple[str, list[int], int, int]]  # (name, shape, offset, numel) per
 
 
 class SimulatedVLLMGeneration(SimulatedGenerationEngine):
-    """The simulated engine plus what the weight transports call on vLLM, done on the host.
+    """The simulated engine (whose pause/resume stop its generations in place, as vLLM's "keep") plus what
+    the weight transports call on vLLM, done on the host.
 
     `rpc("ap_ipc_load", handle, meta)` rebuilds the trainer's flat buffer from its handle (of a
     CPU tensor: a copy) and keeps views of it by `meta`, as vLLM's workers do
@@ -43,7 +44,6 @@ class SimulatedVLLMGeneration(SimulatedGenerationEngine):
         super().__init__(cfg, rng)
         self.incarnation = 0
         self.start_s = 0.0
-        self.paused = False
         self._weights: list[tuple[str, Any]] = []
 
     async def start(self) -> None:
@@ -53,14 +53,6 @@ class SimulatedVLLMGeneration(SimulatedGenerationEngine):
         self.start_s = time.perf_counter() - t0
 
     async def wait_ready(self) -> None:
-        await anyio.lowlevel.checkpoint()
-
-    async def pause(self) -> None:
-        self.paused = True
-        await anyio.lowlevel.checkpoint()
-
-    async def resume(self) -> None:
-        self.paused = False
         await anyio.lowlevel.checkpoint()
 
     async def rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:

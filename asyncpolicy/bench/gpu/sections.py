@@ -26,7 +26,7 @@ import anyio
 import msgspec
 import structlog
 
-from asyncpolicy.bench.common import WARMUP, BenchContext, ScenarioRun, run_supervised, steady_step_s
+from asyncpolicy.bench.common import WARMUP, BenchContext, ScenarioRun, percentile, run_supervised, steady_step_s
 from asyncpolicy.bench.gpu.engines import BenchEngines, engine_batch
 from asyncpolicy.bench.gpu.learn import section_learn
 from asyncpolicy.bench.gpu.settings import GPUBenchSettings
@@ -207,16 +207,19 @@ async def section_async(e: BenchEngines, s: GPUBenchSettings, ctx: BenchContext)
     (Not the trainer's idle ratio × elapsed: elapsed includes the engines' start, minutes for vLLM.)
     """
     await e.release()  # each supervised run starts (and closes) its own engines: free the GPUs first
-    runs: dict[int, ScenarioRun] = {}
-    for staleness in (0, s.async_staleness):
-        name = f"gpu_async_staleness_{staleness}"
+    runs: dict[tuple[int, bool], ScenarioRun] = {}
+    arms = [(0, False), (s.async_staleness, False)] + ([(s.async_staleness, True)] if s.async_in_flight else [])
+    for staleness, in_flight in arms:
+        name = f"gpu_async_staleness_{staleness}" + ("_in_flight" if in_flight else "")
         scenario = [
             f"async_training.staleness_threshold={staleness}", "async_training.trigger_parameter_sync_step=1",
             f"trainer.total_training_steps={s.async_steps}", "trainer.test_freq=0",
+            f"async_training.in_flight_updates={str(in_flight).lower()}",
         ]
         cfg = ctx.config(e.run_overrides(), scenario, name=name)
-        runs[staleness] = await run_supervised(ctx, name, cfg, engines=e.engine_set(cfg), settings={"staleness_threshold": staleness})
-    sync, overlapped = runs[0], runs[s.async_staleness]
+        settings = {"staleness_threshold": staleness, "in_flight_updates": in_flight}
+        runs[staleness, in_flight] = await run_supervised(ctx, name, cfg, engines=e.engine_set(cfg), settings=settings)
+    sync, overlapped = runs[0, False], runs[s.async_staleness, False]
     for run in runs.values():
         if not run.finished or len(run.rows) <= WARMUP:
             raise RuntimeError(f"{run.name} trained {run.steps} of {s.async_steps} steps; need more than {WARMUP}")
@@ -229,6 +232,19 @@ async def section_async(e: BenchEngines, s: GPUBenchSettings, ctx: BenchContext)
         "gen_s": g, "train_s": t, "sync_s": sync_s, "step_sync_s": step_sync, "step_async_s": step_async,
         "wall_sync_s": sync.wall_s, "wall_async_s": overlapped.wall_s, "speedup": speedup, "ideal_speedup": ideal,
         "fraction_of_ideal": speedup / ideal, "async_age_max": overlapped.sample_age_max, "async_dropped_stale": overlapped.dropped_stale,
+        "pauses": {("in_flight" if k[1] else "abort") + f"_staleness_{k[0]}": sync_pauses(run) for k, run in runs.items()},
+    }
+
+
+def sync_pauses(run: ScenarioRun) -> dict[str, Any]:
+    """Every sync's pause (rollout stopped) and the generations running when it began, after the warm-up."""
+    rows = [r for r in run.rows[WARMUP:] if r.get("sync_pause_s") is not None]
+    pauses = [float(r["sync_pause_s"]) for r in rows]
+    return {
+        "syncs": len(pauses), "pause_s": pauses, "in_flight": [r.get("sync_in_flight") for r in rows],
+        "mean_s": statistics.fmean(pauses) if pauses else math.nan, "p99_s": percentile(pauses, 99), "max_s": max(pauses, default=math.nan),
+        "over_50ms": sum(p > 0.05 for p in pauses), "age_max": run.sample_age_max, "dropped_stale": run.dropped_stale,
+        "step_s": steady_step_s(run),
     }
 
 

@@ -70,6 +70,15 @@ def table_rows(res: GPUBenchResult) -> list[TableRow]:
             f"g {v['gen_s']:.3f} s, t {v['train_s']:.3f} s, sync {v['sync_s']:.4f} s; step {v['step_sync_s']:.3f} → {v['step_async_s']:.3f} s; "
             f"wall {v['wall_sync_s']:.1f} s / {v['wall_async_s']:.1f} s",
         ))
+        for name, p in a.get("pauses", {}).items():
+            in_flight = [n for n in p["in_flight"] if n is not None]
+            pv = {"mean_s": float(p["mean_s"]), "p99_s": float(p["p99_s"]), "max_s": float(p["max_s"]), "step_s": float(p["step_s"])}
+            rows.append(TableRow(
+                section="async", figure=f"sync pause, {name.replace('_', ' ')}: {p['syncs']} syncs after warm-up", values=pv,
+                text=f"pause {1e3 * pv['mean_s']:.1f} / {1e3 * pv['p99_s']:.1f} / {1e3 * pv['max_s']:.1f} ms (mean / p99 / max), "
+                f"{p['over_50ms']} over 50 ms; in flight at the sync {min(in_flight, default=0)}–{max(in_flight, default=0)}; "
+                f"step {pv['step_s']:.3f} s; age max {p['age_max']}, {p['dropped_stale']} stale drops",
+            ))
     if "learn" in s:
         rows += _learn_rows(s["learn"])
     return rows

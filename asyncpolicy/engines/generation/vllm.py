@@ -5,7 +5,10 @@ Invariants the actors rely on:
   (`logprobs_mode="processed_logprobs"`: after temperature/top-p, what PPO ratios need) and the
   policy version that was loaded when it arrived; a version only changes while generation is
   paused, and tokens that arrive around a resume are labelled with the OLDER version, which can
-  only overstate staleness, never hide it;
+  only overstate staleness, never hide it. With an in-place pause (`in_flight_updates`: vLLM's mode
+  "keep") a request runs on across a sync; every token sampled before the pause has reached its
+  output collector by the time the pause returns, so the output that first shows the new version
+  keeps the older label for all its tokens, and later outputs hold only tokens sampled after resume;
 * `abort_all` makes every running `generate` return its tokens so far with finish_reason "abort";
   a later `generate` with those tokens continues the response (partial rollout).
 
@@ -258,11 +261,13 @@ class VLLMGenerationEngine:
             try:
                 async for out in stream:
                     c = out.outputs[0]
-                    if self._version != spans[-1][1]:
-                        spans.append((seen, self._version))
                     if best is None or len(c.token_ids) >= len(best.token_ids):
                         best = c
                     seen = len(best.token_ids)
+                    if self._version != spans[-1][1]:
+                        # The output that reveals a new version may still hold tokens sampled before the
+                        # pause (an in-place pause keeps requests running): they keep the older label.
+                        spans.append((seen, self._version))
                     if out.finished:
                         finish = _FINISH.get(c.finish_reason or "", "stop")
                     elif abort.is_set():

@@ -19,5 +19,5 @@ def build_simulated_engines(cfg: Config, rng: random.Random) -> EngineSet:
     return EngineSet(
         generation=gen,
         trainer=SimulatedTrainEngine(cfg.trainer.simulated),
-        transport=SimulatedTransport(gen, cfg.trainer.simulated),
+        transport=SimulatedTransport(gen, cfg.trainer.simulated, in_place=cfg.async_training.in_flight_updates),
     )
