@@ -245,6 +245,25 @@ class TaskConfig(_Section):
         int,
         _doc("arith/countdown: 1 (sized for a ~135M instruct model) to 5 (steps, number ranges, operations)", ge=1, le=5),
     ] = 1
+    env: Annotated[
+        str,
+        _doc(
+            "dotted path 'pkg.module:Name' of an environment (docs/agents.md): each response becomes a multi-turn "
+            "episode; empty = the task's (calc, guess) or none (single-turn)"
+        ),
+    ] = ""
+    max_turns: Annotated[int, _doc("most model turns of an episode; 0 = the task's (4 for a user's environment)", ge=0)] = 0
+    max_turn_tokens: Annotated[
+        int,
+        _doc(
+            "most tokens the model generates in one turn; 0 = the task's (else no limit but the episode's: "
+            "data.max_response_length holds all of an episode's tokens, the environment's included)",
+            ge=0,
+        ),
+    ] = 0
+    env_timeout_s: Annotated[
+        float, _doc("time one reset/step of an environment may take; past it the episode scores 0 (finite)", gt=0)
+    ] = 30.0
 
 
 class Config(_Section):

@@ -11,13 +11,17 @@ import importlib.util
 import math
 import os
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import anyio
 import msgspec
 import psutil
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+if TYPE_CHECKING:
+    from asyncpolicy.actors.rollouter import RolloutCounters
+    from asyncpolicy.samples import Sample
 
 log = structlog.get_logger("asyncpolicy.metrics")
 
@@ -131,3 +135,17 @@ def _tensorboard_writer(directory: Path) -> Any:
     except ImportError:
         return None
     return SummaryWriter(str(directory))
+
+
+def episode_metrics(batch: list[Sample], counters: RolloutCounters) -> dict[str, float]:
+    """Agentic episodes' keys (docs/agents.md): this batch's turns and environment tokens per episode,
+    and the run's environment failures, tool calls and mean time per environment call so far."""
+    episodes = [t for s in batch for t in s.trajectories]
+    n = max(1, len(episodes))
+    return {
+        "episode/turns_mean": sum(t.turns for t in episodes) / n,
+        "episode/env_tokens_mean": sum(t.env_tokens for t in episodes) / n,
+        "episode/tool_errors": float(counters.env_errors),
+        "episode/tool_calls": float(counters.tool_calls),
+        "episode/tool_latency_s": counters.env_seconds / max(1, counters.env_calls),
+    }

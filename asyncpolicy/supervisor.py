@@ -41,7 +41,7 @@ from asyncpolicy.engines.protocols import EngineSet, ModelExporter
 from asyncpolicy.engines.generation.replicas import ReplicaCounters, ReplicatedGeneration
 from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed, RunFailed, first_failure
 from asyncpolicy.logging import quiet_unless_configured
-from asyncpolicy.metrics import MetricsSink, StepMetrics, batch_reward_stats, rss_bytes
+from asyncpolicy.metrics import episode_metrics, MetricsSink, StepMetrics, batch_reward_stats, rss_bytes
 from asyncpolicy.samples import Sample
 from asyncpolicy.tasks.base import TaskData
 from asyncpolicy.tasks.registry import build_task
@@ -167,7 +167,9 @@ class Supervisor:
         self.channel: VersionedChannel[Sample] = VersionedChannel(
             at.max_queue_size, at.staleness_threshold, on_drop=self._on_drop
         )
-        self.rollouter = Rollouter(cfg, self.engines.generation, self.channel, self.task.train, self.task.scorer)
+        self.rollouter = Rollouter(
+            cfg, self.engines.generation, self.channel, self.task.train, self.task.scorer, self.task.episodes
+        )
         self.synchronizer = ParameterSynchronizer(at, self.rollouter, self.engines.transport)
         self.trainer = Trainer(
             cfg, self.engines.trainer, self.channel, self.synchronizer, self._on_step, self.save_checkpoint
@@ -526,6 +528,8 @@ class Supervisor:
             replica_restarts=replicas.restarts,
         )
         row = msgspec.to_builtins(metrics)
+        if self.task.episodes is not None:  # single-turn lines stay as they were
+            row.update(episode_metrics(report.batch, rollout.counters))
         row.update(report.engine_metrics)
         self.sink.write(row)
         if self._validating and report.step % self.cfg.trainer.test_freq == 0:

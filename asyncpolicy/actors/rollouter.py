@@ -33,7 +33,9 @@ from asyncpolicy import counters
 from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.channels.signal import StateSignal
 from asyncpolicy.config import Config
-from asyncpolicy.engines.protocols import GenerationEngine, GenerationRequest
+from asyncpolicy.engines.protocols import GenerationEngine, GenerationRequest, GenerationResult
+from asyncpolicy.envs.episode import run_episode
+from asyncpolicy.envs.loading import EpisodeSpec
 from asyncpolicy.errors import EngineTimeout, GenerationFailed, first_failure
 from asyncpolicy.samples import Prompt, Sample, Trajectory, make_sample
 from asyncpolicy.tasks.base import PromptSource, Scorer
@@ -52,6 +54,15 @@ class RolloutCounters(msgspec.Struct, frozen=True, kw_only=True):
     timeouts: int = 0
     reward_errors: int = 0  # scorer raised or returned a non-finite value; scored 0
     tokens: int = 0  # response tokens in completed samples
+    # agentic episodes (task.env; docs/agents.md)
+    episodes: int = 0  # episodes finished (training and validation)
+    turns: int = 0  # model turns of those episodes
+    env_tokens: int = 0  # tokens the environment added to them (loss mask 0)
+    env_calls: int = 0  # environment reset/step calls
+    env_seconds: float = 0.0  # wall time inside those calls
+    tool_calls: int = 0  # steps the environment marked as tool calls
+    env_errors: int = 0  # episodes whose environment raised, timed out or gave a non-finite reward; scored 0
+    requeued: int = 0  # groups in flight at a stop (checkpoint) or a rollouter failure, generated again from their start
 
 
 class InFlight(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,8 +103,10 @@ class Rollouter:
         channel: VersionedChannel[Sample],
         prompts: PromptSource,
         scorer: Scorer,
+        episodes: EpisodeSpec | None = None,
     ) -> None:
         self.cfg = cfg
+        self.episodes = episodes  # responses are multi-turn episodes of this environment; None = single-turn
         self.engine = engine
         self.channel = channel
         self.prompts = prompts
@@ -238,8 +251,9 @@ class Rollouter:
             task_status.started()
             while True:
                 await self._changed.wait_until(self._may_admit)
-                if self._replay:  # admitted already, when it first started
+                if self._replay:  # admitted already, when it first started; its episodes start again from their start
                     group = InFlight(prompt=self._replay.pop(0).prompt, start_version=self.version)
+                    self._counters = counters.add(self._counters, requeued=1)
                 else:
                     group = InFlight(prompt=self.prompts.next(), start_version=self.version)
                     self._counters = counters.add(self._counters, admitted=1)
@@ -263,8 +277,9 @@ class Rollouter:
             self._admission.release_on_behalf_of(prompt.uid)
             self._changed.notify()
         trajectories = [t for t in results if t is not None]
-        for t in trajectories:
-            t.reward = self._score(prompt, t)
+        if self.episodes is None:  # an episode's reward is its environment's
+            for t in trajectories:
+                t.reward = self._score(prompt, t)
         sample = make_sample(prompt, trajectories, group.start_version)
         await self.channel.put(sample, sample.min_version)  # backpressure: waits while the queue is full
         del self._in_flight[prompt.uid]
@@ -273,7 +288,7 @@ class Rollouter:
         )
 
     async def _generate_into(self, results: list[Trajectory | None], i: int, prompt: Prompt) -> None:
-        results[i] = await self._generate(prompt, i)
+        results[i] = await self._respond(prompt, i)
 
     @contextmanager
     def _engine_call(self) -> Iterator[None]:
@@ -293,14 +308,39 @@ class Rollouter:
     async def evaluate(self, prompt: Prompt) -> float:
         """One scored response to a held-out prompt at `rollout.val_temperature` (0: greedy), through
         the guarded path; never queued."""
-        trajectory = await self._generate(prompt, 0, tag="val", temperature=self.cfg.rollout.val_temperature)
-        return self._score(prompt, trajectory)
+        trajectory = await self._respond(prompt, 0, tag="val", temperature=self.cfg.rollout.val_temperature)
+        return trajectory.reward if self.episodes is not None else self._score(prompt, trajectory)
 
-    async def _generate(
+    async def _respond(
         self, prompt: Prompt, i: int, *, tag: str = "train", temperature: float | None = None
     ) -> Trajectory:
+        """Response `i` to `prompt`: one generation, or an episode (its reward set) with `task.env`."""
+        request = self._request(prompt, i, tag, temperature)
+        if self.episodes is None:
+            result = await self._generate(request)
+            return Trajectory(
+                response_tokens=result.response_tokens,
+                behaviour_logprobs=result.behaviour_logprobs,
+                token_versions=result.token_versions,
+                finish_reason=result.finish_reason,
+            )
+        episode = await run_episode(self.episodes, prompt, request, self._generate)
+        t = episode.trajectory
+        self._counters = counters.add(
+            self._counters, episodes=1, turns=t.turns, env_tokens=t.env_tokens, env_calls=episode.env_calls,
+            env_seconds=episode.env_seconds, tool_calls=episode.tool_calls, env_errors=int(bool(episode.error)),
+        )
+        if episode.error:
+            t.reward_error = episode.error
+            log.error(
+                "env_error", env=self.episodes.name, episode_id=request.request_id, prompt=prompt.text[:80],
+                error=episode.error, env_errors_total=self._counters.env_errors,
+            )
+        return t
+
+    def _request(self, prompt: Prompt, i: int, tag: str, temperature: float | None) -> GenerationRequest:
         cfg = self.cfg
-        request = GenerationRequest(
+        return GenerationRequest(
             request_id=f"{tag}/{prompt.uid}/{i}",
             group=f"{tag}/{prompt.uid}",
             prompt_tokens=prompt.tokens,
@@ -309,6 +349,11 @@ class Rollouter:
             top_p=cfg.rollout.top_p,
             seed=hash((cfg.seed, prompt.epoch, prompt.index, i)) & 0x7FFFFFFF,
         )
+
+    async def _generate(self, request: GenerationRequest) -> GenerationResult:
+        """`request` to its end: retried on failure or timeout, continued (partial rollout) or
+        started again after a pause interrupted it."""
+        cfg = self.cfg
         failures = 0
         while True:
             await self._changed.wait_until(lambda: not self.paused)
@@ -330,12 +375,7 @@ class Rollouter:
                 continue
             self._counters = counters.add(self._counters, generations=1)
             if result.finish_reason != "abort":
-                return Trajectory(
-                    response_tokens=result.response_tokens,
-                    behaviour_logprobs=result.behaviour_logprobs,
-                    token_versions=result.token_versions,
-                    finish_reason=result.finish_reason,
-                )
+                return result
             self._counters = counters.add(self._counters, interrupted=1)
             if cfg.async_training.partial_rollout:  # continue from the tokens so far, under new weights
                 request = msgspec.structs.replace(

@@ -285,3 +285,21 @@ def simulated_reward(response_tokens: list[int]) -> float:
     if not response_tokens:
         return 0.0
     return sum(1 for t in response_tokens if t % 2 == 0) / len(response_tokens)
+
+
+class SimulatedTokenizer:
+    """The simulated task's text ↔ tokens, enough for episodes' observations (no chat template).
+
+    Decoding writes the ids as numbers, encoding takes one id per character: the round trip is NOT
+    the identity, so a runtime that re-encoded a model turn's text would change its tokens (the
+    property tests would see it).
+    """
+
+    chat_template = None
+    eos_token_id = EOS
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [1 + ord(c) % (VOCAB - 1) for c in text]}
+
+    def decode(self, tokens: list[int]) -> str:
+        return " ".join(map(str, tokens))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -110,3 +110,4 @@ class TaskData(msgspec.Struct, kw_only=True):
     val: list[Prompt]
     scorer: Scorer
     decode: Callable[[list[int]], str]
+    episodes: Any = None  # envs.loading.EpisodeSpec: responses are multi-turn episodes; None = single-turn

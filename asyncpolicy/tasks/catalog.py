@@ -23,6 +23,9 @@ class GeneratedTask(msgspec.Struct, frozen=True, kw_only=True):
 
     splits: Callable[[int, int, int, int], Splits]
     reward_fn: str
+    env: str = ""  # the environment of its episodes (envs/), empty = single-turn; `task.env` overrides it
+    max_turns: int = 0  # its episodes' limits when the config sets none (task.max_turns, task.max_turn_tokens)
+    max_turn_tokens: int = 0
 
 
 class FileTask(msgspec.Struct, frozen=True, kw_only=True):

@@ -8,7 +8,6 @@ Every problem with the inputs is a `ConfigError` naming the config key and the f
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import msgspec
 import structlog
 
 from asyncpolicy.config import Config, DataConfig
+from asyncpolicy.dotted import import_named
 from asyncpolicy.errors import ConfigError, first_line
 from asyncpolicy.models.tiny import ALPHABET_TEXT, character_vocabulary
 from asyncpolicy.samples import Prompt
@@ -90,23 +90,7 @@ class RewardScorer:
 
 def import_reward_fn(path: str) -> Callable[[str, str, str], float]:
     """`pkg.module:function` → the function; a ConfigError naming task.reward_fn otherwise."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(
-            f"config key 'task.reward_fn': {path!r} is not of the form 'pkg.module:function'", key="task.reward_fn"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - the user's module may fail any way on import (SyntaxError, its own raise)
-        raise ConfigError(
-            f"config key 'task.reward_fn': cannot import module {module_name!r}: {type(e).__name__}: {first_line(e)}",
-            key="task.reward_fn",
-        ) from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(
-            f"config key 'task.reward_fn': {module_name!r} has no function {attr!r}", key="task.reward_fn"
-        )
+    fn: Callable[[str, str, str], float] = import_named(path, "task.reward_fn")
     return fn
 
 

@@ -6,6 +6,8 @@ import random
 from typing import Any
 
 from asyncpolicy.config import Config
+from asyncpolicy.engines.simulated import SimulatedTokenizer
+from asyncpolicy.envs.loading import episode_spec
 from asyncpolicy.samples import Prompt
 from asyncpolicy.tasks.base import PromptRecord, PromptSource, TaskData
 
@@ -38,14 +40,24 @@ def simulated_task(cfg: Config) -> TaskData:
         train=PromptSource(records(cfg.task.num_prompts), seed=cfg.seed, shuffle=cfg.data.shuffle),
         val=val,
         scorer=SimulatedScorer(),
-        decode=lambda tokens: " ".join(map(str, tokens)),
+        decode=SimulatedTokenizer().decode,
     )
 
 
 def build_task(cfg: Config, tokenizer: Any) -> TaskData:
-    """Simulated prompts for simulated engines; otherwise the named built-in task or the data files."""
+    """Simulated prompts for simulated engines; otherwise the named built-in task or the data files.
+    With an environment (`task.env`, or the task's own) its responses are episodes."""
     if cfg.rollout.engine == "simulated":
-        return simulated_task(cfg)
+        task = simulated_task(cfg)
+        task.episodes = episode_spec(cfg, SimulatedTokenizer(), SimulatedTokenizer().decode)
+        return task
+    from asyncpolicy.tasks.catalog import TASKS, GeneratedTask
     from asyncpolicy.tasks.loading import build_real_task
 
-    return build_real_task(cfg, tokenizer)
+    task = build_real_task(cfg, tokenizer)
+    own = TASKS[cfg.task.name]
+    if isinstance(own, GeneratedTask):
+        task.episodes = episode_spec(cfg, tokenizer, task.decode, own.env, own.max_turns, own.max_turn_tokens)
+    else:
+        task.episodes = episode_spec(cfg, tokenizer, task.decode)
+    return task

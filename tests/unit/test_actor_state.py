@@ -195,7 +195,11 @@ async def test_a_format_1_checkpoint_loads_into_every_actors_snapshot(tmp_path: 
     assert now["format_version"] == checkpoint.FORMAT_VERSION == 2 and set(now) == set(written)
     assert set(now["trainer"]) == set(written["trainer"]) - {"staleness_max"}
     assert set(now["channel"]) == set(written["channel"]) - {"age_sum", "age_min"} | {"sample_age_mean", "sample_age_max"}
-    for key in ("rollout", "sync", "cursor", "in_flight", "rng_state", "reason", "replicas"):
+    # the rollout counts gained the agentic episodes' (format 2 still: a new field has a default)
+    new = {"episodes", "turns", "env_tokens", "env_calls", "env_seconds", "tool_calls", "env_errors", "requeued"}
+    assert set(now["rollout"]) == set(written["rollout"]) | new and all(now["rollout"][k] == 0 for k in new)
+    assert {k: v for k, v in now["rollout"].items() if k not in new} == written["rollout"]
+    for key in ("sync", "cursor", "in_flight", "rng_state", "reason", "replicas"):
         assert now[key] == written[key], key
 
 

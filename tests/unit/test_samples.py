@@ -29,3 +29,23 @@ def test_partial_rollout_spans_the_versions_of_its_tokens() -> None:
 def test_a_sample_without_tokens_takes_its_start_version() -> None:
     sample = make_sample(PROMPT, [trajectory([])], start_version=5)
     assert (sample.min_version, sample.max_version) == (5, 5)
+
+
+def test_staleness_is_measured_over_model_tokens_only() -> None:
+    # an episode: model tokens (mask 1) of versions 5 and 6; the environment's tokens (mask 0) carry
+    # versions that are not the model's: they must not age the sample
+    episode = Trajectory(
+        response_tokens=[3, 4, 9, 9, 5],
+        behaviour_logprobs=[-1.0, -1.0, 0.0, 0.0, -1.0],
+        token_versions=[5, 5, 1, 1, 6],
+        finish_reason="stop",
+        loss_mask=[1, 1, 0, 0, 1],
+    )
+    assert (episode.min_version, episode.max_version, episode.env_tokens) == (5, 6, 2)
+    sample = make_sample(PROMPT, [episode, trajectory([7])], start_version=4)
+    assert (sample.min_version, sample.max_version) == (5, 7)
+
+
+def test_an_empty_loss_mask_means_every_token_is_the_models() -> None:
+    single = trajectory([2, 3])
+    assert (single.model_versions, single.env_tokens, single.is_model_token(1)) == ([2, 3], 0, True)

@@ -55,7 +55,7 @@ class PolicyBatch(msgspec.Struct, kw_only=True):
 
     input_ids: torch.Tensor  # (N, T) long, right-padded
     attention_mask: torch.Tensor  # (N, T) long
-    response_mask: torch.Tensor  # (N, T-1) float, 1 on target positions that are response tokens
+    response_mask: torch.Tensor  # (N, T-1) float, 1 on target positions that are the model's response tokens
     behaviour_logprobs: torch.Tensor  # (N, T-1) the rollout policy's logprob of each response token
     advantages: torch.Tensor  # (N, T-1) the response's advantage on each of its tokens
     same_version_mask: torch.Tensor  # (N, T-1) float, 1 on response tokens sampled by the trainer's version
@@ -191,12 +191,14 @@ def collate(samples: list[Sample], version: int, algo: AlgorithmConfig, pad_id: 
             raise ValueError("a prompt needs at least one token (tokenizers add <bos> or a chat header)")
         input_ids[i, : P + R] = torch.tensor(prompt + traj.response_tokens, dtype=torch.long)
         attention_mask[i, : P + R] = 1
-        # response token j sits at position P+j and is predicted at position P+j-1
-        response_mask[i, P - 1 : P - 1 + R] = 1.0
-        behaviour[i, P - 1 : P - 1 + R] = torch.tensor(traj.behaviour_logprobs, dtype=torch.float32)
-        adv[i, P - 1 : P - 1 + R] = advantages[i]
+        # response token j sits at position P+j and is predicted at position P+j-1; an episode's
+        # environment tokens (loss mask 0) are context only: no loss, KL, entropy or count
+        model = torch.tensor(traj.loss_mask, dtype=torch.float32) if traj.loss_mask else torch.ones(R)
+        response_mask[i, P - 1 : P - 1 + R] = model
+        behaviour[i, P - 1 : P - 1 + R] = torch.tensor(traj.behaviour_logprobs, dtype=torch.float32) * model
+        adv[i, P - 1 : P - 1 + R] = advantages[i] * model
         versions = torch.tensor(traj.token_versions[:R], dtype=torch.long)
-        same[i, P - 1 : P - 1 + len(versions)] = (versions == version).float()
+        same[i, P - 1 : P - 1 + len(versions)] = (versions == version).float() * model[: len(versions)]
     trajs = [t for _, t in rows]
     return PolicyBatch(
         input_ids=input_ids,
