@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -194,7 +195,8 @@ def test_the_trainer_variant_script_runs_its_variants_on_cpu() -> None:
     root = Path(__file__).resolve().parents[2]
     argv = [sys.executable, "benchmarks/trainer_gpu.py", "--seqs", "4,8", "--steps", "2", "--resp-len", "6",
             "--prompt-len", "4", "--variant", "padded", "--variant", "packed trainer.packing=true"]
-    r = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH", "")]))}
+    r = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300, env=env)  # this checkout's package
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] in (["padded"], ["packed"])]
     assert [(x[0], x[1]) for x in rows] == [("padded", "4"), ("padded", "8"), ("packed", "4"), ("packed", "8")]
