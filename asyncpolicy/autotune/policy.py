@@ -15,7 +15,8 @@ The reasoning, rule by rule (first match wins):
 1. **No move during a sync or a user pause.** The statistics of such an interval describe the
    pause, not the loop; the limits are held and the streaks are left as they were.
 2. **A probe is judged first.** Every loosening (wider window, higher staleness) and every
-   tightening is a probe: the next interval either confirms it or takes it back. A loosening that
+   tightening is a probe: after `SETTLE` interval(s) without moves (groups admitted under the new
+   limits take that long to finish), the next interval either confirms it or takes it back. A loosening that
    did not lift throughput by `GAIN` while the trainer still waits is reverted and that value is
    barred (a *ceiling*) for `BAR_INTERVALS`: the engine is saturated, more in flight only ages the
    samples. A tightening after which the trainer waits, or throughput fell by `LOSS`, is reverted
@@ -23,8 +24,9 @@ The reasoning, rule by rule (first match wins):
    lost or back) is probed again.
 3. **Stale drops → raise the staleness** (one step, if the bound allows): a dropped sample is
    generation paid for and thrown away; drops mean samples finish later than the bound allows.
-   Not a probe: waste is reason enough. At the hard bound, with the trainer not waiting, halve
-   the window instead (probe): fewer groups in flight finish sooner, so fewer go stale.
+   Not a probe: waste is reason enough. At the hard bound, with the trainer not waiting and more
+   than `WASTE` of the trained samples dropped, halve the window instead (probe): fewer groups in
+   flight finish sooner, so fewer go stale.
 4. **The trainer waits** (idle share above `STARVED` in `PERSIST` intervals in a row), so generation
    is the bottleneck. If the capacity rule held admission back most of the time, the staleness
    bound is what limits generation: raise it. Else, if the window was full most of the time,
@@ -54,6 +56,8 @@ GAIN = 0.05  # a loosening must lift throughput by this share to be kept
 LOSS = 0.05  # a tightening may cost at most this share of throughput
 BAR_INTERVALS = 12  # how long a reverted value stays barred
 MAJORITY = 0.5  # share of an interval's samples a condition must hold in
+SETTLE = 1  # intervals after a probe before it is judged: new groups take that long to finish
+WASTE = 0.1  # stale drops above this share of the trained samples make the window shrink at the hard bound
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,6 +86,7 @@ class Observation(msgspec.Struct, frozen=True, kw_only=True):
     room_exhausted: float  # share of samples in which the capacity (staleness) rule held admission back
     queue_full: float  # share of samples in which the channel was at capacity (backpressure)
     stale_drops: int  # samples dropped as stale in the interval
+    trained: int = 0  # samples trained on in the interval
     age_max: float  # the oldest sample trained in the interval (nan: none trained)
     syncing: bool  # a weight sync runs now
     paused: bool  # a user pause holds generation
@@ -99,6 +104,7 @@ class Memory(msgspec.Struct, frozen=True, kw_only=True):
     starved: int = 0  # intervals in a row the trainer waited
     fed: int = 0  # intervals in a row the trainer did not wait
     probe: str = ""  # "loosen" | "tighten" | "": the last move, to be judged
+    settle: int = 0  # intervals left before the probe is judged
     before: Limits | None = None  # the limits before that move
     rate_before: float = 0.0
     window_ceiling: int = 0  # barred: no window >= this until window_ceiling_until (0: none)
@@ -127,25 +133,24 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
     now = memory.interval + 1
     starved = obs.trainer_idle > STARVED
     fed = obs.trainer_idle < FED
-    m = msgspec.structs.replace(
-        memory,
-        interval=now,
-        starved=memory.starved + 1 if starved else 0,
-        fed=memory.fed + 1 if fed else 0,
-        probe="",
-        before=None,
+    streaks = msgspec.structs.replace(
+        memory, interval=now, starved=memory.starved + 1 if starved else 0, fed=memory.fed + 1 if fed else 0
     )
+    if memory.probe and memory.settle > 0:  # the move has not shown its effect yet
+        return Decision(limits=limits, reason="settling after a move", memory=msgspec.structs.replace(streaks, settle=memory.settle - 1))
+    m = msgspec.structs.replace(streaks, probe="", before=None)
     rate = obs.rate
 
     # 2. judge the last move
     if memory.probe and memory.before is not None:
         before = memory.before
         if memory.probe == "loosen" and starved and rate < memory.rate_before * (1 + GAIN):
+            # barred: any value above the one restored (not only the one tried: no creeping back up)
             if limits.window > before.window:
-                m = msgspec.structs.replace(m, window_ceiling=limits.window, window_ceiling_until=now + BAR_INTERVALS)
+                m = msgspec.structs.replace(m, window_ceiling=before.window + 1, window_ceiling_until=now + BAR_INTERVALS)
             if limits.staleness > before.staleness:
                 m = msgspec.structs.replace(
-                    m, staleness_ceiling=limits.staleness, staleness_ceiling_until=now + BAR_INTERVALS
+                    m, staleness_ceiling=before.staleness + 1, staleness_ceiling_until=now + BAR_INTERVALS
                 )
             return Decision(
                 limits=before,
@@ -154,9 +159,11 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
             )
         if memory.probe == "tighten" and (starved or rate < memory.rate_before * (1 - LOSS)):
             if limits.window < before.window:
-                m = msgspec.structs.replace(m, window_floor=limits.window, window_floor_until=now + BAR_INTERVALS)
+                m = msgspec.structs.replace(m, window_floor=before.window - 1, window_floor_until=now + BAR_INTERVALS)
             if limits.staleness < before.staleness:
-                m = msgspec.structs.replace(m, staleness_floor=limits.staleness, staleness_floor_until=now + BAR_INTERVALS)
+                m = msgspec.structs.replace(
+                    m, staleness_floor=before.staleness - 1, staleness_floor_until=now + BAR_INTERVALS
+                )
             return Decision(
                 limits=before,
                 reason=f"reverted: {_describe(before, limits)} cost throughput "
@@ -166,7 +173,9 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
 
     def probe(kind: str, new: Limits, reason: str) -> Decision:
         return Decision(
-            limits=new, reason=reason, memory=msgspec.structs.replace(m, probe=kind, before=limits, rate_before=rate)
+            limits=new,
+            reason=reason,
+            memory=msgspec.structs.replace(m, probe=kind, settle=SETTLE, before=limits, rate_before=rate),
         )
 
     # 3. stale drops: raise the bound (not a probe)
@@ -178,7 +187,7 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
     w_floor = bounds.min_window
     if m.window_floor and now < m.window_floor_until:
         w_floor = max(w_floor, m.window_floor + 1)
-    if obs.stale_drops > 0 and not starved and limits.window > w_floor:
+    if obs.stale_drops > WASTE * max(1, obs.trained) and not starved and limits.window > w_floor:
         new = msgspec.structs.replace(limits, window=max(w_floor, limits.window // 2))
         return probe(
             "tighten", new,

@@ -130,7 +130,7 @@ class Autotuner:
     async def _observe_interval(self) -> Observation:
         """Sample the admission state until `every` more steps are trained (each wait bounded)."""
         t0, tr0, seen0 = time.monotonic(), self.trainer.statistics(), self._steps_seen
-        drops0 = self.channel.statistics().dropped_stale
+        chan0 = self.channel.statistics()
         samples = window_full = room_exhausted = queue_full = 0
         age_max = -math.inf
         last_step = tr0.step
@@ -155,7 +155,8 @@ class Autotuner:
             window_full=window_full / samples,
             room_exhausted=room_exhausted / samples,
             queue_full=queue_full / samples,
-            stale_drops=chan.dropped_stale - drops0,
+            stale_drops=chan.dropped_stale - chan0.dropped_stale,
+            trained=chan.consumed - chan0.consumed,
             age_max=age_max if math.isfinite(age_max) else math.nan,
             syncing=self.synchronizer.statistics().syncing,
             paused=rollout.paused,
