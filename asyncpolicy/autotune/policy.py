@@ -16,15 +16,19 @@ The reasoning, rule by rule (first match wins):
    pause, not the loop; the limits are held and the streaks are left as they were.
 2. **A probe is judged first.** Every loosening (wider window, higher staleness) and every
    tightening is a probe: after `SETTLE` interval(s) without moves (groups admitted under the new
-   limits take that long to finish), the next interval either confirms it or takes it back. A loosening that
-   did not lift throughput by `GAIN` while the trainer still waits is reverted and that value is
-   barred (a *ceiling*) for `BAR_INTERVALS`: the engine is saturated, more in flight only ages the
-   samples. A tightening after which the trainer waits, or throughput fell by `LOSS`, is reverted
-   and barred (a *floor*). The bars expire, so a run that changes (longer responses, a replica
+   limits take that long to finish), the next interval either confirms it or takes it back. A
+   loosening after which throughput fell by more than `LOSS` while the trainer still waits is
+   reverted and everything above the restored value is barred (a *ceiling*) for `BAR_INTERVALS`:
+   the engine is saturated, more in flight only costs. A tightening after which the trainer waits,
+   or throughput fell by `LOSS`, is reverted and barred below (a *floor*). Judging by a loss, not
+   by a gain, is deliberate: an interval's throughput is noisy (a few steps), so "did not gain 5 %"
+   would undo good moves half the time, while a real saturation shows up as a loss. The bars expire, so a run that changes (longer responses, a replica
    lost or back) is probed again.
-3. **Stale drops → raise the staleness** (one step, if the bound allows): a dropped sample is
-   generation paid for and thrown away; drops mean samples finish later than the bound allows.
-   Not a probe: waste is reason enough. At the hard bound, with the trainer not waiting and more
+3. **Stale drops → raise the staleness** (one step, if the bound allows) once they pass `RAISE_ON`
+   of the trained samples: a dropped sample is generation paid for and thrown away; drops mean
+   samples finish later than the bound allows. Not a probe: waste is reason enough. A few drops
+   do not: a higher bound lets more groups in flight, which costs sample age (and, on this
+   runtime, the work of aborting and continuing them at every sync). At the hard bound, with the trainer not waiting and more
    than `WASTE` of the trained samples dropped, halve the window instead (probe): fewer groups in
    flight finish sooner, so fewer go stale.
 4. **The trainer waits** (idle share above `STARVED` in `PERSIST` intervals in a row), so generation
@@ -52,11 +56,11 @@ STARVED = 0.10  # trainer idle share above which generation is the bottleneck
 FED = 0.03  # trainer idle share below which generation is ahead
 PERSIST = 2  # intervals in a row the trainer must wait before a loosening
 CALM = 4  # intervals in a row the trainer must be fed before a tightening
-GAIN = 0.05  # a loosening must lift throughput by this share to be kept
-LOSS = 0.05  # a tightening may cost at most this share of throughput
+LOSS = 0.10  # a probe that costs more than this share of throughput is undone (noise stays below it)
 BAR_INTERVALS = 12  # how long a reverted value stays barred
 MAJORITY = 0.5  # share of an interval's samples a condition must hold in
 SETTLE = 1  # intervals after a probe before it is judged: new groups take that long to finish
+RAISE_ON = 0.05  # stale drops above this share of the trained samples raise the staleness
 WASTE = 0.1  # stale drops above this share of the trained samples make the window shrink at the hard bound
 
 
@@ -144,7 +148,7 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
     # 2. judge the last move
     if memory.probe and memory.before is not None:
         before = memory.before
-        if memory.probe == "loosen" and starved and rate < memory.rate_before * (1 + GAIN):
+        if memory.probe == "loosen" and starved and rate < memory.rate_before * (1 - LOSS):
             # barred: any value above the one restored (not only the one tried: no creeping back up)
             if limits.window > before.window:
                 m = msgspec.structs.replace(m, window_ceiling=before.window + 1, window_ceiling_until=now + BAR_INTERVALS)
@@ -154,7 +158,7 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
                 )
             return Decision(
                 limits=before,
-                reason=f"reverted: {_describe(before, limits)} gave {rate:.3g} steps/s, not more than {memory.rate_before:.3g}",
+                reason=f"reverted: {_describe(before, limits)} gave {rate:.3g} steps/s after {memory.rate_before:.3g}",
                 memory=m,
             )
         if memory.probe == "tighten" and (starved or rate < memory.rate_before * (1 - LOSS)):
@@ -179,7 +183,7 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
         )
 
     # 3. stale drops: raise the bound (not a probe)
-    if obs.stale_drops > 0 and limits.staleness < bounds.max_staleness:
+    if obs.stale_drops > RAISE_ON * max(1, obs.trained) and limits.staleness < bounds.max_staleness:
         new = msgspec.structs.replace(limits, staleness=limits.staleness + 1)
         return Decision(limits=new, reason=f"{obs.stale_drops} stale drop(s): staleness {limits.staleness} -> {new.staleness}", memory=m)
 

@@ -4,7 +4,8 @@ One more task in the Supervisor's actor task group, cancelled with the others. I
 actors' `statistics()` and moves two knobs that exist for it (`Rollouter.set_admission_window`,
 `VersionedChannel.set_staleness_limit`); whatever it does, the channel's hard bound
 (`staleness_threshold`) and the sample accounting are untouched. Every wait is bounded: it samples
-the statistics every `SAMPLE_S` seconds and at every training step.
+the statistics every `SAMPLE_S` seconds and at every training step. Its limits are not in
+checkpoints: a resumed run starts again where autotune starts, and learns the run anew.
 
 CPU threads (the hf/torch path) are not moved: the hf engine's worker thread and the torch trainer's
 worker thread live in one process, and `torch.set_num_threads` is process-wide, so a "generation

@@ -64,7 +64,7 @@ def _parse(argv: list[str]) -> tuple[list[str], bool, list[str]]:
         "`bench gpu [--sections ...]` runs the GPU experiments instead (`bench gpu --help`).",
     )
     p.add_argument("words", nargs="*", metavar="SUITE|key=value")
-    p.add_argument("--quick", action="store_true", help="small sizes: all suites in under 3 minutes on 2 cores")
+    p.add_argument("--quick", action="store_true", help="small sizes: all suites in under 4 minutes on 2 cores")
     args = p.parse_intermixed_args(argv)
     suites = [w for w in args.words if "=" not in w]
     overrides = [w for w in args.words if "=" in w]
