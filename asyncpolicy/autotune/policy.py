@@ -182,10 +182,18 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
             memory=msgspec.structs.replace(m, probe=kind, settle=SETTLE, before=limits, rate_before=rate),
         )
 
-    # 3. stale drops: raise the bound (not a probe)
+    # 3. stale drops: raise the bound (not a probe); a waiting trainer may still widen the window below
     if obs.stale_drops > RAISE_ON * max(1, obs.trained) and limits.staleness < bounds.max_staleness:
-        new = msgspec.structs.replace(limits, staleness=limits.staleness + 1)
-        return Decision(limits=new, reason=f"{obs.stale_drops} stale drop(s): staleness {limits.staleness} -> {new.staleness}", memory=m)
+        raised = msgspec.structs.replace(limits, staleness=limits.staleness + 1)
+        why = f"{obs.stale_drops} stale drop(s): staleness {limits.staleness} -> {raised.staleness}"
+        if m.starved >= PERSIST and obs.window_full > MAJORITY and limits.window < _window_ceiling(bounds, m, now):
+            grown = msgspec.structs.replace(raised, window=min(_window_ceiling(bounds, m, now), 2 * limits.window))
+            return Decision(
+                limits=grown,
+                reason=f"{why}; trainer idle {obs.trainer_idle:.2f} with the window full: window {limits.window} -> {grown.window}",
+                memory=msgspec.structs.replace(m, probe="loosen", settle=SETTLE, before=raised, rate_before=rate),
+            )
+        return Decision(limits=raised, reason=why, memory=m)
 
     # 3b. stale drops at the hard bound while the trainer is fed: fewer groups in flight waste less
     w_floor = bounds.min_window
@@ -211,9 +219,7 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
                 f"trainer idle {obs.trainer_idle:.2f} while the staleness rule held admission back "
                 f"{obs.room_exhausted:.0%} of the time: staleness {limits.staleness} -> {new.staleness}",
             )
-        ceiling = bounds.max_window
-        if m.window_ceiling and now < m.window_ceiling_until:
-            ceiling = min(ceiling, m.window_ceiling - 1)
+        ceiling = _window_ceiling(bounds, m, now)
         if obs.window_full > MAJORITY and limits.window < ceiling:
             new = msgspec.structs.replace(limits, window=min(ceiling, 2 * limits.window))
             return probe(
@@ -244,6 +250,13 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
                 f"staleness {limits.staleness} -> {new.staleness}",
             )
     return Decision(limits=limits, reason="hold", memory=m)
+
+
+def _window_ceiling(bounds: Bounds, m: Memory, now: int) -> int:
+    """The widest window allowed now: the bound, or below a bar that has not expired."""
+    if m.window_ceiling and now < m.window_ceiling_until:
+        return min(bounds.max_window, m.window_ceiling - 1)
+    return bounds.max_window
 
 
 def _describe(before: Limits, after: Limits) -> str:

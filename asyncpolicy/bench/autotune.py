@@ -77,7 +77,7 @@ def shapes(steps: int) -> list[Shape]:
 def _sizes(ctx: BenchContext) -> dict[str, Any]:
     if ctx.quick:
         return {"steps": 16, "staleness": (1, 4), "windows": (8, 32), "max_wall_s": 20.0, "every": 2}
-    return {"steps": 160, "staleness": (1, 2, 4), "windows": (4, 8, 16, 32), "max_wall_s": 60.0, "every": 8}
+    return {"steps": 160, "staleness": (1, 2, 4), "windows": (4, 8, 16, 32), "max_wall_s": 60.0, "every": 4}
 
 
 def _engines(cfg: Config, shape: Shape, steps: int) -> EngineSet | None:
