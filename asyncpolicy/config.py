@@ -74,6 +74,14 @@ class SimulatedRolloutConfig(_Section):
     die_after_requests: Annotated[
         int, _doc("the simulated engine dies (every call fails) after this many requests until restarted; 0 = never", ge=0)
     ] = 0
+    slots: Annotated[
+        int,
+        _doc("responses the simulated engine generates at once (a GPU's batch); more wait for a slot; 0 = unlimited", ge=0),
+    ] = 0
+    latency_growth_per_version: Annotated[
+        float,
+        _doc("drift: generation time grows by this share of mean_latency_s per policy version (responses lengthen)", ge=0),
+    ] = 0.0
 
 
 class RolloutConfig(_Section):
@@ -213,6 +221,16 @@ class AsyncTrainingConfig(_Section):
     sync_timeout: Annotated[float, _doc("seconds one weight-sync attempt may take (finite)", gt=0)] = 60.0
     sync_retries: Annotated[int, _doc("retries of a failed weight sync before the run stops", ge=0)] = 3
     sync_backoff_s: Annotated[float, _doc("first retry delay of a weight sync; doubles each retry", ge=0)] = 0.05
+    autotune: Annotated[
+        bool,
+        _doc(
+            "a controller moves the admission window and the effective staleness (never above "
+            "staleness_threshold) from the actors' statistics every autotune_every_steps steps"
+        ),
+    ] = False
+    autotune_min_window: Annotated[int, _doc("autotune: fewest prompt groups generating at once", ge=1)] = 1
+    autotune_max_window: Annotated[int, _doc("autotune: most prompt groups generating at once", ge=1)] = 64
+    autotune_every_steps: Annotated[int, _doc("autotune: training steps between two decisions", ge=1)] = 4
 
 
 class AlgorithmConfig(_Section):
@@ -586,6 +604,12 @@ def check_consistency(cfg: Config) -> None:
             f"{at.trigger_parameter_sync_step} steps between syncs exceeds staleness_threshold + 1 "
             f"({at.staleness_threshold + 1}); every sample would go stale before the next sync",
             key="async_training.trigger_parameter_sync_step",
+        )
+    if at.autotune and at.autotune_min_window > at.autotune_max_window:
+        raise ConfigError(
+            f"config key 'async_training.autotune_min_window': {at.autotune_min_window} is larger than "
+            f"autotune_max_window={at.autotune_max_window}",
+            key="async_training.autotune_min_window",
         )
     if cfg.data.train_batch_size % at.require_batches:
         raise ConfigError(

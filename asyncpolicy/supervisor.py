@@ -34,6 +34,7 @@ from asyncpolicy.actors.rollouter import Rollouter
 from asyncpolicy.actors.synchronizer import ParameterSynchronizer
 from asyncpolicy.actors.trainer import StepReport, Trainer
 from asyncpolicy.actors.validator import Validator
+from asyncpolicy.autotune import Autotuner
 from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import FSDP_START_TIMEOUT_S, Config, replica_count, to_dict
 from asyncpolicy.engines.factory import build_engines, import_engine_modules
@@ -174,6 +175,10 @@ class Supervisor:
         self.trainer = Trainer(
             cfg, self.engines.trainer, self.channel, self.synchronizer, self._on_step, self.save_checkpoint
         )
+        # a run without autotune has no controller at all: it behaves exactly as before autotune existed
+        self.autotuner = (
+            Autotuner(cfg, self.rollouter, self.trainer, self.channel, self.synchronizer) if at.autotune else None
+        )
         self.validator = Validator(self.rollouter, self.task.val, concurrency=max(1, cfg.rollout.max_concurrency // 4))
         self._validating = bool(cfg.trainer.test_freq and self.task.val)
         if cfg.trainer.test_freq and not self.task.val:
@@ -297,6 +302,8 @@ class Supervisor:
                         await actors.start(self._run_actor, self.trainer.name, self._train_then_stop)
                         if isinstance(self.engines.generation, ReplicatedGeneration):  # restarts dead replicas
                             await actors.start(self._run_actor, "replicas", self._serve_replicas)
+                        if self.autotuner is not None:
+                            await actors.start(self._run_actor, self.autotuner.name, self.autotuner.run)
                         if self._validating:
                             await actors.start(self._run_actor, self.validator.name, self.validator.run)
                             # the policy training starts from is measured too: the base of every learning curve
@@ -531,6 +538,9 @@ class Supervisor:
         if self.task.episodes is not None:  # single-turn lines stay as they were
             row.update(episode_metrics(report.batch, rollout.counters))
         row.update(report.engine_metrics)
+        if self.autotuner is not None:
+            row.update(self.autotuner.metrics())
+            self.autotuner.on_step()
         self.sink.write(row)
         if self._validating and report.step % self.cfg.trainer.test_freq == 0:
             self.validator.request(report.step)

@@ -3,9 +3,16 @@
 Invariants:
 
 * admission (AReaL's capacity rule): a group is started only while
-  ``admitted - dropped_stale < (staleness_threshold + 1 + version) * train_batch_size``,
+  ``admitted - dropped_stale < (staleness_limit + 1 + version) * train_batch_size``,
   so it never starts work that the trainer could not consume within the staleness bound
-  (the channel still enforces the bound per sample, should completion order defeat the rule);
+  (the channel still enforces the bound per sample, should completion order defeat the rule).
+  ``staleness_limit`` is the channel's effective bound, which autotune may move within
+  0..staleness_threshold. The rule follows it rather than the hard threshold: the rule only
+  exists to avoid starting work the channel would drop, so it must use the bound the channel
+  applies now; and since the effective bound is never above the hard one, following it admits
+  never more than the hard rule would (a lowered limit only admits less, a raised one at most
+  up to the hard rule). Groups admitted before a limit was lowered may go stale: the channel
+  drops and counts them, so the hard bound and the accounting hold whatever the moves;
 * at most `admission window` groups generate at once: each holds a token of an anyio
   CapacityLimiter from its start until its responses are done (default
   ``max(1, rollout.max_concurrency // rollout.n)``; `set_admission_window` moves it at run time).
@@ -86,6 +93,7 @@ class RolloutStatistics(msgspec.Struct, frozen=True, kw_only=True):
     in_flight: int  # groups admitted and not yet queued (replays of a restored or failed engine included)
     generating: int  # groups whose responses are being generated (each holds an admission token)
     admission_window: int  # most groups generating at once (the limiter's total_tokens)
+    admission_room: int  # new groups the capacity rule would still admit now (<= 0: it holds admission back)
     running: int  # engine.generate calls active now (0 once pause() has returned)
     paused: bool
     idle_ratio: float  # share of this process's wall time no generation ran (0 before the first run())
@@ -213,6 +221,7 @@ class Rollouter:
             in_flight=len(self._in_flight) + len(self._replay),
             generating=self._admission.borrowed_tokens,
             admission_window=int(self._admission.total_tokens),
+            admission_room=self._capacity_left(),
             running=self._running,
             paused=self.paused,
             idle_ratio=idle_ratio,
@@ -221,9 +230,9 @@ class Rollouter:
     # -- admission -----------------------------------------------------------------------------
 
     def _capacity_left(self) -> int:
-        at = self.cfg.async_training
-        limit = (at.staleness_threshold + 1 + self.version) * self.cfg.data.train_batch_size
-        live = self._counters.admitted - self.channel.statistics().dropped_stale
+        chan = self.channel.statistics()
+        limit = (chan.staleness_limit + 1 + self.version) * self.cfg.data.train_batch_size
+        live = self._counters.admitted - chan.dropped_stale
         return limit - live
 
     def _may_admit(self) -> bool:

@@ -31,14 +31,14 @@ from asyncpolicy.config import load_config
 
 log = structlog.get_logger("asyncpolicy.bench")
 
-SUITES = ("sweep", "overlap", "channel", "responsiveness", "learning")
+SUITES = ("sweep", "overlap", "channel", "responsiveness", "learning", "autotune")
 Suite = Callable[[BenchContext], Awaitable[SuiteResult]]
 
 
 def _load_suites() -> dict[str, tuple[str, Suite]]:
     """The CPU suites; imported here, not at module level, so `bench gpu` needs no matplotlib."""
     try:
-        from asyncpolicy.bench import channel, learning, overlap, responsiveness, sweep
+        from asyncpolicy.bench import autotune, channel, learning, overlap, responsiveness, sweep
     except ModuleNotFoundError as missing:  # the plots need the `bench` extra
         if missing.name != "matplotlib":
             raise
@@ -50,6 +50,7 @@ def _load_suites() -> dict[str, tuple[str, Suite]]:
         "channel": ("Channel overhead", channel.run),
         "responsiveness": ("Event-loop responsiveness", responsiveness.run),
         "learning": ("CPU learning speed", learning.run),
+        "autotune": ("Autotune vs static settings", autotune.run),
     }
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -63,7 +64,7 @@ def _parse(argv: list[str]) -> tuple[list[str], bool, list[str]]:
         "`bench gpu [--sections ...]` runs the GPU experiments instead (`bench gpu --help`).",
     )
     p.add_argument("words", nargs="*", metavar="SUITE|key=value")
-    p.add_argument("--quick", action="store_true", help="small sizes: all suites in under 3 minutes on 2 cores")
+    p.add_argument("--quick", action="store_true", help="small sizes: all suites in under 4 minutes on 2 cores")
     args = p.parse_intermixed_args(argv)
     suites = [w for w in args.words if "=" not in w]
     overrides = [w for w in args.words if "=" in w]

@@ -84,6 +84,16 @@ def reward_rise(run_dir: str | Path, factor: float = 2.0) -> RewardRise:
     return RewardRise(steps=len(rows), first=first, last=last, factor=factor)
 
 
+async def stop_at_threshold(sup: Supervisor) -> None:
+    """A host task: stop the run once its moving-average reward reaches THRESHOLD."""
+    rows: list[dict[str, Any]] = []
+    async for row in sup.events():
+        rows.append(row)
+        if time_to_threshold(rows) is not None:
+            sup.stop()
+            return
+
+
 async def run(ctx: BenchContext) -> SuiteResult:
     res = SuiteResult(suite="learning", title="CPU learning speed")
     missing = default_engines_available()
@@ -95,15 +105,6 @@ async def run(ctx: BenchContext) -> SuiteResult:
     for s in STALENESS:
         name = f"learning_staleness_{s}"
         cfg = ctx.config([f"trainer.total_training_steps={int(sizes['steps'])}"], [f"async_training.staleness_threshold={s}"], name=name)
-
-        async def stop_at_threshold(sup: Supervisor) -> None:
-            rows: list[dict[str, Any]] = []
-            async for row in sup.events():
-                rows.append(row)
-                if time_to_threshold(rows) is not None:
-                    sup.stop()
-                    return
-
         runs[s] = await run_supervised(
             ctx, name, cfg, host=stop_at_threshold, max_wall_s=sizes["max_wall_s"], settings={"staleness_threshold": s, "threshold": THRESHOLD}
         )

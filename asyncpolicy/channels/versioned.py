@@ -3,8 +3,10 @@
 Invariants (checked by tests/property/test_channel_state_machine.py and test_channel_concurrency.py):
 
 * it never holds more than `capacity` items: `put` waits while it is full (backpressure, no drop);
-* it never hands out an item with `current_version - item_version > max_staleness`: such an item
-  is dropped, counted in `dropped_stale` and logged with its age;
+* it never hands out an item with `current_version - item_version > staleness_limit`: such an item
+  is dropped, counted in `dropped_stale` and logged with its age. `staleness_limit` is the
+  effective bound (a controller may move it with `set_staleness_limit`); it is never above
+  `max_staleness`, the user's hard bound, so the hard bound always holds;
 * conservation: produced == consumed + dropped_stale + size, at every moment;
 * every wait is cancellable and cancellation loses nothing: a cancelled `get`/`get_batch`/`put`
   leaves the channel exactly as it would have been without the call;
@@ -51,7 +53,8 @@ class ChannelStatistics(msgspec.Struct, frozen=True, kw_only=True):
 
     produced: int  # items ever accepted by put (restored items included)
     consumed: int  # items handed out by get/get_nowait/get_batch
-    dropped_stale: int  # items discarded because they exceeded max_staleness
+    dropped_stale: int  # items discarded because they exceeded the staleness limit
+    staleness_limit: int  # the effective bound now (<= max_staleness, the hard one)
     size: int  # items queued now
     capacity: int
     utilization: float  # size / capacity
@@ -103,7 +106,8 @@ class VersionedChannel(Generic[T]):
             raise ValueError(f"channel {name!r}: max_staleness must be >= 0, got {max_staleness}")
         self.name = name
         self.capacity = capacity
-        self.max_staleness = max_staleness
+        self.max_staleness = max_staleness  # the hard bound: nothing ever moves it
+        self._limit = max_staleness  # the effective bound, in 0..max_staleness
         self._on_drop = on_drop
         self._items: deque[tuple[T, int]] = deque()
         self._versions: Counter[int] = Counter()  # version -> queued items of it; keeps the stale check O(versions)
@@ -121,8 +125,28 @@ class VersionedChannel(Generic[T]):
 
     # -- producing ----------------------------------------------------------------------------
 
+    @property
+    def staleness_limit(self) -> int:
+        """The effective bound: items older than this are dropped (equals max_staleness unless moved)."""
+        return self._limit
+
+    def set_staleness_limit(self, limit: int) -> None:
+        """Move the effective bound within 0..max_staleness, from now on.
+
+        Lowering it drops, at the next take, the queued items it makes stale (counted and logged
+        like any stale drop: conservation holds); raising it never brings back an item dropped before.
+        """
+        if not 0 <= limit <= self.max_staleness:
+            raise ValueError(
+                f"channel {self.name!r}: staleness limit {limit} outside 0..{self.max_staleness} (the hard bound)"
+            )
+        if limit != self._limit:
+            self._limit = limit
+            self._fresh_for = -1  # queued items must be checked again against the new bound
+            self._changed.notify()
+
     def _is_stale(self, version: int, current_version: int) -> bool:
-        return current_version - version > self.max_staleness
+        return current_version - version > self._limit
 
     def _drop(self, item: T, version: int, current_version: int, reason: str) -> None:
         self._dropped += 1
@@ -134,7 +158,7 @@ class VersionedChannel(Generic[T]):
             item_version=version,
             consumer_version=current_version,
             age=current_version - version,
-            max_staleness=self.max_staleness,
+            max_staleness=self._limit,
             reason=reason,
             dropped_total=self._dropped,
         )
@@ -274,6 +298,7 @@ class VersionedChannel(Generic[T]):
             produced=self._produced,
             consumed=consumed,
             dropped_stale=self._dropped,
+            staleness_limit=self._limit,
             size=len(self._items),
             capacity=self.capacity,
             utilization=len(self._items) / self.capacity,

@@ -3,14 +3,19 @@
 Named as simulated everywhere they appear. Tests and benchmarks use them to exercise the actors'
 scheduling, staleness and failure handling without a model: generation time is lognormal (the
 long tail of real response lengths), a training step takes a fixed time, a weight transfer takes
-a fixed time and can be told to fail. All randomness comes from one `random.Random`, which tests
+a fixed time and can be told to fail. Two knobs make the workload change or saturate, as a real
+one does: `slots` (at most that many responses generate at once, like a GPU's batch; the others
+wait for a slot, abortable) and `latency_growth_per_version` (generation time grows linearly with
+the policy version the engine serves: responses lengthen as RL proceeds). All randomness comes from one `random.Random`, which tests
 register with Hypothesis so that completion orders are explored and replayed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+from collections.abc import AsyncIterator
 
 import anyio
 import anyio.lowlevel
@@ -70,6 +75,7 @@ class SimulatedGenerationEngine:
         self.generated_tokens = 0
         self.requests = 0
         self._requests_since_start = 0
+        self._slots: anyio.Semaphore | None = None  # created inside the event loop, when slots > 0
 
     @property
     def version(self) -> int:
@@ -101,7 +107,8 @@ class SimulatedGenerationEngine:
     def _duration(self) -> float:
         if self.cfg.mean_latency_s == 0:
             return 0.0
-        return self.cfg.mean_latency_s * math.exp(self.rng.gauss(0.0, self.cfg.latency_sigma))
+        drift = 1.0 + self.cfg.latency_growth_per_version * self._version
+        return drift * self.cfg.mean_latency_s * math.exp(self.rng.gauss(0.0, self.cfg.latency_sigma))
 
     def _poke(self) -> None:
         if self._wake is not None:
@@ -139,14 +146,16 @@ class SimulatedGenerationEngine:
         remaining = max(0, request.max_tokens - done)
         target = self.rng.randint(1, remaining) if remaining else 0
         duration = self._duration() * (target / max(1, request.max_tokens))
-        run = _Running(self._version, anyio.current_time())
-        if self._paused:
-            run.stop_clock(run.since or 0.0)
-        self._running.add(run)
-        try:
-            aborted = await self._run_clock(run, duration, self._abort)
-        finally:
-            self._running.discard(run)
+        abort = self._abort
+        async with self._slot(abort) as got_slot:
+            run = _Running(self._version, anyio.current_time())
+            if self._paused:
+                run.stop_clock(run.since or 0.0)
+            self._running.add(run)
+            try:
+                aborted = (not got_slot) or await self._run_clock(run, duration, abort)
+            finally:
+                self._running.discard(run)
         elapsed = min(duration, run.elapsed(anyio.current_time()))
         per_token = duration / max(1, target)  # token i is finished at active time (i + 1) * per_token
         if aborted:
@@ -183,6 +192,32 @@ class SimulatedGenerationEngine:
             self._paused = False
             self._poke()
         await anyio.lowlevel.checkpoint()
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, abort: anyio.Event) -> AsyncIterator[bool]:
+        """Hold one of `slots` while generating (yields True), or yield False when `abort` comes first."""
+        if not self.cfg.slots:
+            yield True
+            return
+        if self._slots is None:
+            self._slots = anyio.Semaphore(self.cfg.slots)
+        slots = self._slots
+        got = False
+        async with anyio.create_task_group() as tg:
+
+            async def on_abort() -> None:
+                await abort.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(on_abort)
+            await slots.acquire()  # cancelled by on_abort: anyio's acquire takes nothing then
+            got = True
+            tg.cancel_scope.cancel()
+        try:
+            yield got
+        finally:
+            if got:
+                slots.release()
 
     async def abort_all(self) -> None:
         if self._abort is not None:

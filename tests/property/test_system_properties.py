@@ -13,6 +13,8 @@ pause()/resume() calls at random moments, a run must:
   in flight + queued + consumed <= (staleness_threshold + 1 + version) × batch;
 * keep all of that while the admission window (groups generating at once) is moved at random
   moments, never deadlock, and return every admission token;
+* keep the hard bound and the accounting while a controller moves the window and the effective
+  staleness at random moments, and while the autotune controller itself runs on any small config;
 * lose no prompt: each one drawn is trained, queued, in flight or counted as dropped — once;
 * keep all of that when the generation engine keeps dying and is restarted (fault injection).
 """
@@ -97,20 +99,26 @@ def prompts_accounted_for(sup: Supervisor, cfg: Config, trained: list[tuple[int,
 controls = st.lists(st.tuples(st.sampled_from([0.0, 0.001, 0.004]), st.sampled_from(["pause", "resume"])), max_size=6)
 
 
-async def drive(sup: Supervisor, script: list[tuple[float, str | int]], answers: list[object]) -> None:
-    """A user pausing and resuming (and moving the admission window to an int's groups) at random
-    moments; always resumed at the end so the run can finish."""
+Action = str | int | tuple[str, int]  # "pause"/"resume", a window in groups, ("staleness", limit)
+
+
+async def drive(sup: Supervisor, script: list[tuple[float, Action]], answers: list[object]) -> None:
+    """A user pausing and resuming (and moving the admission window to an int's groups, the
+    effective staleness to a ("staleness", k)'s k) at random moments; always resumed at the end so
+    the run can finish."""
     for delay, action in script:
         await anyio.sleep(delay)
         if isinstance(action, int):
             sup.rollouter.set_admission_window(action)
+        elif isinstance(action, tuple):
+            sup.channel.set_staleness_limit(action[1])
         else:
             answers.append(await (sup.pause() if action == "pause" else sup.resume()))
     answers.append(await sup.resume())
 
 
 async def run_supervised(
-    cfg: Config, engines: Any, sup_box: list[Supervisor], script: list[tuple[float, str | int]], answers: list[object]
+    cfg: Config, engines: Any, sup_box: list[Supervisor], script: list[tuple[float, Action]], answers: list[object]
 ) -> tuple[RunResult, list[dict[str, Any]]]:
     with anyio.fail_after(RUN_DEADLINE_S):
         sup = await Supervisor.build(cfg, engines=engines)
@@ -131,7 +139,7 @@ def trained_prompts(recorder: Any) -> list[tuple[int, int]]:
 @given(overrides=small_configs(), script=controls, _seed=st.random_module())
 async def test_any_small_run_keeps_staleness_accounting_and_admission(
     overrides: list[str],
-    script: list[tuple[float, str | int]],
+    script: list[tuple[float, Action]],
     _seed: object,
     sim_config: Callable[..., Config],
     engines_for: Callable[..., Any],
@@ -195,7 +203,7 @@ def window_checker(sup_box: list[Supervisor], ceiling: int, violations: list[str
 @given(overrides=small_configs(), script=window_moves, _seed=st.random_module())
 async def test_moving_the_admission_window_at_random_moments_keeps_staleness_and_accounting(
     overrides: list[str],
-    script: list[tuple[float, str | int]],
+    script: list[tuple[float, Action]],
     _seed: object,
     sim_config: Callable[..., Config],
     engines_for: Callable[..., Any],
@@ -273,4 +281,105 @@ async def test_engine_failures_and_restarts_lose_no_prompt(
     assert result.made == result.trained + result.dropped_stale + result.queued
     assert all(version - min_v <= at.staleness_threshold for version, b in recorder.steps for _, _, min_v, _, _ in b)
     assert len(rows) == steps
+    prompts_accounted_for(sup_box[0], cfg, trained_prompts(recorder))
+
+
+limit_moves = st.lists(
+    st.tuples(
+        st.sampled_from([0.0, 0.001, 0.004]),
+        st.one_of(st.integers(1, 6), st.tuples(st.just("staleness"), st.integers(0, 3)), st.sampled_from(["pause", "resume"])),
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+def within_controller_bounds(script: list[tuple[float, Action]], cfg: Config) -> list[tuple[float, Action]]:
+    """Staleness moves clipped to where a controller may put them: trigger_parameter_sync_step - 1
+    (below it every sample goes stale between syncs) up to the hard staleness_threshold."""
+    at = cfg.async_training
+    low = at.trigger_parameter_sync_step - 1
+    return [
+        (d, ("staleness", min(at.staleness_threshold, max(low, a[1]))) if isinstance(a, tuple) else a) for d, a in script
+    ]
+
+
+@pytest.mark.anyio
+@given(overrides=small_configs(), script=limit_moves, _seed=st.random_module())
+async def test_a_controller_moving_window_and_staleness_at_random_moments_keeps_the_hard_bound(
+    overrides: list[str],
+    script: list[tuple[float, Action]],
+    _seed: object,
+    sim_config: Callable[..., Config],
+    engines_for: Callable[..., Any],
+    hypothesis_random: random.Random,
+) -> None:
+    """The window and the effective staleness moved up and down at random moments (as autotune
+    moves them): the run ends within its deadline (no deadlock), no batch is older than the hard
+    staleness_threshold, admission stays within the hard rule, the accounting holds, no prompt is
+    lost and every admission token comes back."""
+    with tempfile.TemporaryDirectory() as out:
+        cfg = sim_config(*overrides, output_dir=out)
+        script = within_controller_bounds(script, cfg)
+        violations: list[str] = []
+        sup_box: list[Supervisor] = []
+        engines, recorder = engines_for(cfg, hypothesis_random, on_generate=admission_checker(sup_box, cfg, violations))
+        answers: list[object] = []
+        result, rows = await run_supervised(cfg, engines, sup_box, script, answers)
+
+    at, steps, batch = cfg.async_training, cfg.trainer.total_training_steps, cfg.data.train_batch_size
+    assert not violations, violations[:3]
+    assert all(r["sample_age_max"] <= at.staleness_threshold for r in rows)
+    assert all(version - oldest <= at.staleness_threshold for version, b in recorder.steps for *_, oldest in b)
+    assert result.finished and result.trained == steps * batch
+    assert result.made == result.trained + result.dropped_stale + result.queued
+    sup = sup_box[0]
+    assert sup.rollouter.statistics().counters.admitted == result.made + result.in_flight
+    assert sup.rollouter.statistics().generating == 0, "an admission token was not returned"
+    limits = [a[1] for _, a in script if isinstance(a, tuple)]
+    assert sup.channel.statistics().staleness_limit == (limits[-1] if limits else at.staleness_threshold)
+    prompts_accounted_for(sup, cfg, trained_prompts(recorder))
+
+
+@pytest.mark.anyio
+@given(
+    overrides=small_configs(),
+    every=st.integers(1, 3),
+    window_bounds=st.tuples(st.integers(1, 4), st.integers(1, 8)).map(sorted),
+    _seed=st.random_module(),
+)
+async def test_the_autotune_controller_keeps_the_hard_bound_and_the_accounting(
+    overrides: list[str],
+    every: int,
+    window_bounds: list[int],
+    _seed: object,
+    sim_config: Callable[..., Config],
+    engines_for: Callable[..., Any],
+    hypothesis_random: random.Random,
+) -> None:
+    """autotune=true on any small run: it finishes (no deadlock), trains nothing older than the hard
+    bound, keeps admission within the hard rule and the accounting, and its limits stay in bounds."""
+    low, high = window_bounds
+    with tempfile.TemporaryDirectory() as out:
+        cfg = sim_config(
+            *overrides,
+            "async_training.autotune=true",
+            f"async_training.autotune_every_steps={every}",
+            f"async_training.autotune_min_window={low}",
+            f"async_training.autotune_max_window={high}",
+            output_dir=out,
+        )
+        violations: list[str] = []
+        sup_box: list[Supervisor] = []
+        engines, recorder = engines_for(cfg, hypothesis_random, on_generate=admission_checker(sup_box, cfg, violations))
+        result, rows = await run_supervised(cfg, engines, sup_box, [], [])
+
+    at, steps, batch = cfg.async_training, cfg.trainer.total_training_steps, cfg.data.train_batch_size
+    assert not violations, violations[:3]
+    assert all(version - oldest <= at.staleness_threshold for version, b in recorder.steps for *_, oldest in b)
+    assert result.finished and result.trained == steps * batch
+    assert result.made == result.trained + result.dropped_stale + result.queued
+    for r in rows:
+        assert low <= r["autotune/window"] <= high
+        assert min(at.staleness_threshold, at.trigger_parameter_sync_step - 1) <= r["autotune/staleness"] <= at.staleness_threshold
     prompts_accounted_for(sup_box[0], cfg, trained_prompts(recorder))

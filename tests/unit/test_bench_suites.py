@@ -94,7 +94,7 @@ def test_quick_run_of_every_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert bench_main(["--quick"]) == 0
     (out,) = tmp_path.glob("benchmark_results_*")
     run = msgspec.json.decode((out / "results.json").read_bytes(), type=BenchRun)
-    assert [s.suite for s in run.suites] == ["sweep", "overlap", "channel", "responsiveness", "learning"]
+    assert [s.suite for s in run.suites] == ["sweep", "overlap", "channel", "responsiveness", "learning", "autotune"]
     assert not any(s.error for s in run.suites)  # its wall time is a benchmark figure (RESULTS.md), not a test
 
 
@@ -121,3 +121,26 @@ def test_reward_rise_compares_the_first_and_last_tenth(tmp_path: Path) -> None:
     assert tenth_means([{"r": 1.0}, {"r": 3.0}], "r") == (1.0, 3.0)  # fewer than 10 rows: one row each
     with pytest.raises(ValueError, match="no metric rows"):
         reward_rise(tmp_path / "missing")
+
+
+def test_autotune_bench_plumbing_on_the_quick_shapes(tmp_path: Path) -> None:
+    """`bench autotune --quick`'s simulated part: every shape runs its grid, the back-to-back round
+    and autotune to the end, with the accounting and autotune's limits in bounds (no speed is checked)."""
+    from asyncpolicy.bench.autotune import compare_on_shapes, shapes
+    from asyncpolicy.bench.common import SuiteResult, detect_machine
+
+    ctx = BenchContext(tmp_path, quick=True, overrides=[], machine=detect_machine(), command="test")
+    res = SuiteResult(suite="autotune", title="t")
+    records = anyio.run(compare_on_shapes, ctx, res)
+    assert list(records) == [s.name for s in shapes(16)]
+    for shape, row in records.items():
+        assert row["finished"], shape
+        assert row["autotune_made"] >= 16 * 8 and row["vs_best"] > 0 and row["vs_default"] > 0
+        assert set(row["static"]) == {"s1_w8", "s1_w32", "s4_w8", "s4_w32"}
+        final = row["autotune_final"]
+        assert 1 <= final["window"] <= 64 and 1 <= final["staleness"] <= 4
+    for run_dir in (tmp_path / "runs").iterdir():  # every run's own accounting line
+        result = [msgspec.json.decode(line) for line in (run_dir / "metrics.jsonl").read_bytes().splitlines()]
+        assert [r["step"] for r in result] == list(range(1, 17)), run_dir.name
+        assert all(r["staleness_max"] <= 4 for r in result)
+    assert res.tables and len(res.tables[0].rows) == 5

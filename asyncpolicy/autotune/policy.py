@@ -1,0 +1,279 @@
+"""The autotune controller's decision: statistics of one interval → the next limits and a reason.
+
+A pure function (`decide`) of plain structs, so every rule is tested alone, without a run.
+
+Two limits are moved, each within bounds the user set:
+
+* the **admission window**: prompt groups generating at once (`Rollouter.set_admission_window`);
+* the **effective staleness**: the bound the channel applies and the rollouter's capacity rule
+  follows (`VersionedChannel.set_staleness_limit`), never above `staleness_threshold` (the hard
+  bound) and never below `trigger_parameter_sync_step - 1` (below it every sample would go stale
+  between two syncs: the run would starve itself).
+
+The reasoning, rule by rule (first match wins):
+
+1. **No move during a sync or a user pause.** The statistics of such an interval describe the
+   pause, not the loop; the limits are held and the streaks are left as they were.
+2. **A probe is judged first.** Every loosening (wider window, higher staleness) and every
+   tightening is a probe: after `SETTLE` interval(s) without moves (groups admitted under the new
+   limits take that long to finish), the next interval either confirms it or takes it back. A
+   loosening after which throughput fell by more than `LOSS` while the trainer still waits is
+   reverted and everything above the restored value is barred (a *ceiling*) for `BAR_INTERVALS`:
+   the engine is saturated, more in flight only costs. A tightening after which the trainer waits,
+   or throughput fell by `LOSS`, is reverted and barred below (a *floor*). Judging by a loss, not
+   by a gain, is deliberate: an interval's throughput is noisy (a few steps), so "did not gain 5 %"
+   would undo good moves half the time, while a real saturation shows up as a loss. The bars expire, so a run that changes (longer responses, a replica
+   lost or back) is probed again.
+3. **Stale drops → raise the staleness** (one step, if the bound allows) once they pass `RAISE_ON`
+   of the trained samples: a dropped sample is generation paid for and thrown away; drops mean
+   samples finish later than the bound allows. Not a probe: waste is reason enough. A few drops
+   do not: a higher bound lets more groups in flight, which costs sample age (and, on this
+   runtime, the work of aborting and continuing them at every sync). At the hard bound, with the trainer not waiting and more
+   than `WASTE` of the trained samples dropped, halve the window instead (probe): fewer groups in
+   flight finish sooner, so fewer go stale.
+4. **The trainer waits** (idle share above `STARVED` in `PERSIST` intervals in a row), so generation
+   is the bottleneck. If the capacity rule held admission back most of the time, the staleness
+   bound is what limits generation: raise it. Else, if the window was full most of the time,
+   double it (probe). Else generation is saturated at this concurrency: hold.
+5. **Generation is ahead** (the trainer never waits, below `FED`, for `CALM` intervals): a full
+   queue (backpressure) means the window is wider than the trainer can use: halve it (probe).
+   If the trainer is fed, nothing was dropped and the oldest sample trained was younger than the
+   bound, the bound costs nothing to lower: lower it by one (probe), never below where autotune
+   started it (fresher samples for the same throughput).
+6. Otherwise hold.
+
+Hysteresis: distinct thresholds to loosen (`STARVED`) and to tighten (`FED`), a persistence
+count before either, a probe judged before any other move, and bars on values that did not pay.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+STARVED = 0.10  # trainer idle share above which generation is the bottleneck
+FED = 0.03  # trainer idle share below which generation is ahead
+PERSIST = 2  # intervals in a row the trainer must wait before a loosening
+CALM = 4  # intervals in a row the trainer must be fed before a tightening
+LOSS = 0.10  # a probe that costs more than this share of throughput is undone (noise stays below it)
+BAR_INTERVALS = 12  # how long a reverted value stays barred
+MAJORITY = 0.5  # share of an interval's samples a condition must hold in
+SETTLE = 1  # intervals after a probe before it is judged: new groups take that long to finish
+RAISE_ON = 0.05  # stale drops above this share of the trained samples raise the staleness
+WASTE = 0.1  # stale drops above this share of the trained samples make the window shrink at the hard bound
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """What the controller moves."""
+
+    window: int  # prompt groups generating at once
+    staleness: int  # the effective staleness bound
+
+
+class Bounds(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the controller may move them (from the config)."""
+
+    min_window: int
+    max_window: int
+    min_staleness: int  # where autotune starts it; never lowered below
+    max_staleness: int  # the user's hard staleness_threshold
+
+
+class Observation(msgspec.Struct, frozen=True, kw_only=True):
+    """One interval of the run, as the actors' and the channel's statistics saw it."""
+
+    steps: int  # training steps in the interval
+    seconds: float
+    trainer_idle: float  # share of the interval the trainer waited for a batch
+    window_full: float  # share of samples in which every admission token was taken
+    room_exhausted: float  # share of samples in which the capacity (staleness) rule held admission back
+    queue_full: float  # share of samples in which the channel was at capacity (backpressure)
+    stale_drops: int  # samples dropped as stale in the interval
+    trained: int = 0  # samples trained on in the interval
+    age_max: float  # the oldest sample trained in the interval (nan: none trained)
+    syncing: bool  # a weight sync runs now
+    paused: bool  # a user pause holds generation
+
+    @property
+    def rate(self) -> float:
+        """Training steps per second: the throughput every probe is judged by."""
+        return self.steps / self.seconds if self.seconds > 0 else 0.0
+
+
+class Memory(msgspec.Struct, frozen=True, kw_only=True):
+    """What the controller keeps between decisions: its hysteresis."""
+
+    interval: int = 0
+    starved: int = 0  # intervals in a row the trainer waited
+    fed: int = 0  # intervals in a row the trainer did not wait
+    probe: str = ""  # "loosen" | "tighten" | "": the last move, to be judged
+    settle: int = 0  # intervals left before the probe is judged
+    before: Limits | None = None  # the limits before that move
+    rate_before: float = 0.0
+    window_ceiling: int = 0  # barred: no window >= this until window_ceiling_until (0: none)
+    window_ceiling_until: int = 0
+    window_floor: int = 0  # barred: no window <= this ...
+    window_floor_until: int = 0
+    staleness_ceiling: int = 0  # barred: no staleness >= this ... (0: none)
+    staleness_ceiling_until: int = 0
+    staleness_floor: int = -1  # barred: no staleness <= this ...
+    staleness_floor_until: int = 0
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    limits: Limits
+    reason: str  # why (also when nothing moved)
+    memory: Memory
+
+    def moved(self, before: Limits) -> bool:
+        return self.limits != before
+
+
+def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> Decision:
+    """The next limits after one interval; see the module docstring for the reasoning."""
+    if obs.syncing or obs.paused:
+        return Decision(limits=limits, reason="sync in progress" if obs.syncing else "paused", memory=memory)
+    now = memory.interval + 1
+    starved = obs.trainer_idle > STARVED
+    fed = obs.trainer_idle < FED
+    streaks = msgspec.structs.replace(
+        memory, interval=now, starved=memory.starved + 1 if starved else 0, fed=memory.fed + 1 if fed else 0
+    )
+    if memory.probe and memory.settle > 0:  # the move has not shown its effect yet
+        return Decision(limits=limits, reason="settling after a move", memory=msgspec.structs.replace(streaks, settle=memory.settle - 1))
+    m = msgspec.structs.replace(streaks, probe="", before=None)
+    rate = obs.rate
+
+    # 2. judge the last move
+    if memory.probe and memory.before is not None:
+        before = memory.before
+        if memory.probe == "loosen" and starved and rate < memory.rate_before * (1 - LOSS):
+            # barred: any value above the one restored (not only the one tried: no creeping back up)
+            if limits.window > before.window:
+                m = msgspec.structs.replace(m, window_ceiling=before.window + 1, window_ceiling_until=now + BAR_INTERVALS)
+            if limits.staleness > before.staleness:
+                m = msgspec.structs.replace(
+                    m, staleness_ceiling=before.staleness + 1, staleness_ceiling_until=now + BAR_INTERVALS
+                )
+            return Decision(
+                limits=before,
+                reason=f"reverted: {_describe(before, limits)} gave {rate:.3g} steps/s after {memory.rate_before:.3g}",
+                memory=m,
+            )
+        if memory.probe == "tighten" and (starved or rate < memory.rate_before * (1 - LOSS)):
+            if limits.window < before.window:
+                m = msgspec.structs.replace(m, window_floor=before.window - 1, window_floor_until=now + BAR_INTERVALS)
+            if limits.staleness < before.staleness:
+                m = msgspec.structs.replace(
+                    m, staleness_floor=before.staleness - 1, staleness_floor_until=now + BAR_INTERVALS
+                )
+            return Decision(
+                limits=before,
+                reason=f"reverted: {_describe(before, limits)} cost throughput "
+                f"({rate:.3g} steps/s after {memory.rate_before:.3g}, trainer idle {obs.trainer_idle:.2f})",
+                memory=m,
+            )
+
+    def probe(kind: str, new: Limits, reason: str) -> Decision:
+        return Decision(
+            limits=new,
+            reason=reason,
+            memory=msgspec.structs.replace(m, probe=kind, settle=SETTLE, before=limits, rate_before=rate),
+        )
+
+    # 3. stale drops: raise the bound (not a probe); a waiting trainer may still widen the window below
+    if obs.stale_drops > RAISE_ON * max(1, obs.trained) and limits.staleness < bounds.max_staleness:
+        raised = msgspec.structs.replace(limits, staleness=limits.staleness + 1)
+        why = f"{obs.stale_drops} stale drop(s): staleness {limits.staleness} -> {raised.staleness}"
+        if m.starved >= PERSIST and obs.window_full > MAJORITY and limits.window < _window_ceiling(bounds, m, now):
+            grown = msgspec.structs.replace(raised, window=min(_window_ceiling(bounds, m, now), 2 * limits.window))
+            return Decision(
+                limits=grown,
+                reason=f"{why}; trainer idle {obs.trainer_idle:.2f} with the window full: window {limits.window} -> {grown.window}",
+                memory=msgspec.structs.replace(m, probe="loosen", settle=SETTLE, before=raised, rate_before=rate),
+            )
+        return Decision(limits=raised, reason=why, memory=m)
+
+    # 3b. stale drops at the hard bound while the trainer is fed: fewer groups in flight waste less
+    w_floor = bounds.min_window
+    if m.window_floor and now < m.window_floor_until:
+        w_floor = max(w_floor, m.window_floor + 1)
+    if obs.stale_drops > WASTE * max(1, obs.trained) and not starved and limits.window > w_floor:
+        new = msgspec.structs.replace(limits, window=max(w_floor, limits.window // 2))
+        return probe(
+            "tighten", new,
+            f"{obs.stale_drops} stale drop(s) at the hard bound {limits.staleness}, trainer idle "
+            f"{obs.trainer_idle:.2f}: window {limits.window} -> {new.window}",
+        )
+
+    # 4. the trainer waits: loosen what limits generation
+    if m.starved >= PERSIST:
+        s_ceiling = bounds.max_staleness
+        if m.staleness_ceiling and now < m.staleness_ceiling_until:
+            s_ceiling = min(s_ceiling, m.staleness_ceiling - 1)
+        if obs.room_exhausted > MAJORITY and limits.staleness < s_ceiling:
+            new = msgspec.structs.replace(limits, staleness=limits.staleness + 1)
+            return probe(
+                "loosen", new,
+                f"trainer idle {obs.trainer_idle:.2f} while the staleness rule held admission back "
+                f"{obs.room_exhausted:.0%} of the time: staleness {limits.staleness} -> {new.staleness}",
+            )
+        ceiling = _window_ceiling(bounds, m, now)
+        if obs.window_full > MAJORITY and limits.window < ceiling:
+            new = msgspec.structs.replace(limits, window=min(ceiling, 2 * limits.window))
+            return probe(
+                "loosen", new,
+                f"trainer idle {obs.trainer_idle:.2f} with the window full {obs.window_full:.0%} of the time: "
+                f"window {limits.window} -> {new.window}",
+            )
+        return Decision(limits=limits, reason=f"trainer idle {obs.trainer_idle:.2f}; generation saturated at these limits", memory=m)
+
+    # 5. generation is ahead: tighten what costs nothing
+    if m.fed >= CALM:
+        if obs.queue_full > MAJORITY and limits.window > w_floor:
+            new = msgspec.structs.replace(limits, window=max(w_floor, limits.window // 2))
+            return probe(
+                "tighten", new,
+                f"queue full {obs.queue_full:.0%} of the time, trainer idle {obs.trainer_idle:.2f}: "
+                f"window {limits.window} -> {new.window}",
+            )
+        s_floor = bounds.min_staleness
+        if m.staleness_floor >= 0 and now < m.staleness_floor_until:
+            s_floor = max(s_floor, m.staleness_floor + 1)
+        unused = not math.isnan(obs.age_max) and obs.age_max < limits.staleness
+        if unused and obs.stale_drops == 0 and limits.staleness > s_floor:
+            new = msgspec.structs.replace(limits, staleness=limits.staleness - 1)
+            return probe(
+                "tighten", new,
+                f"trainer fed (idle {obs.trainer_idle:.2f}), oldest sample {obs.age_max:g} < bound: "
+                f"staleness {limits.staleness} -> {new.staleness}",
+            )
+    return Decision(limits=limits, reason="hold", memory=m)
+
+
+def _window_ceiling(bounds: Bounds, m: Memory, now: int) -> int:
+    """The widest window allowed now: the bound, or below a bar that has not expired."""
+    if m.window_ceiling and now < m.window_ceiling_until:
+        return min(bounds.max_window, m.window_ceiling - 1)
+    return bounds.max_window
+
+
+def _describe(before: Limits, after: Limits) -> str:
+    parts = []
+    if after.window != before.window:
+        parts.append(f"window {before.window} -> {after.window}")
+    if after.staleness != before.staleness:
+        parts.append(f"staleness {before.staleness} -> {after.staleness}")
+    return ", ".join(parts) or "no change"
+
+
+def bounds_for(
+    *, min_window: int, max_window: int, staleness_threshold: int, sync_every: int, initial_window: int
+) -> tuple[Bounds, Limits]:
+    """The bounds and the starting limits: the configured window (clipped to the bounds) and the
+    staleness where the defaults put it (1, or the sync period's need), never above the hard bound."""
+    floor = min(staleness_threshold, max(1, sync_every - 1))
+    bounds = Bounds(min_window=min_window, max_window=max_window, min_staleness=floor, max_staleness=staleness_threshold)
+    start = Limits(window=min(max_window, max(min_window, initial_window)), staleness=floor)
+    return bounds, start
