@@ -224,7 +224,7 @@ class AlgorithmConfig(_Section):
 
 class TaskConfig(_Section):
     name: Annotated[
-        Literal["reverse", "copy", "add", "guess", "arith", "countdown", "calc", "gsm8k"],  # = tasks/catalog.py's TASKS (a test checks)
+        Literal["reverse", "copy", "add", "arith", "countdown", "calc", "guess", "gsm8k"],  # = tasks/catalog.py's TASKS (a test checks)
         _doc(
             "built-in task: reverse/copy/add (the embedded model's puzzles), guess (a multi-turn game for it), "
             "arith/countdown (math for instruct models), calc (arith with a calculator tool, multi-turn), gsm8k "
