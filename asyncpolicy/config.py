@@ -250,10 +250,11 @@ class AlgorithmConfig(_Section):
 
 class TaskConfig(_Section):
     name: Annotated[
-        Literal["reverse", "copy", "add", "arith", "countdown", "gsm8k"],  # = tasks/catalog.py's TASKS (a test checks)
+        Literal["reverse", "copy", "add", "arith", "countdown", "calc", "guess", "gsm8k"],  # = tasks/catalog.py's TASKS (a test checks)
         _doc(
-            "built-in task: reverse/copy/add (the embedded model's puzzles), arith/countdown (math for instruct "
-            "models), gsm8k (shapes and scores GSM8K-format data.train_files)"
+            "built-in task: reverse/copy/add (the embedded model's puzzles), guess (a multi-turn game for it), "
+            "arith/countdown (math for instruct models), calc (arith with a calculator tool, multi-turn), gsm8k "
+            "(shapes and scores GSM8K-format data.train_files)"
         ),
     ] = "reverse"
     reward_fn: Annotated[str, _doc("dotted path 'pkg.module:function' of a custom reward; empty = the task's")] = ""

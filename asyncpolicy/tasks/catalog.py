@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from asyncpolicy.envs import calc, guess
 from asyncpolicy.tasks import arith, builtin, countdown, gsm8k
 from asyncpolicy.tasks.base import Example
 from asyncpolicy.tasks.splits import hashed_splits
@@ -22,7 +23,7 @@ class GeneratedTask(msgspec.Struct, frozen=True, kw_only=True):
     """Problems generated from the seed: `splits(num_train, num_val, seed, difficulty)` → (train, held-out)."""
 
     splits: Callable[[int, int, int, int], Splits]
-    reward_fn: str
+    reward_fn: str  # empty: a game whose environment scores it (`env` is then set)
     env: str = ""  # the environment of its episodes (envs/), empty = single-turn; `task.env` overrides it
     max_turns: int = 0  # its episodes' limits when the config sets none (task.max_turns, task.max_turn_tokens)
     max_turn_tokens: int = 0
@@ -53,6 +54,19 @@ TASKS: dict[str, GeneratedTask | FileTask] = {
     "countdown": GeneratedTask(
         splits=lambda n, v, seed, d: hashed_splits("countdown", countdown.generator(d), n, v, seed),
         reward_fn="asyncpolicy.tasks.countdown:reward",
+    ),
+    "calc": GeneratedTask(
+        splits=lambda n, v, seed, d: hashed_splits("arith", calc.generator(d), n, v, seed),  # arith's split
+        reward_fn="asyncpolicy.tasks.answers:number_reward",  # the environment scores with it
+        env="asyncpolicy.envs.calc:Calculator",
+        max_turns=4,
+    ),
+    "guess": GeneratedTask(
+        splits=lambda n, v, seed, _difficulty: guess.splits(n, v, seed),
+        reward_fn="",
+        env="asyncpolicy.envs.guess:GuessNumber",
+        max_turns=guess.MAX_TURNS,
+        max_turn_tokens=1,
     ),
     "gsm8k": FileTask(
         prompt_column=gsm8k.PROMPT_COLUMN,

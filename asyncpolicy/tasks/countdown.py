@@ -38,6 +38,7 @@ from asyncpolicy.tasks.base import Example
 
 MAX_EXPRESSION_CHARS = 300
 MAX_DEPTH = 16
+MAX_LITERAL_DIGITS = 30  # calculator literals (numbers=None): big enough for any count, small enough to stay cheap
 
 
 class Level(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,10 +90,10 @@ def _tokens(expression: str) -> list[str]:
 class _Parser:
     """expr := term (('+'|'-') term)*;  term := factor (('*'|'/') factor)*;  factor := NUMBER | '(' expr ')'."""
 
-    def __init__(self, tokens: list[str], numbers: Sequence[int]) -> None:
+    def __init__(self, tokens: list[str], numbers: Sequence[int] | None) -> None:
         self.tokens = tokens
         self.pos = 0
-        self.unused = Counter(numbers)
+        self.unused = Counter(numbers) if numbers is not None else None  # None: any literal (the calculator)
 
     def peek(self) -> str | None:
         return self.tokens[self.pos] if self.pos < len(self.tokens) else None
@@ -136,6 +137,10 @@ class _Parser:
             return value
         if not token.isdigit():
             raise InvalidExpression(f"expected a number, got {token!r}")
+        if self.unused is None:
+            if len(token) > MAX_LITERAL_DIGITS:
+                raise InvalidExpression(f"a number longer than {MAX_LITERAL_DIGITS} digits")
+            return Fraction(int(token))
         number = int(token)
         if self.unused[number] <= 0:
             raise InvalidExpression(f"{number} is not given or is used more than once")
@@ -143,8 +148,11 @@ class _Parser:
         return Fraction(number)
 
 
-def evaluate(expression: str, numbers: Sequence[int]) -> Fraction:
-    """Exact value of a Countdown expression over `numbers`; InvalidExpression if it breaks a rule."""
+def evaluate(expression: str, numbers: Sequence[int] | None) -> Fraction:
+    """Exact value of a Countdown expression over `numbers`; InvalidExpression if it breaks a rule.
+
+    `numbers=None` takes any integer literals (up to `MAX_LITERAL_DIGITS` digits each): the `calc`
+    environment's calculator, the same grammar and limits."""
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise InvalidExpression(f"longer than {MAX_EXPRESSION_CHARS} characters")
     parser = _Parser(_tokens(expression), numbers)

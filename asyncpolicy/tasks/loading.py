@@ -88,6 +88,10 @@ class RewardScorer:
         return self.fn(prompt.text, self.decode(response_tokens), prompt.ground_truth)
 
 
+def _scored_by_environment(prompt: str, response: str, ground_truth: str) -> float:
+    raise RuntimeError("this task's responses are episodes, scored by its environment: a single response has no reward")
+
+
 def import_reward_fn(path: str) -> Callable[[str, str, str], float]:
     """`pkg.module:function` → the function; a ConfigError naming task.reward_fn otherwise."""
     fn: Callable[[str, str, str], float] = import_named(path, "task.reward_fn")
@@ -280,12 +284,18 @@ def build_real_task(cfg: Config, tokenizer: Any) -> TaskData:
             key="task.reward_fn",
         )
     reward_fn = cfg.task.reward_fn or task.reward_fn
+    if not reward_fn:  # a game (guess): its environment scores every episode, this scorer is never called
+        assert isinstance(task, GeneratedTask) and task.env, "a task without a reward has an environment"
+        reward_fn = f"{task.env} (its episodes' reward)"
+        scorer = RewardScorer(reward_fn, _scored_by_environment, decode)
+    else:
+        scorer = RewardScorer(reward_fn, import_reward_fn(reward_fn), decode)
     return TaskData(
         train=PromptSource(train, seed=cfg.seed, shuffle=cfg.data.shuffle),
         val=[
             Prompt(index=i, epoch=0, text=r.text, tokens=r.tokens, ground_truth=r.ground_truth)
             for i, r in enumerate(val)
         ],
-        scorer=RewardScorer(reward_fn, import_reward_fn(reward_fn), decode),
+        scorer=scorer,
         decode=decode,
     )

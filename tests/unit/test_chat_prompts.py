@@ -289,3 +289,80 @@ async def test_smollm2_trains_two_steps_on_chat_prompts(tmp_path: Path, smollm2_
             assert s.prompt.tokens == engines.tokenizer(rendered, add_special_tokens=False)["input_ids"]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(torch.isfinite(torch.tensor(m["losses/policy_loss"])) for m in metrics)
+
+
+def _runs(mask: list[int], tokens: list[int], keep: int) -> list[list[int]]:
+    """The consecutive stretches of `tokens` whose mask is `keep`."""
+    runs: list[list[int]] = []
+    for i, (m, token) in enumerate(zip(mask, tokens, strict=True)):
+        if m == keep:
+            if i == 0 or mask[i - 1] != keep:
+                runs.append([])
+            runs[-1].append(token)
+    return runs
+
+
+@pytest.mark.slow
+@smollm2_only
+@pytest.mark.anyio
+async def test_smollm2_plays_calc_episodes_token_exact(tmp_path: Path, smollm2_dir: Path) -> None:
+    """One training step of `calc` episodes: each model turn is the tokens its engine call sampled, each
+    observation the template's tool message (loss mask 0, logprob 0), the lists aligned."""
+    from asyncpolicy.models.smollm2 import NAME
+
+    cfg = load_config(overrides=[*RUN, "trainer.total_training_steps=1", "rollout.n=4", f"model.path={NAME}",
+                                 "task.name=calc", "data.max_prompt_length=256", "data.max_response_length=96",
+                                 "async_training.generation_timeout=600", f"output_dir={tmp_path}"])
+    engines, gen, trainer = await recorded_run(cfg)
+    tok = engines.tokenizer
+    episodes = observations = 0
+    for batch in trainer.batches:
+        for s in batch:
+            for i, t in enumerate(s.trajectories):
+                n = len(t.response_tokens)
+                assert len(t.behaviour_logprobs) == len(t.token_versions) == len(t.loss_mask) == n
+                turns = _runs(t.loss_mask, t.response_tokens, 1)
+                assert len(turns) == t.turns >= 1
+                for k, turn in enumerate(turns):
+                    assert turn == gen.results[f"train/{s.prompt.uid}/{i}/t{k}"].response_tokens
+                for k, ids in enumerate(_runs(t.loss_mask, t.response_tokens, 0)):
+                    text = tok.decode(ids, skip_special_tokens=False)
+                    assert "<|im_start|>tool\n" in text and text.endswith("<|im_end|>\n<|im_start|>assistant\n"), text
+                    assert turns[k][-1] == 2 or text.startswith("<|im_end|>")  # the turn's end, sampled or added
+                    observations += 1
+                assert all(lp == 0.0 for lp, m in zip(t.behaviour_logprobs, t.loss_mask, strict=True) if m == 0)
+                episodes += 1
+    print(f"{episodes} calc episodes of {NAME}, {observations} tool observations")
+    assert episodes == 2 * 4
+    # The untrained model rarely calls the tool: one episode whose first turn is a call, the rest sampled.
+    from asyncpolicy.envs.episode import run_episode
+    from asyncpolicy.tasks.registry import build_task
+
+    task = build_task(cfg, tok)
+    call = tok("<calc>12*7</calc>", add_special_tokens=False)["input_ids"] + [2]  # ends with <|im_end|>, as sampled
+    engine = HFGenerationEngine(str(smollm2_dir), threads=1)
+    await engine.start()
+
+    async def generate(request: GenerationRequest) -> GenerationResult:
+        if request.request_id.endswith("/t0"):
+            return GenerationResult(request_id=request.request_id, response_tokens=call, behaviour_logprobs=[-1.0] * len(call),
+                                    token_versions=[0] * len(call), finish_reason="stop")
+        gen.results[request.request_id] = result = await engine.generate(request)
+        return result
+
+    try:
+        prompt = task.val[0]
+        request = GenerationRequest(request_id="v/0", prompt_tokens=prompt.tokens, max_tokens=64, seed=3)
+        t = (await run_episode(task.episodes, prompt, request, generate)).trajectory
+    finally:
+        await engine.aclose()
+    observation = _runs(t.loss_mask, t.response_tokens, 0)[0]
+    assert t.turns >= 2 and t.response_tokens[: len(call)] == call
+    assert tok.decode(observation, skip_special_tokens=False) == (
+        "\n<|im_start|>tool\n12*7 = 84<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert _runs(t.loss_mask, t.response_tokens, 1)[1] == gen.results["v/0/t1"].response_tokens
+    chat = [{"role": "user", "content": prompt.text}, {"role": "assistant", "content": "<calc>12*7</calc>"},
+            {"role": "tool", "content": "12*7 = 84"}]
+    rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert tok.decode(prompt.tokens + call + observation, skip_special_tokens=False) == rendered
