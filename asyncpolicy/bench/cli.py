@@ -31,14 +31,14 @@ from asyncpolicy.config import load_config
 
 log = structlog.get_logger("asyncpolicy.bench")
 
-SUITES = ("sweep", "overlap", "channel", "responsiveness", "learning", "autotune")
+SUITES = ("sweep", "overlap", "channel", "responsiveness", "learning", "autotune", "agentic")
 Suite = Callable[[BenchContext], Awaitable[SuiteResult]]
 
 
 def _load_suites() -> dict[str, tuple[str, Suite]]:
     """The CPU suites; imported here, not at module level, so `bench gpu` needs no matplotlib."""
     try:
-        from asyncpolicy.bench import autotune, channel, learning, overlap, responsiveness, sweep
+        from asyncpolicy.bench import agentic, autotune, channel, learning, overlap, responsiveness, sweep
     except ModuleNotFoundError as missing:  # the plots need the `bench` extra
         if missing.name != "matplotlib":
             raise
@@ -51,6 +51,7 @@ def _load_suites() -> dict[str, tuple[str, Suite]]:
         "responsiveness": ("Event-loop responsiveness", responsiveness.run),
         "learning": ("CPU learning speed", learning.run),
         "autotune": ("Autotune vs static settings", autotune.run),
+        "agentic": ("Agentic episodes (simulated tools)", agentic.run),
     }
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2

@@ -94,7 +94,7 @@ def test_quick_run_of_every_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert bench_main(["--quick"]) == 0
     (out,) = tmp_path.glob("benchmark_results_*")
     run = msgspec.json.decode((out / "results.json").read_bytes(), type=BenchRun)
-    assert [s.suite for s in run.suites] == ["sweep", "overlap", "channel", "responsiveness", "learning", "autotune"]
+    assert [s.suite for s in run.suites] == ["sweep", "overlap", "channel", "responsiveness", "learning", "autotune", "agentic"]
     assert not any(s.error for s in run.suites)  # its wall time is a benchmark figure (RESULTS.md), not a test
 
 

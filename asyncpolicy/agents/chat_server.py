@@ -1,0 +1,95 @@
+"""`/v1/chat/completions` for black-box agents, one base URL per episode (starlette + uvicorn).
+
+An agent gets `http://127.0.0.1:PORT/episodes/<id>/v1` as its OpenAI base URL; the id routes each
+call to its episode's `AgentConversation`, so thousands of episodes share one server and one
+event loop. The server runs as a task of its owner's task group (`ChatServer.serve`); stopping is
+cancelling that group. Errors are OpenAI-shaped: 404 for an episode that is not running, 400 for
+a history the runtime refuses (see conversation.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from asyncpolicy.agents.conversation import AgentConversation, HistoryMismatch, parse_messages
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+
+
+class ChatServer:
+    """Episodes by id, and the app that serves them."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(1024)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self._episodes: dict[str, AgentConversation] = {}
+        self._ids = itertools.count()
+
+    @contextmanager
+    def episode(self, conversation: AgentConversation) -> Iterator[str]:
+        """Route an episode-scoped base URL to `conversation` while the block runs."""
+        eid = f"e{next(self._ids)}"
+        self._episodes[eid] = conversation
+        try:
+            yield f"http://{self.host}:{self.port}/episodes/{eid}/v1"
+        finally:
+            del self._episodes[eid]
+
+    async def _complete(self, request: Request) -> Response:
+        conversation = self._episodes.get(request.path_params["eid"])
+        if conversation is None:
+            return _error(404, f"episode {request.path_params['eid']!r} is not running")
+        try:
+            body = msgspec.json.decode(await request.body())
+            max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") if isinstance(body, dict) else None
+            text, finish = await conversation.complete(parse_messages(body), int(max_tokens) if max_tokens else None)
+        except msgspec.DecodeError as exc:
+            return _error(400, f"the body is not JSON: {exc}")
+        except HistoryMismatch as exc:
+            return _error(400, str(exc))
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{request.path_params['eid']}-{len(conversation.messages)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": str(body.get("model", "policy")),
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length" if finish == "length" else "stop"}
+                ],
+                "usage": {"prompt_tokens": len(conversation.context), "completion_tokens": len(conversation.last_turn),
+                          "total_tokens": len(conversation.context) + len(conversation.ids)},
+            }
+        )
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/episodes/{eid}/v1/chat/completions", self._complete, methods=["POST"])])
+
+    async def serve(self) -> None:
+        """Serve until cancelled (the owner's task group); uvicorn's own signal handlers are not installed."""
+        import uvicorn
+
+        class _NoSignals(uvicorn.Server):
+            @contextmanager
+            def capture_signals(self) -> Iterator[None]:  # the Supervisor (or the host) owns the signals
+                yield
+
+        server = _NoSignals(uvicorn.Config(self.app(), log_level="warning", lifespan="off"))
+        try:
+            await server.serve(sockets=[self.sock])
+        finally:
+            self.sock.close()

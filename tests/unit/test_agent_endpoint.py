@@ -1,0 +1,95 @@
+"""The black-box agent endpoint end to end: the example agent (openai client) against the simulated
+engine through a real HTTP server; the trajectory is token-exact and a bad history is refused."""
+
+from __future__ import annotations
+
+import random
+
+import anyio
+import httpx
+import pytest
+
+from asyncpolicy.agents.chat_server import ChatServer
+from asyncpolicy.agents.conversation import AgentConversation
+from asyncpolicy.agents.episode import load_agent, run_agent_episode
+from asyncpolicy.config import SimulatedRolloutConfig
+from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
+from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTokenizer
+from asyncpolicy.envs.tokens import ObservationTokens
+from asyncpolicy.errors import ConfigError
+from asyncpolicy.samples import Prompt
+
+pytest.importorskip("openai")
+FOLLOW_UP = "Check it, then reply with the number only."
+
+
+def _request(i: int) -> GenerationRequest:
+    return GenerationRequest(request_id=f"train/0:{i}/0", group=f"train/0:{i}", prompt_tokens=[], max_tokens=64, temperature=1.0, top_p=1.0, seed=i)
+
+
+def test_example_agent_episodes_are_token_exact() -> None:
+    engine = SimulatedGenerationEngine(SimulatedRolloutConfig(mean_latency_s=0.001), random.Random(0))
+    tok = SimulatedTokenizer()
+    calls: list[GenerationResult] = []
+
+    async def generate(request: GenerationRequest) -> GenerationResult:
+        result = await engine.generate(request)
+        calls.append(result)
+        return result
+
+    async def main() -> None:
+        agent = load_agent("examples.calc_agent:solve")
+        server = ChatServer()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve)
+            for step in range(2):  # two steps' worth of episodes, the engine's version moving between them
+                engine.set_version(step)
+                prompt = Prompt(index=step, epoch=0, text=f"What is {step + 2} + 3?", tokens=[5, 6, 7])
+                calls.clear()
+                res = await run_agent_episode(agent, server, prompt, _request(step), generate, ObservationTokens(tok), tok.decode, 64, 30.0)
+                assert res.error == "" and res.trajectory.reward in (0.0, 1.0)
+                t = res.trajectory
+                first, second = calls
+                follow = tok(FOLLOW_UP)["input_ids"]
+                assert t.response_tokens == first.response_tokens + follow + second.response_tokens  # never re-encoded
+                assert t.loss_mask == [1] * len(first.response_tokens) + [0] * len(follow) + [1] * len(second.response_tokens)
+                assert second.request_id.endswith("/t3") and t.turns == 2
+                assert set(t.token_versions) == {step}
+                assert [lp for lp, m in zip(t.behaviour_logprobs, t.loss_mask, strict=True) if not m] == [0.0] * len(follow)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+def test_a_history_that_does_not_extend_the_recorded_one_is_refused() -> None:
+    engine = SimulatedGenerationEngine(SimulatedRolloutConfig(mean_latency_s=0.001), random.Random(1))
+    tok = SimulatedTokenizer()
+
+    async def main() -> None:
+        server = ChatServer()
+        prompt = Prompt(index=0, epoch=0, text="What is 1 + 1?", tokens=[5])
+        conv = AgentConversation(prompt, _request(0), engine.generate, ObservationTokens(tok), tok.decode, 64)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve)
+            with server.episode(conv) as base:
+                async with httpx.AsyncClient(base_url=base, timeout=30.0) as http:
+                    user = {"role": "user", "content": prompt.text}
+                    ok = await http.post("/chat/completions", json={"messages": [user]})
+                    assert ok.status_code == 200
+                    reply = ok.json()["choices"][0]["message"]
+                    edited = {"role": "assistant", "content": reply["content"] + " (edited)"}
+                    bad = await http.post("/chat/completions", json={"messages": [user, edited, user]})
+                    assert bad.status_code == 400 and "recorded conversation" in bad.json()["error"]["message"]
+                    two = await http.post("/chat/completions", json={"messages": [user, reply, user, user]})
+                    assert two.status_code == 400 and "exactly one" in two.json()["error"]["message"]
+            gone = await httpx.AsyncClient(timeout=30.0).post(base + "/chat/completions", json={"messages": [user]})
+            assert gone.status_code == 404
+            tg.cancel_scope.cancel()
+        assert conv.mask == [1] * len(conv.ids)  # the refused calls recorded nothing
+
+    anyio.run(main)
+
+
+def test_an_agent_path_that_does_not_import_is_bad_input() -> None:
+    with pytest.raises(ConfigError, match="task.agent"):
+        load_agent("examples.no_such_agent:solve")
