@@ -283,6 +283,18 @@ class TaskConfig(_Section):
     env_timeout_s: Annotated[
         float, _doc("time one reset/step of an environment may take; past it the episode scores 0 (finite)", gt=0)
     ] = 30.0
+    agent: Annotated[
+        str,
+        _doc(
+            "dotted path 'pkg.module:solve' of a black-box agent (docs/agents.md): each response becomes an episode the "
+            "agent plays through an OpenAI-compatible endpoint, its return value the reward; empty = none; excludes task.env"
+        ),
+    ] = ""
+    agent_timeout_s: Annotated[
+        float, _doc("time one agent episode may take; past it the episode scores 0 (finite)", gt=0)
+    ] = 300.0
+    agent_host: Annotated[str, _doc("address the agents' endpoint (/v1/chat/completions) listens on")] = "127.0.0.1"
+    agent_port: Annotated[int, _doc("port of the agents' endpoint; 0 = a free port", ge=0, le=65535)] = 0
 
 
 class Config(_Section):
@@ -653,7 +665,14 @@ def _check_servers(cfg: Config) -> None:
 
 
 def _check_task(cfg: Config) -> None:
-    """gsm8k has no problems of its own: it shapes and scores the user's GSM8K-format files."""
+    """gsm8k has no problems of its own: it shapes and scores the user's GSM8K-format files. An episode
+    is played by an environment or by an agent, never both."""
+    if cfg.task.agent and cfg.task.env:
+        raise ConfigError(
+            f"config key 'task.agent': {cfg.task.agent!r} and task.env {cfg.task.env!r} both set; an episode is played "
+            "by an environment (task.env) or by a black-box agent (task.agent), not both",
+            key="task.agent",
+        )
     if cfg.task.name == "gsm8k" and not cfg.data.train_files:
         raise ConfigError(
             "config key 'task.name': gsm8k reads GSM8K-format JSONL/Parquet files ({\"question\": ..., "

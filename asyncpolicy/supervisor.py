@@ -31,6 +31,7 @@ import structlog
 
 from asyncpolicy import checkpoint, loop_gc
 from asyncpolicy.actors.rollouter import Rollouter
+from asyncpolicy.agents.episode import AgentSpec
 from asyncpolicy.actors.synchronizer import ParameterSynchronizer
 from asyncpolicy.actors.trainer import StepReport, Trainer
 from asyncpolicy.actors.validator import Validator
@@ -50,6 +51,7 @@ from asyncpolicy.tasks.registry import build_task
 log = structlog.get_logger("asyncpolicy.supervisor")
 
 ENGINE_CLOSE_TIMEOUT_S = 30.0
+AGENT_SERVER_START_TIMEOUT_S = 30.0  # binding the agents' endpoint (task.agent)
 
 
 class RunResult(msgspec.Struct, kw_only=True):
@@ -168,8 +170,11 @@ class Supervisor:
         self.channel: VersionedChannel[Sample] = VersionedChannel(
             at.max_queue_size, at.staleness_threshold, on_drop=self._on_drop
         )
+        # black-box agents call the policy here; served as a task of the actors' group (`_main`)
+        self.chat_server = self.task.episodes.server() if isinstance(self.task.episodes, AgentSpec) else None
         self.rollouter = Rollouter(
-            cfg, self.engines.generation, self.channel, self.task.train, self.task.scorer, self.task.episodes
+            cfg, self.engines.generation, self.channel, self.task.train, self.task.scorer, self.task.episodes,
+            self.chat_server,
         )
         self.synchronizer = ParameterSynchronizer(at, self.rollouter, self.engines.transport)
         self.trainer = Trainer(
@@ -298,6 +303,9 @@ class Supervisor:
             with anyio.CancelScope() as self._actors:
                 try:
                     async with anyio.create_task_group() as actors:
+                        if self.chat_server is not None:  # listening before the rollouter's agents call it
+                            with anyio.fail_after(AGENT_SERVER_START_TIMEOUT_S):
+                                await actors.start(self._run_actor, "agent_server", self.chat_server.serve)
                         await actors.start(self._run_actor, self.rollouter.name, self._rollout_with_restarts)
                         await actors.start(self._run_actor, self.trainer.name, self._train_then_stop)
                         if isinstance(self.engines.generation, ReplicatedGeneration):  # restarts dead replicas

@@ -31,12 +31,14 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import anyio
 import msgspec
 import structlog
 
 from asyncpolicy import counters
+from asyncpolicy.agents.episode import AgentSpec, run_agent_episode
 from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.channels.signal import StateSignal
 from asyncpolicy.config import Config
@@ -46,6 +48,9 @@ from asyncpolicy.envs.loading import EpisodeSpec
 from asyncpolicy.errors import EngineTimeout, GenerationFailed, first_failure
 from asyncpolicy.samples import Prompt, Sample, Trajectory, make_sample
 from asyncpolicy.tasks.base import PromptSource, Scorer
+
+if TYPE_CHECKING:  # starlette (the 'agents' extra) loads only when a run serves agents
+    from asyncpolicy.agents.chat_server import ChatServer
 
 log = structlog.get_logger("asyncpolicy.rollouter")
 
@@ -61,14 +66,14 @@ class RolloutCounters(msgspec.Struct, frozen=True, kw_only=True):
     timeouts: int = 0
     reward_errors: int = 0  # scorer raised or returned a non-finite value; scored 0
     tokens: int = 0  # response tokens in completed samples
-    # agentic episodes (task.env; docs/agents.md)
+    # agentic episodes (task.env or task.agent; docs/agents.md)
     episodes: int = 0  # episodes finished (training and validation)
     turns: int = 0  # model turns of those episodes
     env_tokens: int = 0  # tokens the environment added to them (loss mask 0)
     env_calls: int = 0  # environment reset/step calls
     env_seconds: float = 0.0  # wall time inside those calls
     tool_calls: int = 0  # steps the environment marked as tool calls
-    env_errors: int = 0  # episodes whose environment raised, timed out or gave a non-finite reward; scored 0
+    env_errors: int = 0  # episodes whose environment (or agent) raised, timed out or gave a non-finite reward; scored 0
     requeued: int = 0  # groups in flight at a stop (checkpoint) or a rollouter failure, generated again from their start
 
 
@@ -111,10 +116,14 @@ class Rollouter:
         channel: VersionedChannel[Sample],
         prompts: PromptSource,
         scorer: Scorer,
-        episodes: EpisodeSpec | None = None,
+        episodes: EpisodeSpec | AgentSpec | None = None,
+        chat_server: ChatServer | None = None,
     ) -> None:
+        if isinstance(episodes, AgentSpec) and chat_server is None:
+            raise ValueError("rollouter: agent episodes (task.agent) need the ChatServer their agents call")
         self.cfg = cfg
-        self.episodes = episodes  # responses are multi-turn episodes of this environment; None = single-turn
+        self.episodes = episodes  # responses are episodes of this environment or agent; None = single-turn
+        self.chat_server = chat_server  # served by the owner (the Supervisor) while this rollouter runs
         self.engine = engine
         self.channel = channel
         self.prompts = prompts
@@ -323,7 +332,7 @@ class Rollouter:
     async def _respond(
         self, prompt: Prompt, i: int, *, tag: str = "train", temperature: float | None = None
     ) -> Trajectory:
-        """Response `i` to `prompt`: one generation, or an episode (its reward set) with `task.env`."""
+        """Response `i` to `prompt`: one generation, or an episode (its reward set) with `task.env` or `task.agent`."""
         request = self._request(prompt, i, tag, temperature)
         if self.episodes is None:
             result = await self._generate(request)
@@ -333,7 +342,11 @@ class Rollouter:
                 token_versions=result.token_versions,
                 finish_reason=result.finish_reason,
             )
-        episode = await run_episode(self.episodes, prompt, request, self._generate)
+        if isinstance(self.episodes, AgentSpec):
+            assert self.chat_server is not None  # checked at construction
+            episode = await run_agent_episode(self.episodes, self.chat_server, prompt, request, self._generate)
+        else:
+            episode = await run_episode(self.episodes, prompt, request, self._generate)
         t = episode.trajectory
         self._counters = counters.add(
             self._counters, episodes=1, turns=t.turns, env_tokens=t.env_tokens, env_calls=episode.env_calls,

@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import anyio
+import anyio.abc
 import msgspec
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,18 +33,17 @@ def _error(status: int, message: str) -> JSONResponse:
 class ChatServer:
     """Episodes by id, and the app that serves them."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(1024)
-        self.host, self.port = host, self.sock.getsockname()[1]
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.port = host, port  # port 0 = a free one, known once `serve` has started
+        self._sock: socket.socket | None = None
         self._episodes: dict[str, AgentConversation] = {}
         self._ids = itertools.count()
 
     @contextmanager
     def episode(self, conversation: AgentConversation) -> Iterator[str]:
-        """Route an episode-scoped base URL to `conversation` while the block runs."""
+        """Route an episode-scoped base URL to `conversation` while the block runs (`serve` has started)."""
+        if self._sock is None:
+            raise RuntimeError("ChatServer.episode: the server has not started (start `serve` in a task group first)")
         eid = f"e{next(self._ids)}"
         self._episodes[eid] = conversation
         try:
@@ -79,8 +80,10 @@ class ChatServer:
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/episodes/{eid}/v1/chat/completions", self._complete, methods=["POST"])])
 
-    async def serve(self) -> None:
-        """Serve until cancelled (the owner's task group); uvicorn's own signal handlers are not installed."""
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report started (the port is known: calls wait in the listen backlog until uvicorn
+        accepts them), serve until cancelled (the owner's task group). Binding fails with OSError.
+        uvicorn's own signal handlers are not installed."""
         import uvicorn
 
         class _NoSignals(uvicorn.Server):
@@ -88,8 +91,14 @@ class ChatServer:
             def capture_signals(self) -> Iterator[None]:  # the Supervisor (or the host) owns the signals
                 yield
 
-        server = _NoSignals(uvicorn.Config(self.app(), log_level="warning", lifespan="off"))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            await server.serve(sockets=[self.sock])
-        finally:
-            self.sock.close()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(1024)
+            self._sock, self.port = sock, sock.getsockname()[1]
+            task_status.started()
+            server = _NoSignals(uvicorn.Config(self.app(), log_level="warning", lifespan="off"))
+            await server.serve(sockets=[sock])
+        finally:  # `_sock` stays set: an episode starting while its owner's group is cancelled gets a URL that refuses calls
+            sock.close()

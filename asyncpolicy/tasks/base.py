@@ -110,4 +110,4 @@ class TaskData(msgspec.Struct, kw_only=True):
     val: list[Prompt]
     scorer: Scorer
     decode: Callable[[list[int]], str]
-    episodes: Any = None  # envs.loading.EpisodeSpec: responses are multi-turn episodes; None = single-turn
+    episodes: Any = None  # envs.loading.EpisodeSpec or agents.episode.AgentSpec: responses are multi-turn episodes; None = single-turn

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from asyncpolicy.agents.episode import agent_spec
 from asyncpolicy.config import Config
 from asyncpolicy.engines.simulated import SimulatedTokenizer
 from asyncpolicy.envs.loading import episode_spec
@@ -46,17 +47,21 @@ def simulated_task(cfg: Config) -> TaskData:
 
 def build_task(cfg: Config, tokenizer: Any) -> TaskData:
     """Simulated prompts for simulated engines; otherwise the named built-in task or the data files.
-    With an environment (`task.env`, or the task's own) its responses are episodes."""
+    With an environment (`task.env`, or the task's own) or an agent (`task.agent`, replacing the
+    task's own environment) its responses are episodes."""
     if cfg.rollout.engine == "simulated":
         task = simulated_task(cfg)
-        task.episodes = episode_spec(cfg, SimulatedTokenizer(), SimulatedTokenizer().decode)
+        tok = SimulatedTokenizer()
+        task.episodes = agent_spec(cfg, tok, tok.decode) or episode_spec(cfg, tok, tok.decode)
         return task
     from asyncpolicy.tasks.catalog import TASKS, GeneratedTask
     from asyncpolicy.tasks.loading import build_real_task
 
     task = build_real_task(cfg, tokenizer)
     own = TASKS[cfg.task.name]
-    if isinstance(own, GeneratedTask):
+    if cfg.task.agent:
+        task.episodes = agent_spec(cfg, tokenizer, task.decode)
+    elif isinstance(own, GeneratedTask):
         task.episodes = episode_spec(cfg, tokenizer, task.decode, own.env, own.max_turns, own.max_turn_tokens)
     else:
         task.episodes = episode_spec(cfg, tokenizer, task.decode)

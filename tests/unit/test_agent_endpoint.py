@@ -1,18 +1,22 @@
 """The black-box agent endpoint end to end: the example agent (openai client) against the simulated
-engine through a real HTTP server; the trajectory is token-exact and a bad history is refused."""
+engine through a real HTTP server; the trajectory is token-exact and a bad history is refused; a
+run with `task.agent` trains on the agent's episodes under the Supervisor."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import httpx
+import msgspec
 import pytest
 
 from asyncpolicy.agents.chat_server import ChatServer
 from asyncpolicy.agents.conversation import AgentConversation
-from asyncpolicy.agents.episode import load_agent, run_agent_episode
-from asyncpolicy.config import SimulatedRolloutConfig
+from asyncpolicy.agents.episode import AgentSpec, load_agent, run_agent_episode
+from asyncpolicy.config import Config, SimulatedRolloutConfig
 from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
 from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTokenizer
 from asyncpolicy.envs.tokens import ObservationTokens
@@ -38,15 +42,18 @@ def test_example_agent_episodes_are_token_exact() -> None:
         return result
 
     async def main() -> None:
-        agent = load_agent("examples.calc_agent:solve")
+        spec = AgentSpec(
+            name="examples.calc_agent:solve", agent=load_agent("examples.calc_agent:solve"), tokens=ObservationTokens(tok),
+            decode=tok.decode, max_episode_tokens=64, timeout_s=30.0, host="127.0.0.1", port=0,
+        )
         server = ChatServer()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve)
+            await tg.start(server.serve)
             for step in range(2):  # two steps' worth of episodes, the engine's version moving between them
                 engine.set_version(step)
                 prompt = Prompt(index=step, epoch=0, text=f"What is {step + 2} + 3?", tokens=[5, 6, 7])
                 calls.clear()
-                res = await run_agent_episode(agent, server, prompt, _request(step), generate, ObservationTokens(tok), tok.decode, 64, 30.0)
+                res = await run_agent_episode(spec, server, prompt, _request(step), generate)
                 assert res.error == "" and res.trajectory.reward in (0.0, 1.0)
                 t = res.trajectory
                 first, second = calls
@@ -70,7 +77,7 @@ def test_a_history_that_does_not_extend_the_recorded_one_is_refused() -> None:
         prompt = Prompt(index=0, epoch=0, text="What is 1 + 1?", tokens=[5])
         conv = AgentConversation(prompt, _request(0), engine.generate, ObservationTokens(tok), tok.decode, 64)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve)
+            await tg.start(server.serve)
             with server.episode(conv) as base:
                 async with httpx.AsyncClient(base_url=base, timeout=30.0) as http:
                     user = {"role": "user", "content": prompt.text}
@@ -93,3 +100,32 @@ def test_a_history_that_does_not_extend_the_recorded_one_is_refused() -> None:
 def test_an_agent_path_that_does_not_import_is_bad_input() -> None:
     with pytest.raises(ConfigError, match="task.agent"):
         load_agent("examples.no_such_agent:solve")
+
+
+def test_a_run_with_task_agent_trains_on_the_agents_episodes(sim_config: Callable[..., Config], tmp_path: Path) -> None:
+    """The Supervisor serves the endpoint and the rollouter runs the example agent for each of the
+    `rollout.n` responses; its episodes go the env episodes' way (counters, metrics, accounting)."""
+    from asyncpolicy.supervisor import Supervisor
+
+    cfg = sim_config(
+        "task.agent=examples.calc_agent:solve", "trainer.total_training_steps=3", "data.train_batch_size=2",
+        "rollout.n=2", "data.max_response_length=64", output_dir=tmp_path / "run",
+    )
+
+    async def main() -> Supervisor:
+        async with Supervisor.open(cfg) as sup:
+            await sup.wait()
+        return sup
+
+    sup = anyio.run(main)
+    result, counts = sup.result, sup.rollouter.statistics().counters
+    assert result is not None and result.finished and result.steps == 3
+    assert result.made == result.trained + result.dropped_stale + result.queued and result.trained >= 6
+    assert counts.env_errors == 0 and counts.episodes >= 2 * result.made
+    assert counts.turns == 2 * counts.episodes  # the example agent calls the model twice per episode
+    follow = len(SimulatedTokenizer()(FOLLOW_UP)["input_ids"])
+    rows = [msgspec.json.decode(line) for line in (tmp_path / "run" / "metrics.jsonl").read_bytes().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["episode/turns_mean"] == 2.0 and r["episode/env_tokens_mean"] == follow  # the follow-up, loss mask 0
+        assert r["episode/tool_errors"] == 0.0

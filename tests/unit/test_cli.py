@@ -85,6 +85,19 @@ def test_missing_config_file_exits_2_naming_it(tmp_path: Path) -> None:
     assert_bad_input(cli("run", "--config", str(path)), str(path))
 
 
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["task.agent=examples.calc_agent:solve", "task.env=asyncpolicy.bench.tool_env:LognormalTools"], ("task.agent", "task.env")),
+        (["task.agent=examples.no_such_agent:solve"], ("task.agent",)),
+    ],
+)
+def test_agent_and_env_together_or_an_agent_that_does_not_import_exit_2(
+    tmp_path: Path, overrides: list[str], named: tuple[str, ...]
+) -> None:
+    assert_bad_input(cli("run", *SIM, *overrides, f"output_dir={tmp_path / 'run'}"), *named)
+
+
 def test_unknown_option_exits_2() -> None:
     assert_bad_input(cli("run", "--bogus"), "--bogus")
 

@@ -145,7 +145,7 @@ def test_every_float_key_refuses_non_finite_values(key: str, value: str) -> None
 
 def test_the_timeouts_follow_one_rule() -> None:
     timeouts = [key for key in FLOAT_KEYS if "timeout" in key]
-    assert len(timeouts) == 6  # task.env_timeout_s joined the engine, step and stop timeouts
+    assert len(timeouts) == 7  # task.env_timeout_s and task.agent_timeout_s joined the engine, step and stop timeouts
     docs = {key: desc for key, _, desc in describe_fields()}
     assert all(docs[key].endswith("(finite)") for key in timeouts)
     assert str(error_of("trainer.lr=.inf")) == "config key 'trainer.lr': inf is not a finite number"
