@@ -8,6 +8,7 @@ answer once (a second user message), and score the final reply against the promp
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from openai import AsyncOpenAI
 
@@ -24,11 +25,11 @@ async def solve(base_url: str, prompt: str) -> float:
     """Two calls, the history resent each time as the OpenAI API does; reward 1 for the right number."""
     client = AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60.0)
     async with client:
-        messages: list[dict[str, str]] = [{"role": "user", "content": prompt}]
-        first = await client.chat.completions.create(model="policy", messages=messages, max_tokens=16)  # type: ignore[arg-type]
+        messages: list[Any] = [{"role": "user", "content": prompt}]  # the client's message TypedDicts, as plain dicts
+        first = await client.chat.completions.create(model="policy", messages=messages, max_tokens=16)
         messages.append({"role": "assistant", "content": first.choices[0].message.content or ""})
         messages.append({"role": "user", "content": "Check it, then reply with the number only."})
-        final = await client.chat.completions.create(model="policy", messages=messages, max_tokens=8)  # type: ignore[arg-type]
+        final = await client.chat.completions.create(model="policy", messages=messages, max_tokens=8)
     expected = _expected(prompt)
     numbers = re.findall(r"-?\d+", final.choices[0].message.content or "")
     return 1.0 if expected is not None and numbers and int(numbers[-1]) == expected else 0.0
