@@ -129,3 +129,33 @@ def test_a_run_with_task_agent_trains_on_the_agents_episodes(sim_config: Callabl
     for r in rows:
         assert r["episode/turns_mean"] == 2.0 and r["episode/env_tokens_mean"] == follow  # the follow-up, loss mask 0
         assert r["episode/tool_errors"] == 0.0
+
+
+def test_an_agent_that_raises_scores_zero_is_counted_and_the_run_goes_on(
+    sim_config: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent failing before its first model call leaves an empty episode: scored 0, counted as an
+    environment error, trained on as nothing (no token, no loss), and the run finishes."""
+    from asyncpolicy.supervisor import Supervisor
+
+    (tmp_path / "broken_agent.py").write_text(
+        "async def solve(base_url: str, prompt: str) -> float:\n    raise RuntimeError('broken before any call')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = sim_config(
+        "task.agent=broken_agent:solve", "trainer.total_training_steps=2", "data.train_batch_size=2",
+        "rollout.n=2", "data.max_response_length=64", output_dir=tmp_path / "run",
+    )
+
+    async def main() -> Supervisor:
+        async with Supervisor.open(cfg) as sup:
+            await sup.wait()
+        return sup
+
+    sup = anyio.run(main)
+    result, counts = sup.result, sup.rollouter.statistics().counters
+    assert result is not None and result.finished and result.steps == 2
+    assert result.made == result.trained + result.dropped_stale + result.queued
+    assert counts.env_errors == counts.episodes > 0 and counts.turns == 0
+    rows = [msgspec.json.decode(line) for line in (tmp_path / "run" / "metrics.jsonl").read_bytes().splitlines()]
+    assert all(r["reward_mean"] == 0.0 and r["episode/tool_errors"] > 0 for r in rows)
