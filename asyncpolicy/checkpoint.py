@@ -25,6 +25,7 @@ import structlog
 from asyncpolicy.actors.rollouter import InFlight, RolloutCounters, RolloutSnapshot
 from asyncpolicy.actors.synchronizer import SyncCounters
 from asyncpolicy.actors.trainer import TrainerSnapshot
+from asyncpolicy.autotune.policy import AutotuneSnapshot
 from asyncpolicy.channels import ChannelSnapshot
 from asyncpolicy.engines.generation.replicas import ReplicaCounters
 from asyncpolicy.errors import ConfigError
@@ -57,6 +58,7 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
     rng_state: list[object]  # the supervisor's random.Random state
     reason: str  # "save_freq", "finished" or "stop"
     replicas: ReplicaCounters = msgspec.field(default_factory=ReplicaCounters)  # rollout.replicas > 1 (older: zeros)
+    autotune: AutotuneSnapshot | None = None  # async_training.autotune's controller (None: off, or an older checkpoint)
 
     @classmethod
     def of(
@@ -70,6 +72,7 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
         rng_state: list[object],
         reason: str,
         replicas: ReplicaCounters,
+        autotune: AutotuneSnapshot | None = None,
     ) -> RunState:
         """The state of a run from its actors' snapshots."""
         return cls(
@@ -82,6 +85,7 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
             rng_state=rng_state,
             reason=reason,
             replicas=replicas,
+            autotune=autotune,
         )
 
     @property

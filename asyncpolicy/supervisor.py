@@ -406,6 +406,8 @@ class Supervisor:
             self.engines.generation.restore(state.replicas)
         self.task.train.restore(state.cursor)
         self.channel.restore(state.channel)
+        if self.autotuner is not None and state.autotune is not None:  # after the channel: it sets its limit
+            self.autotuner.restore(state.autotune)
         self.rng.setstate(_rng_state(state.rng_state))
         await self.synchronizer.sync(self.trainer.version, force=True)
         self._rate_base = (state.channel.produced, state.channel.consumed, state.trainer.step)
@@ -423,6 +425,7 @@ class Supervisor:
             rng_state=list(_rng_state_list(self.rng.getstate())),
             reason=reason,
             replicas=gen.snapshot() if isinstance(gen, ReplicatedGeneration) else ReplicaCounters(),
+            autotune=self.autotuner.snapshot() if self.autotuner is not None else None,
         )
         encoded = checkpoint.encode_state(state)  # serialised before any await: a consistent cut
         step = state.trainer.step

@@ -121,6 +121,16 @@ class Memory(msgspec.Struct, frozen=True, kw_only=True):
     staleness_floor_until: int = 0
 
 
+class AutotuneSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """What a checkpoint holds of the controller: a resumed run tunes on from where it was, not from the defaults."""
+
+    limits: Limits
+    memory: Memory
+    moves: int
+    decisions: int
+    last_reason: str
+
+
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
     limits: Limits
     reason: str  # why (also when nothing moved)

@@ -5,7 +5,9 @@ actors' `statistics()` and moves two knobs that exist for it (`Rollouter.set_adm
 `VersionedChannel.set_staleness_limit`); whatever it does, the channel's hard bound
 (`staleness_threshold`) and the sample accounting are untouched. Every wait is bounded: it samples
 the statistics every `SAMPLE_S` seconds and at every training step. Its limits are not in
-checkpoints: a resumed run starts again where autotune starts, and learns the run anew.
+checkpoints (`snapshot` / `restore`): a resumed run tunes on from the limits it had, within the
+resumed config's bounds; a probe still waiting for its verdict is dropped (its throughput before was
+measured by another process).
 
 CPU threads (the hf/torch path) are not moved: the hf engine's worker thread and the torch trainer's
 worker thread live in one process, and `torch.set_num_threads` is process-wide, so a "generation
@@ -25,7 +27,7 @@ import structlog
 from asyncpolicy.actors.rollouter import Rollouter
 from asyncpolicy.actors.synchronizer import ParameterSynchronizer
 from asyncpolicy.actors.trainer import Trainer
-from asyncpolicy.autotune.policy import Limits, Memory, Observation, bounds_for, decide
+from asyncpolicy.autotune.policy import AutotuneSnapshot, Limits, Memory, Observation, bounds_for, decide
 from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.channels.signal import StateSignal
 from asyncpolicy.config import Config
@@ -90,6 +92,23 @@ class Autotuner:
             decisions=self._decisions,
             last_reason=self._reason,
         )
+
+    def snapshot(self) -> AutotuneSnapshot:
+        return AutotuneSnapshot(
+            limits=self.limits, memory=self.memory, moves=self._moves, decisions=self._decisions, last_reason=self._reason
+        )
+
+    def restore(self, snap: AutotuneSnapshot) -> None:
+        """Load a checkpoint's controller state into this fresh one (after the channel's restore)."""
+        if self._decisions or self._moves:
+            raise RuntimeError("autotune: restore() needs a fresh controller")
+        b = self.bounds
+        self._apply(Limits(
+            window=min(b.max_window, max(b.min_window, snap.limits.window)),
+            staleness=min(b.max_staleness, max(b.min_staleness, snap.limits.staleness)),
+        ))
+        self.memory = msgspec.structs.replace(snap.memory, probe="", settle=0, before=None, rate_before=0.0)
+        self._moves, self._decisions, self._reason = snap.moves, snap.decisions, snap.last_reason
 
     def metrics(self) -> dict[str, float]:
         """The `autotune/*` keys of a metrics line."""

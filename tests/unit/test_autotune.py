@@ -207,3 +207,38 @@ def test_a_run_without_autotune_has_no_controller_and_no_autotune_metrics(sim_co
     tuner, rows = anyio.run(main)
     assert tuner is None
     assert rows and not any(k.startswith("autotune/") for r in rows for k in r)
+
+
+def test_a_resumed_run_tunes_on_from_the_checkpointed_controller(sim_config: Callable[..., Config], tmp_path: Path) -> None:
+    """The controller's limits and counts are in the checkpoint: the resumed run starts from them
+    (within its bounds), not from the defaults, and its counts continue."""
+    from asyncpolicy import checkpoint
+    from asyncpolicy.supervisor import Supervisor
+
+    keys = ("async_training.autotune=true", "async_training.staleness_threshold=4", "async_training.autotune_every_steps=2")
+
+    async def first() -> Any:
+        async with Supervisor.open(sim_config(*keys, "trainer.total_training_steps=16", output_dir=tmp_path)) as sup:
+            await sup.wait()
+        return sup.autotuner
+
+    tuner = anyio.run(first)
+    assert tuner is not None and tuner.statistics().decisions > 0
+    path = checkpoint.latest_checkpoint(tmp_path)
+    assert path is not None
+    saved = checkpoint.load_state(path).autotune
+    assert saved is not None and saved.limits == tuner.limits and saved.decisions == tuner.statistics().decisions
+
+    restored: list[Any] = []
+
+    async def resumed() -> None:
+        cfg = sim_config(*keys, "trainer.total_training_steps=17", "resume=auto", output_dir=tmp_path)
+        async with Supervisor.open(cfg) as sup:  # open restores the checkpoint; the actors start after
+            assert sup.autotuner is not None
+            restored.append((sup.autotuner.limits, sup.autotuner.statistics()))
+            await sup.wait()
+
+    anyio.run(resumed)
+    ((limits, stats),) = restored
+    assert limits == saved.limits  # within the same bounds: exactly the checkpoint's
+    assert stats.decisions == saved.decisions and stats.moves == saved.moves
