@@ -73,7 +73,7 @@ class ChatServer:
                     {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length" if finish == "length" else "stop"}
                 ],
                 "usage": {"prompt_tokens": len(conversation.context), "completion_tokens": len(conversation.last_turn),
-                          "total_tokens": len(conversation.context) + len(conversation.ids)},
+                          "total_tokens": len(conversation.context) + len(conversation.record.tokens)},
             }
         )
 

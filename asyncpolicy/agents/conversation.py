@@ -16,7 +16,7 @@ import anyio
 import msgspec
 
 from asyncpolicy.engines.protocols import GenerationRequest
-from asyncpolicy.envs.episode import Generate
+from asyncpolicy.envs.episode import EpisodeTokens, Generate
 from asyncpolicy.envs.tokens import ObservationTokens
 from asyncpolicy.samples import Prompt, Trajectory
 from asyncpolicy.tasks.base import ChatMessage
@@ -37,10 +37,7 @@ class AgentConversation:
         self.tokens_rule, self.decode, self.max_episode_tokens = tokens, decode, max_episode_tokens
         self.messages: list[ChatMessage] = []
         self.context: list[int] = []
-        self.ids: list[int] = []
-        self.logprobs: list[float] = []
-        self.versions: list[int] = []
-        self.mask: list[int] = []
+        self.record = EpisodeTokens()  # the ids after `context`, their logprobs, versions and loss mask
         self.last_turn: list[int] = []
         self.finish = "stop"
         self._lock = anyio.Lock()  # an agent that calls twice at once gets its calls in order
@@ -49,22 +46,18 @@ class AgentConversation:
         """The model's next turn for `messages`: (its text, finish reason). Raises HistoryMismatch."""
         async with self._lock:
             await self._extend(messages)
-            left = self.max_episode_tokens - len(self.ids)
+            left = self.max_episode_tokens - len(self.record.tokens)
             if left <= 0:
                 raise HistoryMismatch(f"the episode has used all {self.max_episode_tokens} tokens (data.max_response_length)")
             turn = msgspec.structs.replace(
                 self.request,
                 request_id=f"{self.request.request_id}/t{len(self.messages)}",
-                prompt_tokens=self.context + self.ids,
+                prompt_tokens=self.context + self.record.tokens,
                 max_tokens=min(left, max_tokens) if max_tokens else left,
                 seed=(self.request.seed + len(self.messages)) & 0x7FFFFFFF,
             )
             result = await self.generate(turn)
-            n = len(result.response_tokens)
-            self.ids += result.response_tokens
-            self.logprobs += result.behaviour_logprobs[:n]
-            self.versions += result.token_versions[:n]
-            self.mask += [1] * n
+            self.record.add_model(result)
             self.last_turn, self.finish = list(result.response_tokens), result.finish_reason
             text = self.decode(result.response_tokens)
             self.messages.append(ChatMessage("assistant", text))
@@ -85,21 +78,15 @@ class AgentConversation:
         if len(new) != 1 or new[0].role == "assistant":
             raise HistoryMismatch(f"a call must add exactly one non-assistant message to the recorded {n}; it added {len(new)}")
         ids = await anyio.to_thread.run_sync(self.tokens_rule.append, self.messages, self.last_turn, new[0])
-        if len(self.ids) + len(ids) >= self.max_episode_tokens:
+        if len(self.record.tokens) + len(ids) >= self.max_episode_tokens:
             raise HistoryMismatch(f"the message does not fit in the episode's {self.max_episode_tokens} tokens (data.max_response_length)")
-        self.ids += ids
-        self.logprobs += [0.0] * len(ids)
-        self.versions += [self.versions[-1] if self.versions else -1] * len(ids)
-        self.mask += [0] * len(ids)
+        self.record.add_env(ids, self.record.versions[-1] if self.record.versions else -1)
         self.messages.append(new[0])
 
     def trajectory(self, reward: float, error: str = "") -> Trajectory:
         """The episode as the trainer takes it: the agent's reward, environment tokens masked out of the loss."""
         turns = sum(1 for m in self.messages if m.role == "assistant")
-        t = Trajectory(
-            response_tokens=self.ids, behaviour_logprobs=self.logprobs, token_versions=self.versions,
-            finish_reason=self.finish, reward=reward, loss_mask=self.mask, turns=turns,
-        )
+        t = self.record.trajectory(finish_reason=self.finish, reward=reward, turns=turns)
         if error:
             t.reward_error = error
         return t

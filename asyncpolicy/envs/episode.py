@@ -48,16 +48,49 @@ class _EnvFailed(Exception):
     pass
 
 
-class _Episode:
-    """The mutable state of one running episode (a helper of `run_episode`)."""
+class EpisodeTokens:
+    """An episode's ids after its prompt, as the trainer takes them: the model's as sampled (loss mask 1),
+    the environment's by the token rule (mask 0, logprob 0, the version of the model token before them).
+    Environment episodes and black-box agents' conversations (agents/conversation.py) both record here."""
 
-    def __init__(self, spec: EpisodeSpec) -> None:
-        self.spec = spec
-        self.env = spec.make()
+    def __init__(self) -> None:
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.versions: list[int] = []
         self.mask: list[int] = []
+
+    def add_model(self, result: GenerationResult) -> None:
+        n = len(result.response_tokens)
+        self.tokens += result.response_tokens
+        self.logprobs += result.behaviour_logprobs[:n]
+        self.versions += result.token_versions[:n]
+        self.mask += [1] * n
+
+    def add_env(self, ids: list[int], version: int) -> None:
+        self.tokens += ids
+        self.logprobs += [0.0] * len(ids)
+        self.versions += [version] * len(ids)
+        self.mask += [0] * len(ids)
+
+    def trajectory(self, *, finish_reason: str, reward: float, turns: int) -> Trajectory:
+        return Trajectory(
+            response_tokens=self.tokens,
+            behaviour_logprobs=self.logprobs,
+            token_versions=self.versions,
+            finish_reason=finish_reason,
+            reward=reward,
+            loss_mask=self.mask,
+            turns=turns,
+        )
+
+
+class _Episode(EpisodeTokens):
+    """One running episode (a helper of `run_episode`): its tokens, its environment and what it cost."""
+
+    def __init__(self, spec: EpisodeSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.env = spec.make()
         self.calls = 0
         self.seconds = 0.0
 
@@ -73,18 +106,6 @@ class _Episode:
             self.calls += 1
             self.seconds += time.monotonic() - start
 
-    def add_model(self, result: GenerationResult) -> None:
-        n = len(result.response_tokens)
-        self.tokens += result.response_tokens
-        self.logprobs += result.behaviour_logprobs[:n]
-        self.versions += result.token_versions[:n]
-        self.mask += [1] * n
-
-    def add_env(self, ids: list[int], version: int) -> None:
-        self.tokens += ids
-        self.logprobs += [0.0] * len(ids)
-        self.versions += [version] * len(ids)
-        self.mask += [0] * len(ids)
 
 
 async def run_episode(spec: EpisodeSpec, prompt: Prompt, request: GenerationRequest, generate: Generate) -> EpisodeResult:
@@ -135,15 +156,7 @@ async def run_episode(spec: EpisodeSpec, prompt: Prompt, request: GenerationRequ
             ep.add_env(ids, ep.versions[-1] if ep.versions else result_version(result, request))
     except _EnvFailed as failed:
         reward, error = 0.0, str(failed)
-    trajectory = Trajectory(
-        response_tokens=ep.tokens,
-        behaviour_logprobs=ep.logprobs,
-        token_versions=ep.versions,
-        finish_reason=finish,
-        reward=reward,
-        loss_mask=ep.mask,
-        turns=turns,
-    )
+    trajectory = ep.trajectory(finish_reason=finish, reward=reward, turns=turns)
     return EpisodeResult(
         trajectory=trajectory, env_calls=ep.calls, env_seconds=ep.seconds, tool_calls=tool_calls, error=error
     )

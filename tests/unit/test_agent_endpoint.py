@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -92,7 +93,7 @@ def test_a_history_that_does_not_extend_the_recorded_one_is_refused() -> None:
             gone = await httpx.AsyncClient(timeout=30.0).post(base + "/chat/completions", json={"messages": [user]})
             assert gone.status_code == 404
             tg.cancel_scope.cancel()
-        assert conv.mask == [1] * len(conv.ids)  # the refused calls recorded nothing
+        assert conv.record.mask == [1] * len(conv.record.tokens)  # the refused calls recorded nothing
 
     anyio.run(main)
 
@@ -102,14 +103,13 @@ def test_an_agent_path_that_does_not_import_is_bad_input() -> None:
         load_agent("examples.no_such_agent:solve")
 
 
-def test_a_run_with_task_agent_trains_on_the_agents_episodes(sim_config: Callable[..., Config], tmp_path: Path) -> None:
-    """The Supervisor serves the endpoint and the rollouter runs the example agent for each of the
-    `rollout.n` responses; its episodes go the env episodes' way (counters, metrics, accounting)."""
+def run_agent(sim_config: Callable[..., Config], out: Path, agent: str, steps: int) -> Any:
+    """A finished run of `agent` on the simulated engines: its Supervisor."""
     from asyncpolicy.supervisor import Supervisor
 
     cfg = sim_config(
-        "task.agent=examples.calc_agent:solve", "trainer.total_training_steps=3", "data.train_batch_size=2",
-        "rollout.n=2", "data.max_response_length=64", output_dir=tmp_path / "run",
+        f"task.agent={agent}", f"trainer.total_training_steps={steps}", "data.train_batch_size=2",
+        "rollout.n=2", "data.max_response_length=64", output_dir=out,
     )
 
     async def main() -> Supervisor:
@@ -117,7 +117,13 @@ def test_a_run_with_task_agent_trains_on_the_agents_episodes(sim_config: Callabl
             await sup.wait()
         return sup
 
-    sup = anyio.run(main)
+    return anyio.run(main)
+
+
+def test_a_run_with_task_agent_trains_on_the_agents_episodes(sim_config: Callable[..., Config], tmp_path: Path) -> None:
+    """The Supervisor serves the endpoint and the rollouter runs the example agent for each of the
+    `rollout.n` responses; its episodes go the env episodes' way (counters, metrics, accounting)."""
+    sup = run_agent(sim_config, tmp_path / "run", "examples.calc_agent:solve", steps=3)
     result, counts = sup.result, sup.rollouter.statistics().counters
     assert result is not None and result.finished and result.steps == 3
     assert result.made == result.trained + result.dropped_stale + result.queued and result.trained >= 6
@@ -136,23 +142,11 @@ def test_an_agent_that_raises_scores_zero_is_counted_and_the_run_goes_on(
 ) -> None:
     """An agent failing before its first model call leaves an empty episode: scored 0, counted as an
     environment error, trained on as nothing (no token, no loss), and the run finishes."""
-    from asyncpolicy.supervisor import Supervisor
-
     (tmp_path / "broken_agent.py").write_text(
         "async def solve(base_url: str, prompt: str) -> float:\n    raise RuntimeError('broken before any call')\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    cfg = sim_config(
-        "task.agent=broken_agent:solve", "trainer.total_training_steps=2", "data.train_batch_size=2",
-        "rollout.n=2", "data.max_response_length=64", output_dir=tmp_path / "run",
-    )
-
-    async def main() -> Supervisor:
-        async with Supervisor.open(cfg) as sup:
-            await sup.wait()
-        return sup
-
-    sup = anyio.run(main)
+    sup = run_agent(sim_config, tmp_path / "run", "broken_agent:solve", steps=2)
     result, counts = sup.result, sup.rollouter.statistics().counters
     assert result is not None and result.finished and result.steps == 2
     assert result.made == result.trained + result.dropped_stale + result.queued
