@@ -190,6 +190,16 @@ def engines_for() -> Callable[..., tuple[EngineSet, RecordingTrainEngine]]:
 
 
 @pytest.fixture(scope="session")
+def recording_trainer() -> Callable[[Config], RecordingTrainEngine]:
+    """`recording_trainer(cfg)`: the simulated trainer recording every batch, for an engine set a test builds itself."""
+
+    def make(cfg: Config) -> RecordingTrainEngine:
+        return RecordingTrainEngine(SimulatedTrainEngine(cfg.trainer.simulated))
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def hypothesis_random() -> random.Random:
     """The Random registered with Hypothesis: pass it to simulated engines inside @given tests."""
     return HYPOTHESIS_RNG

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from asyncpolicy.config import Config
 from asyncpolicy.engines.protocols import EngineSet, GenerationRequest, GenerationResult
-from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTrainEngine, SimulatedTransport
+from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTransport
 from asyncpolicy.samples import Sample
 from asyncpolicy.supervisor import Supervisor
 
@@ -65,30 +65,6 @@ class RecordingGeneration:
 
     async def abort_all(self) -> None:
         await self.inner.abort_all()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-class RecordingTrainer:
-    """The simulated trainer, keeping every batch it trained on, with its version."""
-
-    def __init__(self, inner: SimulatedTrainEngine) -> None:
-        self.inner = inner
-        self.batches: list[tuple[int, list[Sample]]] = []
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def train_step(self, batch: list[Sample], version: int) -> dict[str, float]:
-        self.batches.append((version, list(batch)))
-        return await self.inner.train_step(batch, version)
-
-    async def save_state(self, directory: str) -> None:
-        await self.inner.save_state(directory)
-
-    async def load_state(self, directory: str) -> None:
-        await self.inner.load_state(directory)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -134,12 +110,12 @@ def model_tokens(sample: Sample, i: int) -> list[int]:
 @given(overrides=episode_configs(), script=pauses, _seed=st.random_module())
 async def test_episodes_stay_token_exact_aligned_fresh_and_accounted_for(
     overrides: list[str], script: list[tuple[float, str]], _seed: object, sim_config: Callable[..., Config],
-    hypothesis_random: random.Random,
+    hypothesis_random: random.Random, recording_trainer: Callable[[Config], Any],
 ) -> None:
     with tempfile.TemporaryDirectory() as out:
         cfg = sim_config(*overrides, output_dir=out)
         generation = RecordingGeneration(SimulatedGenerationEngine(cfg.rollout.simulated, hypothesis_random))
-        trainer = RecordingTrainer(SimulatedTrainEngine(cfg.trainer.simulated))
+        trainer = recording_trainer(cfg)
         engines: Any = EngineSet(generation=generation, trainer=trainer, transport=SimulatedTransport(generation.inner, cfg.trainer.simulated))
         with anyio.fail_after(RUN_DEADLINE_S):
             sup = await Supervisor.build(cfg, engines=engines)
@@ -151,7 +127,7 @@ async def test_episodes_stay_token_exact_aligned_fresh_and_accounted_for(
     bound = cfg.async_training.staleness_threshold
     spec = sup.task.episodes
     assert spec is not None
-    for version, batch in trainer.batches:
+    for (version, _), batch in zip(trainer.steps, trainer.batches, strict=True):
         for sample in batch:
             assert version - sample.min_version <= bound
             for i, t in enumerate(sample.trajectories):
@@ -167,5 +143,5 @@ async def test_episodes_stay_token_exact_aligned_fresh_and_accounted_for(
     assert result.finished
     assert result.made == result.trained + result.dropped_stale + result.queued
     assert counters.episodes >= result.trained * cfg.rollout.n
-    trained_errors = sum(bool(t.reward_error) for _, b in trainer.batches for s in b for t in s.trajectories)
+    trained_errors = sum(bool(t.reward_error) for b in trainer.batches for s in b for t in s.trajectories)
     assert counters.env_errors >= trained_errors  # every failed episode trained on was counted
