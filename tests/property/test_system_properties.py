@@ -96,6 +96,15 @@ def prompts_accounted_for(sup: Supervisor, cfg: Config, trained: list[tuple[int,
     assert len(set(drawn) - set(seen)) == sup.channel.statistics().dropped_stale, "a drawn prompt was lost"
 
 
+def assert_run_ended_whole(cfg: Config, result: RunResult, violations: list[str], sup: Supervisor, recorder: Any) -> None:
+    """What every run here ends with: no violation seen while it ran, every step trained, every sample
+    (made = trained + dropped + queued) and every drawn prompt accounted for."""
+    assert not violations, violations[:3]
+    assert result.finished and result.trained == cfg.trainer.total_training_steps * cfg.data.train_batch_size
+    assert result.made == result.trained + result.dropped_stale + result.queued
+    prompts_accounted_for(sup, cfg, trained_prompts(recorder))
+
+
 controls = st.lists(st.tuples(st.sampled_from([0.0, 0.001, 0.004]), st.sampled_from(["pause", "resume"])), max_size=6)
 
 
@@ -223,19 +232,16 @@ async def test_moving_the_admission_window_at_random_moments_keeps_staleness_and
         answers: list[object] = []
         result, rows = await run_supervised(cfg, engines, sup_box, script, answers)
 
-    at, steps, batch = cfg.async_training, cfg.trainer.total_training_steps, cfg.data.train_batch_size
-    assert not violations, violations[:3]
+    at = cfg.async_training
+    assert_run_ended_whole(cfg, result, violations, sup_box[0], recorder)
     assert all(answer is True for answer in answers)
     assert all(r["sample_age_max"] <= at.staleness_threshold for r in rows)
     assert all(version - min_v <= at.staleness_threshold for version, b in recorder.steps for _, _, min_v, _, _ in b)
-    assert result.finished and result.trained == steps * batch
-    assert result.made == result.trained + result.dropped_stale + result.queued
     stats = sup_box[0].rollouter.statistics()
     assert stats.counters.admitted == result.made + result.in_flight
     assert stats.generating == 0, "an admission token was not returned"
     moves = [a for _, a in script if isinstance(a, int)]
     assert stats.admission_window == moves[-1]
-    prompts_accounted_for(sup_box[0], cfg, trained_prompts(recorder))
 
 
 @pytest.mark.anyio
@@ -276,12 +282,9 @@ async def test_engine_failures_and_restarts_lose_no_prompt(
         result, rows = await run_supervised(cfg, engines, sup_box, [], [])
 
     at, steps = cfg.async_training, cfg.trainer.total_training_steps
-    assert not violations, violations[:3]
-    assert result.finished and result.trained == steps * cfg.data.train_batch_size
-    assert result.made == result.trained + result.dropped_stale + result.queued
+    assert_run_ended_whole(cfg, result, violations, sup_box[0], recorder)
     assert all(version - min_v <= at.staleness_threshold for version, b in recorder.steps for _, _, min_v, _, _ in b)
     assert len(rows) == steps
-    prompts_accounted_for(sup_box[0], cfg, trained_prompts(recorder))
 
 
 limit_moves = st.lists(
@@ -327,18 +330,14 @@ async def test_a_controller_moving_window_and_staleness_at_random_moments_keeps_
         answers: list[object] = []
         result, rows = await run_supervised(cfg, engines, sup_box, script, answers)
 
-    at, steps, batch = cfg.async_training, cfg.trainer.total_training_steps, cfg.data.train_batch_size
-    assert not violations, violations[:3]
+    at, sup = cfg.async_training, sup_box[0]
+    assert_run_ended_whole(cfg, result, violations, sup, recorder)
     assert all(r["sample_age_max"] <= at.staleness_threshold for r in rows)
     assert all(version - oldest <= at.staleness_threshold for version, b in recorder.steps for *_, oldest in b)
-    assert result.finished and result.trained == steps * batch
-    assert result.made == result.trained + result.dropped_stale + result.queued
-    sup = sup_box[0]
     assert sup.rollouter.statistics().counters.admitted == result.made + result.in_flight
     assert sup.rollouter.statistics().generating == 0, "an admission token was not returned"
     limits = [a[1] for _, a in script if isinstance(a, tuple)]
     assert sup.channel.statistics().staleness_limit == (limits[-1] if limits else at.staleness_threshold)
-    prompts_accounted_for(sup, cfg, trained_prompts(recorder))
 
 
 @pytest.mark.anyio
@@ -374,12 +373,9 @@ async def test_the_autotune_controller_keeps_the_hard_bound_and_the_accounting(
         engines, recorder = engines_for(cfg, hypothesis_random, on_generate=admission_checker(sup_box, cfg, violations))
         result, rows = await run_supervised(cfg, engines, sup_box, [], [])
 
-    at, steps, batch = cfg.async_training, cfg.trainer.total_training_steps, cfg.data.train_batch_size
-    assert not violations, violations[:3]
+    at = cfg.async_training
+    assert_run_ended_whole(cfg, result, violations, sup_box[0], recorder)
     assert all(version - oldest <= at.staleness_threshold for version, b in recorder.steps for *_, oldest in b)
-    assert result.finished and result.trained == steps * batch
-    assert result.made == result.trained + result.dropped_stale + result.queued
     for r in rows:
         assert low <= r["autotune/window"] <= high
         assert min(at.staleness_threshold, at.trigger_parameter_sync_step - 1) <= r["autotune/staleness"] <= at.staleness_threshold
-    prompts_accounted_for(sup_box[0], cfg, trained_prompts(recorder))
