@@ -21,8 +21,9 @@ goes back to an older version.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import msgspec
@@ -103,21 +104,11 @@ class ParameterSynchronizer:
             await self._with_retries(version, self.transport.stage)
             staged = paused = pushed = time.monotonic()
             in_flight = self.rollouter.statistics().running
-            if self.cfg.in_flight_updates:  # the transport pauses the engine in place around its hand-over
+            async with self._rollout_held():
+                paused = time.monotonic()
                 await self._with_retries(version, self.transport.push)
                 pushed = time.monotonic()
-                self.rollouter.notify_version()
-            else:
-                try:
-                    # Partial rollout interrupts generations (they continue under the new weights);
-                    # otherwise in-flight generations finish under the weights that started them.
-                    await self.rollouter.pause("sync", drain=not self.cfg.partial_rollout)
-                    paused = time.monotonic()
-                    await self._with_retries(version, self.transport.push)
-                    pushed = time.monotonic()
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await self.rollouter.resume("sync")
+            self.rollouter.notify_version()  # admission's staleness capacity follows the version
         end = time.monotonic()
         latency = end - start
         c = self._counters = msgspec.structs.replace(
@@ -143,6 +134,22 @@ class ParameterSynchronizer:
             in_place=self.cfg.in_flight_updates,
         )
         return SyncResult(latency_s=latency, pause_s=c.last_pause_s, in_flight=in_flight)
+
+    @contextlib.asynccontextmanager
+    async def _rollout_held(self) -> AsyncIterator[None]:
+        """Hold rollout for a push: pause the rollouter — partial rollout interrupts generations (they
+        continue under the new weights), otherwise they finish under the weights that started them —
+        and resume it on every path out; with in-flight updates leave it running (the transport
+        pauses the engine in place around its hand-over)."""
+        if self.cfg.in_flight_updates:
+            yield
+            return
+        try:
+            await self.rollouter.pause("sync", drain=not self.cfg.partial_rollout)
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.rollouter.resume("sync")
 
     async def sync_weights(self, version: int) -> bool:
         """The seed's check: True once the rollout serves `version` (raises SyncFailed otherwise)."""
