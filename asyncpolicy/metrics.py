@@ -138,8 +138,9 @@ def _tensorboard_writer(directory: Path) -> Any:
 
 
 def episode_metrics(batch: list[Sample], counters: RolloutCounters) -> dict[str, float]:
-    """Agentic episodes' keys (docs/agents.md): this batch's turns and environment tokens per episode,
-    and the run's environment failures, tool calls and mean time per environment call so far."""
+    """Agentic episodes' keys (docs/agents.md): this batch's turns and environment tokens per episode and
+    share of episodes that called a tool, and the run's environment failures, tool calls and mean time
+    per environment call so far."""
     episodes = [t for s in batch for t in s.trajectories]
     n = max(1, len(episodes))
     return {
@@ -147,5 +148,6 @@ def episode_metrics(batch: list[Sample], counters: RolloutCounters) -> dict[str,
         "episode/env_tokens_mean": sum(t.env_tokens for t in episodes) / n,
         "episode/tool_errors": float(counters.env_errors),
         "episode/tool_calls": float(counters.tool_calls),
+        "episode/tool_call_rate": sum(t.tool_calls > 0 for t in episodes) / n,  # of this batch's episodes
         "episode/tool_latency_s": counters.env_seconds / max(1, counters.env_calls),
     }

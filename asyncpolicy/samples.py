@@ -46,6 +46,7 @@ class Trajectory(msgspec.Struct, kw_only=True):
     reward_error: str = ""  # set when the reward function failed; the reward is then 0
     loss_mask: list[int] = msgspec.field(default_factory=list)  # 1 = model token, 0 = environment token; [] = all 1
     turns: int = 1  # model turns of the episode (1 for a single-turn response)
+    tool_calls: int = 0  # turns the environment marked as tool calls (`Step.tool_call`)
 
     def is_model_token(self, i: int) -> bool:
         return not self.loss_mask or self.loss_mask[i] == 1

@@ -548,6 +548,8 @@ class Supervisor:
         row = msgspec.to_builtins(metrics)
         if self.task.episodes is not None:  # single-turn lines stay as they were
             row.update(episode_metrics(report.batch, rollout.counters))
+            if self.validator.latest:  # share of held-out episodes that called a tool at least once
+                row["val/tool_call_rate"] = self.validator.latest.tool_call_rate
         row.update(report.engine_metrics)
         if self.autotuner is not None:
             row.update(self.autotuner.metrics())

@@ -323,11 +323,14 @@ class Rollouter:
                 self._idle_since = time.monotonic()
             self._changed.notify()
 
-    async def evaluate(self, prompt: Prompt) -> float:
+    async def evaluate(self, prompt: Prompt) -> Trajectory:
         """One scored response to a held-out prompt at `rollout.val_temperature` (0: greedy), through
-        the guarded path; never queued."""
+        the guarded path; never queued. The trajectory, not only its reward: validation also reports
+        what the episode did (its tool calls)."""
         trajectory = await self._respond(prompt, 0, tag="val", temperature=self.cfg.rollout.val_temperature)
-        return trajectory.reward if self.episodes is not None else self._score(prompt, trajectory)
+        if self.episodes is None:
+            trajectory.reward = self._score(prompt, trajectory)
+        return trajectory
 
     async def _respond(
         self, prompt: Prompt, i: int, *, tag: str = "train", temperature: float | None = None

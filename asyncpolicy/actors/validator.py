@@ -37,6 +37,7 @@ class ValidationResult(msgspec.Struct, frozen=True, kw_only=True):
     reward_mean: float
     accuracy: float  # share of prompts whose response scored at least 1: a correct answer on every built-in task
     prompts: int
+    tool_call_rate: float = 0.0  # share of prompts whose episode called a tool at least once (0 single-turn)
 
 
 class Validator:
@@ -85,10 +86,14 @@ class Validator:
     async def validate(self, step: int) -> ValidationResult:
         version = self.rollouter.version
         rewards: list[float] = [math.nan] * len(self.prompts)
+        tool_users = 0
 
         async def one(i: int, prompt: Prompt) -> None:
+            nonlocal tool_users
             async with self.limiter:
-                rewards[i] = await self.rollouter.evaluate(prompt)
+                trajectory = await self.rollouter.evaluate(prompt)
+            rewards[i] = trajectory.reward
+            tool_users += trajectory.tool_calls > 0
 
         try:
             async with anyio.create_task_group() as tg:
@@ -99,5 +104,5 @@ class Validator:
         n = max(1, len(rewards))
         return ValidationResult(
             step=step, rollout_version=version, reward_mean=sum(rewards) / n,
-            accuracy=sum(r >= CORRECT for r in rewards) / n, prompts=len(rewards),
+            accuracy=sum(r >= CORRECT for r in rewards) / n, prompts=len(rewards), tool_call_rate=tool_users / n,
         )

@@ -31,6 +31,7 @@ class ValPoint(msgspec.Struct, frozen=True, kw_only=True):
     step: int
     t_s: float  # seconds of training when the measured policy existed (0 for the start's validation)
     accuracy: float
+    tool_call_rate: float = 0.0  # share of held-out episodes that called a tool (0 single-turn; from the validator's history only)
 
 
 def validation_points(
@@ -43,7 +44,7 @@ def validation_points(
     if results is not None:
         for v in results:
             if v.step not in points and v.step in step_t:
-                points[v.step] = ValPoint(step=v.step, t_s=step_t[v.step], accuracy=v.accuracy)
+                points[v.step] = ValPoint(step=v.step, t_s=step_t[v.step], accuracy=v.accuracy, tool_call_rate=v.tool_call_rate)
         return [points[k] for k in sorted(points)]
     for r in rows:
         step, accuracy = r.get("val_step"), r.get("val/accuracy")

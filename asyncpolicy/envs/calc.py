@@ -26,9 +26,13 @@ from asyncpolicy.tasks.base import Example
 from asyncpolicy.tasks.countdown import InvalidExpression, evaluate
 
 OPEN, CLOSE = "<calc>", "</calc>"
+# Says how to call and that the turn should end at the call. With SmolLM2-135M-Instruct sampling at
+# temperature 1 this phrasing drew a call in 5 of 64 held-out problems (an earlier one, "You may use a
+# calculator: write <calc>12*7</calc> ... and you get the result", in 0 of 64; benchmarks/RESULTS.md):
+# RL can only reinforce a call it sees.
 INSTRUCTION = (
-    f"You may use a calculator: write {OPEN}12*7{CLOSE} (whole numbers, + - * / and parentheses) and you "
-    f"get the result. {arith.INSTRUCTION}"
+    f"You have a calculator. To use it, write the expression between {OPEN} and {CLOSE}, for example "
+    f"{OPEN}12*7{CLOSE}, and stop; you will get the result. {arith.INSTRUCTION}"
 )
 
 

@@ -72,7 +72,7 @@ class EpisodeTokens:
         self.versions += [version] * len(ids)
         self.mask += [0] * len(ids)
 
-    def trajectory(self, *, finish_reason: str, reward: float, turns: int) -> Trajectory:
+    def trajectory(self, *, finish_reason: str, reward: float, turns: int, tool_calls: int = 0) -> Trajectory:
         return Trajectory(
             response_tokens=self.tokens,
             behaviour_logprobs=self.logprobs,
@@ -81,6 +81,7 @@ class EpisodeTokens:
             reward=reward,
             loss_mask=self.mask,
             turns=turns,
+            tool_calls=tool_calls,
         )
 
 
@@ -156,7 +157,7 @@ async def run_episode(spec: EpisodeSpec, prompt: Prompt, request: GenerationRequ
             ep.add_env(ids, ep.versions[-1] if ep.versions else result_version(result, request))
     except _EnvFailed as failed:
         reward, error = 0.0, str(failed)
-    trajectory = ep.trajectory(finish_reason=finish, reward=reward, turns=turns)
+    trajectory = ep.trajectory(finish_reason=finish, reward=reward, turns=turns, tool_calls=tool_calls)
     return EpisodeResult(
         trajectory=trajectory, env_calls=ep.calls, env_seconds=ep.seconds, tool_calls=tool_calls, error=error
     )

@@ -9,8 +9,9 @@ from typing import Any
 from asyncpolicy.bench.accuracy import ValPoint, time_to_accuracy, validation_points
 from asyncpolicy.bench.common import ScenarioRun
 from asyncpolicy.bench.gpu.learn import learn_result
-from asyncpolicy.bench.gpu.settings import GPUBenchSettings
-from asyncpolicy.config import load_config
+from asyncpolicy.actors.validator import ValidationResult
+from asyncpolicy.bench.gpu.settings import GPUBenchSettings, LearnArmSpec, staleness_arms
+from asyncpolicy.config import Config, load_config
 
 READY = 40.0  # start-up seconds: every line's elapsed_s includes them
 
@@ -65,18 +66,24 @@ def _run(rows: list[dict[str, Any]], steps: int = 8) -> ScenarioRun:
     )
 
 
+def arm(staleness: int, run: ScenarioRun, tokens: float) -> tuple[LearnArmSpec, Config, ScenarioRun, float]:
+    """A `--learn-staleness` arm as `section_learn` hands it to `learn_result`."""
+    spec = staleness_arms([staleness])[0]
+    return spec, load_config(None, ["task.name=arith", *spec.words]), run, tokens
+
+
 def test_the_target_is_the_on_policy_final_and_each_arm_is_timed_against_it() -> None:
     on_policy = lines(CURVE)  # final 0.5, first reached at step 2 (20 s)
     faster = lines({1: (0, 0.25), 2: (1, 0.5)}, step_s=5.0)  # 0.5 at step 1: 5 s
     never = lines({1: (0, 0.25)})
     s = GPUBenchSettings(learn_budget_s=90.0, learn_stop_s=30.0)
     cfg = load_config(None, ["task.name=arith"])
-    res = learn_result([(0, _run(on_policy), 1000.0), (1, _run(faster), 2000.0), (2, _run(never), 500.0)], s, ["w=1"], cfg)
+    res = learn_result([arm(0, _run(on_policy), 1000.0), arm(1, _run(faster), 2000.0), arm(2, _run(never), 500.0)], s, ["w=1"], cfg)
     assert res.target == 0.5 and res.task == "arith"
     a0, a1, a2 = res.arms
-    assert (a0.reached_s, a0.reached_step, a0.vs_on_policy) == (20.0, 2, 1.0)
-    assert (a1.reached_s, a1.reached_step, a1.vs_on_policy) == (5.0, 1, 0.25)
-    assert (a2.reached_s, a2.reached_step, a2.vs_on_policy) == (None, None, None)
+    assert (a0.reached_s, a0.reached_step, a0.vs_first) == (20.0, 2, 1.0)
+    assert (a1.reached_s, a1.reached_step, a1.vs_first) == (5.0, 1, 0.25)
+    assert (a2.reached_s, a2.reached_step, a2.vs_first) == (None, None, None)
     assert (a0.base_accuracy, a0.final_accuracy, a0.best_accuracy) == (0.25, 0.5, 0.75)
     assert a0.train_s == 100.0 and a0.bound_s == 120.0 and a0.start_s == READY and a0.dropped_stale == 3
     assert a0.steps_per_s == 8 / 80.0 and a1.steps_per_s == 8 / 40.0  # steps ÷ training time of the last step
@@ -87,14 +94,40 @@ def test_the_target_is_the_on_policy_final_and_each_arm_is_timed_against_it() ->
 def test_no_ratio_when_the_on_policy_arm_meets_its_target_at_the_start() -> None:
     flat = lines({1: (0, 0.5), 3: (2, 0.25), 5: (4, 0.5)})  # final 0.5 = the start's
     s, cfg = GPUBenchSettings(), load_config(None, [])
-    res = learn_result([(0, _run(flat), 1.0), (1, _run(lines(CURVE)), 1.0)], s, [], cfg)
+    res = learn_result([arm(0, _run(flat), 1.0), arm(1, _run(lines(CURVE)), 1.0)], s, [], cfg)
     assert res.target == 0.5
-    assert (res.arms[0].reached_s, res.arms[0].vs_on_policy) == (0.0, None)  # reached at time 0: a ratio would divide by it
-    assert (res.arms[1].reached_s, res.arms[1].vs_on_policy) == (20.0, None)
+    assert (res.arms[0].reached_s, res.arms[0].vs_first) == (0.0, None)  # reached at time 0: a ratio would divide by it
+    assert (res.arms[1].reached_s, res.arms[1].vs_first) == (20.0, None)
 
 
 def test_no_target_without_an_on_policy_validation() -> None:
     s, cfg = GPUBenchSettings(), load_config(None, [])
-    res = learn_result([(0, _run(lines({})), 1.0), (1, _run(lines(CURVE)), 1.0)], s, [], cfg)
-    assert res.target is None and all(a.reached_s is None and a.vs_on_policy is None for a in res.arms)
+    res = learn_result([arm(0, _run(lines({})), 1.0), arm(1, _run(lines(CURVE)), 1.0)], s, [], cfg)
+    assert res.target is None and all(a.reached_s is None and a.vs_first is None for a in res.arms)
     assert res.arms[0].base_accuracy is None and res.arms[1].base_accuracy == 0.25
+
+
+def test_arms_of_ones_own_are_timed_against_the_first_and_report_tool_calls_and_autotune() -> None:
+    """`--learn-arm`: the first arm sets the target whatever its staleness; an agentic arm reports its
+    tool-call rates (held-out from the validator's history, training from its lines); a tuning arm
+    the `autotune/*` keys of its last line."""
+    tools = lines({1: (0, 0.25), 3: (2, 0.5)})
+    for i, row in enumerate(tools):
+        row["episode/tool_call_rate"] = i / 10  # 0.0 .. 0.7
+    tools[-1].update({"autotune/window": 16, "autotune/staleness": 2, "autotune/moves": 3})
+    validations = [ValidationResult(step=0, rollout_version=0, reward_mean=0.25, accuracy=0.25, prompts=4, tool_call_rate=0.0),
+                   ValidationResult(step=2, rollout_version=2, reward_mean=0.5, accuracy=0.5, prompts=4, tool_call_rate=0.75)]
+    calc, auto = _run(tools), _run(lines(CURVE))
+    calc.validations = validations
+    s = GPUBenchSettings(learn_budget_s=90.0, learn_stop_s=30.0)
+    specs = [LearnArmSpec("calc", ["task.name=calc"]), LearnArmSpec("auto", ["async_training.autotune=true", "async_training.staleness_threshold=2"])]
+    runs = [(specs[0], load_config(None, specs[0].words), calc, 1.0), (specs[1], load_config(None, specs[1].words), auto, 1.0)]
+    res = learn_result(runs, s, [], load_config(None, []))
+    first, second = res.arms
+    assert res.target == 0.5 and (first.name, first.task, first.staleness) == ("calc", "calc", 1)
+    assert (first.reached_s, first.vs_first, second.reached_s, second.vs_first) == (20.0, 1.0, 20.0, 1.0)
+    assert first.val_tool_call_rate == (0.0, 0.75)
+    assert first.train_tool_call_rate is not None
+    assert math.isclose(first.train_tool_call_rate[0], 0.2) and math.isclose(first.train_tool_call_rate[1], 0.5)  # means of 0..0.4, 0.3..0.7
+    assert first.autotune_end == {"autotune/window": 16.0, "autotune/staleness": 2.0, "autotune/moves": 3.0}
+    assert (second.task, second.staleness, second.val_tool_call_rate, second.train_tool_call_rate) == ("reverse", 2, None, None)

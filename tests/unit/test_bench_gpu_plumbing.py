@@ -18,7 +18,7 @@ import pytest
 from asyncpolicy.bench.gpu.fakes import CPUPlumbing
 from asyncpolicy.bench.gpu.model_dir import TINY_QWEN, make_model_dir
 from asyncpolicy.bench.gpu.sections import GPUBenchResult, run_sections
-from asyncpolicy.bench.gpu.settings import SECTION_NAMES, cpu_settings
+from asyncpolicy.bench.gpu.settings import SECTION_NAMES, LearnArmSpec, cpu_settings
 from asyncpolicy.bench.gpu.table import format_table, table_rows
 from asyncpolicy.bench.cli import bench_main
 from asyncpolicy.bench.common import BenchContext, Machine
@@ -100,7 +100,7 @@ def test_the_learn_section_runs_every_arm_to_its_budget_and_writes_its_table_plo
         assert (tmp_path / "out" / f"gpu_learn_staleness_{a['staleness']}.log").exists()
     on_policy = L["arms"][0]
     assert L["target"] == on_policy["final_accuracy"] and on_policy["reached_s"] is not None  # on-policy reaches its own final
-    assert on_policy["vs_on_policy"] in (1.0, None)  # None only when the start already met the target (time 0)
+    assert on_policy["vs_first"] in (1.0, None)  # None only when the start already met the target (time 0)
 
     rows = table_rows(res)
     assert [r.section for r in rows] == ["learn"] * 3
@@ -112,6 +112,38 @@ def test_the_learn_section_runs_every_arm_to_its_budget_and_writes_its_table_plo
     saved = json.loads((out / "learn.json").read_text())
     assert [a["staleness"] for a in saved["arms"]] == [0, 1, 2] and saved["target"] == L["target"]
     assert "task.name=arith" in saved["settings"] and "trainer.test_freq=2" in saved["settings"]
+
+
+def test_learn_arms_of_ones_own_run_tool_episodes_and_autotune(tmp_path: Path) -> None:
+    """`--learn-arm`: agentic episodes (the simulated engines' stand-in for `task.name=calc`: an
+    environment whose every episode calls tools, so both tool-call rates are 1) and an autotuned arm
+    (its `autotune/*` end state) through the same section on the CPU stand-ins."""
+    model = make_model_dir(str(tmp_path / "model"), TINY_QWEN, tokenizer=False)
+    settings = cpu_settings(model, ["learn"])
+    settings.learn_arms = [
+        LearnArmSpec("tools", ["task.env=asyncpolicy.bench.tool_env:LognormalTools", "data.max_response_length=16", "task.max_turn_tokens=4"]),
+        LearnArmSpec("autotune", ["async_training.autotune=true", "async_training.staleness_threshold=2", "async_training.autotune_every_steps=1"]),
+    ]
+    ctx = BenchContext(tmp_path / "out", quick=True, overrides=[], machine=MACHINE, command="pytest")
+    ctx.out_dir.mkdir()
+
+    async def main() -> GPUBenchResult:
+        with anyio.fail_after(300):
+            async with CPUPlumbing(settings) as engines:
+                return await run_sections(engines, settings, ctx)
+
+    res = anyio.run(main, backend="asyncio")
+    assert res.errors == {}, "\n".join(res.errors.values())
+    tools, tuned = res.sections["learn"]["arms"]
+    assert (tools["name"], tools["staleness"], tuned["name"], tuned["staleness"]) == ("tools", 1, "autotune", 2)
+    assert list(tools["val_tool_call_rate"]) == [1.0, 1.0] and list(tools["train_tool_call_rate"]) == [1.0, 1.0]
+    assert tuned["val_tool_call_rate"] is None and tools["autotune_end"] is None
+    assert set(tuned["autotune_end"]) == {"autotune/window", "autotune/staleness", "autotune/moves"}
+    assert 1 <= tuned["autotune_end"]["autotune/staleness"] <= 2
+    rows = table_rows(res)
+    assert "tools (staleness 1)" in rows[0].figure and "tool calls held-out 1.000 → 1.000" in rows[0].text
+    assert "autotune at the end" in rows[1].text
+    assert (tmp_path / "out" / "gpu_learn_tools.log").exists() and (tmp_path / "out" / "gpu_learn_autotune.log").exists()
 
 
 @pytest.mark.slow
@@ -137,6 +169,11 @@ def test_the_train_section_runs_compiled_variants_on_cpu(tmp_path: Path) -> None
     (["--learn-staleness", "1,2"], "--learn-staleness takes distinct thresholds"),
     (["--learn-staleness", "0,1,1"], "--learn-staleness takes distinct thresholds"),
     (["--learn-budget-s", "0"], "--learn-budget-s must be a positive number"),
+    (["--learn-arm", "no words"], "--learn-arm takes NAME:WORDS"),
+    (["--learn-arm", "a b:task.name=calc"], "--learn-arm takes NAME:WORDS"),
+    (["--learn-arm", "x:task.name=calc", "--learn-arm", "x:seed=1"], "--learn-arm names must differ"),
+    (["--learn-arm", "x:calc"], "--learn-arm x: 'calc' is not a key=value config word"),
+    (["--learn-arm", "x:task.name=nope"], "learn arm 'x'"),
     (["trainer.lr=fast"], "trainer.lr"),
     (["trainer.nonsense=1"], "trainer.nonsense"),
     (["notakeyvalue"], "'notakeyvalue' is not a key=value config override"),

@@ -181,4 +181,6 @@ def test_guess_runs_end_to_end_with_episode_metrics(tmp_path: Path, model_cache:
         assert 1.0 <= m["episode/turns_mean"] <= guess.MAX_TURNS
         assert m["episode/env_tokens_mean"] == pytest.approx(m["episode/turns_mean"] - 1)  # a one-character hint a turn
         assert m["episode/tool_errors"] == 0 and 0.0 <= m["reward_mean"] <= 1.0
+        assert m["episode/tool_call_rate"] == 0.0 and m.get("val/tool_call_rate") in (None, 0.0)  # hints are no tool calls
     assert any(m.get("val/accuracy") is not None for m in metrics)
+    assert any(m.get("val/tool_call_rate") == 0.0 for m in metrics)

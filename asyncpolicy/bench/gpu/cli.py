@@ -15,9 +15,10 @@ Sections (each independent; a failing one is recorded with its traceback and the
          (g + t) / max(g, t), and the achieved fraction of it
   learn  SmolLM2-135M-Instruct on arith through the Supervisor, on-policy and with staleness 1 and 2,
          the same seed and training budget each (--learn-budget-s): held-out accuracy against time
-         and steps (learn.png), the time each arm takes to reach the on-policy arm's final accuracy,
-         steps/s, generated tokens/s, sync pauses, stale drops (learn.json). key=value words
-         override its run (settings.LEARN_RUN); one GPU colocated, or --learn-gpus 2
+         and steps (learn.png), the time each arm takes to reach the first arm's final accuracy,
+         steps/s, generated tokens/s, sync pauses, stale drops, tool-call rates (learn.json). key=value
+         words override its run (settings.LEARN_RUN); --learn-arm NAME:WORDS names arms of your own
+         (autotune, task.name=calc ...); one GPU colocated, or --learn-gpus 2
 
 Every section takes its engines from a factory: `GPUEngines` (vLLM + FSDP2 on CUDA) for the
 benchmark, `CPUPlumbing` (asyncpolicy/bench/gpu/fakes.py) for the CPU test that runs every section
@@ -33,6 +34,7 @@ converted before any section runs.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -45,7 +47,14 @@ from asyncpolicy.bench.common import WARMUP, BenchContext, configure_bench_loggi
 from asyncpolicy.bench.gpu.engines import GPUEngines
 from asyncpolicy.bench.gpu.model_dir import make_model_dir
 from asyncpolicy.bench.gpu.sections import SECTIONS, GPUBenchResult, run_sections
-from asyncpolicy.bench.gpu.settings import LEARN_RUN, SECTION_NAMES, VLLM_SECTIONS, GPUBenchSettings
+from asyncpolicy.bench.gpu.settings import (
+    LEARN_RUN,
+    SECTION_NAMES,
+    VLLM_SECTIONS,
+    GPUBenchSettings,
+    LearnArmSpec,
+    staleness_arms,
+)
 from asyncpolicy.bench.gpu.table import format_table
 from asyncpolicy.config import load_config
 from asyncpolicy.errors import ConfigError
@@ -104,29 +113,53 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--learn-model", default=d.learn_model, metavar="DIR", help="learn: model.path (smollm2-135m-instruct or a model directory)")
     p.add_argument("--learn-budget-s", type=float, default=d.learn_budget_s, help="learn: seconds of training per arm")
     p.add_argument("--learn-gpus", type=int, default=d.learn_gpus, choices=[1, 2], help="learn: 1 = colocated on GPU 0, 2 = GPUs 0 and 1")
-    p.add_argument("--learn-staleness", default=",".join(map(str, d.learn_staleness)), help="learn: the arms' staleness thresholds, 0 first")
+    p.add_argument("--learn-staleness", default="0,1,2", help="learn: the arms' staleness thresholds, 0 first")
+    p.add_argument(
+        "--learn-arm", action="append", default=[], metavar="NAME:WORDS",
+        help="learn: an arm of your own, instead of --learn-staleness (repeat it; the first sets the target): a name "
+        "(letters, digits, _ -) and the config words it adds, space-separated, e.g. 'autotune:async_training.autotune=true'",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="learn: config overrides of its runs (over settings.LEARN_RUN)")
     return p
 
 
-def _learn_options(args: argparse.Namespace) -> list[int]:
+def _learn_options(args: argparse.Namespace) -> list[LearnArmSpec]:
     """The learn section's arms; ValueError naming the option or key on bad input."""
-    try:
-        arms = [int(x) for x in args.learn_staleness.split(",") if x]
-    except ValueError:
-        arms = []
-    if not arms or arms[0] != 0 or min(arms) < 0 or len(set(arms)) != len(arms):
-        raise ValueError(f"--learn-staleness takes distinct thresholds, comma-separated, 0 (on-policy: the target) first (got {args.learn_staleness!r})")
+    if args.learn_arm:
+        arms = [_arm(text) for text in args.learn_arm]
+        names = [a.name for a in arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--learn-arm names must differ (got {', '.join(names)})")
+    else:
+        try:
+            thresholds = [int(x) for x in args.learn_staleness.split(",") if x]
+        except ValueError:
+            thresholds = []
+        if not thresholds or thresholds[0] != 0 or min(thresholds) < 0 or len(set(thresholds)) != len(thresholds):
+            raise ValueError(f"--learn-staleness takes distinct thresholds, comma-separated, 0 (on-policy: the target) first (got {args.learn_staleness!r})")
+        arms = staleness_arms(thresholds)
     if not 0 < args.learn_budget_s < 1e6:
         raise ValueError(f"--learn-budget-s must be a positive number of seconds (got {args.learn_budget_s:g})")
     bad = [w for w in args.overrides if "=" not in w]
     if bad:
         raise ValueError(f"{bad[0]!r} is not a key=value config override")
-    try:
-        load_config(None, [*LEARN_RUN, f"model.path={args.learn_model}", *args.overrides])
-    except ConfigError as e:
-        raise ValueError(str(e)) from None
+    for arm in arms:
+        try:
+            load_config(None, [*LEARN_RUN, f"model.path={args.learn_model}", *args.overrides, *arm.words])
+        except ConfigError as e:
+            raise ValueError(f"learn arm {arm.name!r}: {e}" if args.learn_arm else str(e)) from None
     return arms
+
+
+def _arm(text: str) -> LearnArmSpec:
+    """`NAME:key=value key=value` → an arm; ValueError naming the option on bad input."""
+    name, sep, words = text.partition(":")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"--learn-arm takes NAME:WORDS, NAME of letters, digits, _ and - (got {text!r})")
+    bad = [w for w in words.split() if "=" not in w]
+    if bad:
+        raise ValueError(f"--learn-arm {name}: {bad[0]!r} is not a key=value config word")
+    return LearnArmSpec(name, words.split())
 
 
 def gpu_main(argv: list[str]) -> int:
@@ -146,7 +179,7 @@ def gpu_main(argv: list[str]) -> int:
         return EXIT_BAD_INPUT
     try:
         train_seqs, train_packing, train_compile, train_recompute = _train_lists(args)
-        learn_staleness = _learn_options(args)
+        learn_arms = _learn_options(args)
     except ValueError as e:
         print(f"asyncpolicy bench gpu: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -175,7 +208,7 @@ def gpu_main(argv: list[str]) -> int:
         async_staleness=args.async_staleness, async_in_flight=args.async_in_flight, train_seqs=train_seqs, train_packing=train_packing, train_compile=train_compile,
         train_max_tokens=args.train_max_tokens, train_len_min=args.train_len_min, train_recompute=train_recompute,
         train_attn=args.train_attn, learn_model=args.learn_model, learn_budget_s=args.learn_budget_s, learn_gpus=args.learn_gpus,
-        learn_staleness=learn_staleness, learn_overrides=list(args.overrides),
+        learn_arms=learn_arms, learn_overrides=list(args.overrides),
     )
     out = Path(args.out_dir) if args.out_dir else new_results_dir()
     out.mkdir(parents=True, exist_ok=True)

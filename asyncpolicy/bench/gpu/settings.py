@@ -32,6 +32,19 @@ LEARN_RUN = (
 )
 
 
+class LearnArmSpec(msgspec.Struct, frozen=True):
+    """One arm of the learn section: a name (its log's and run's) and the config words it adds over the
+    shared run (`LEARN_RUN` ← the user's words): a staleness, `async_training.autotune=true`, another task."""
+
+    name: str
+    words: list[str]
+
+
+def staleness_arms(thresholds: list[int]) -> list[LearnArmSpec]:
+    """`--learn-staleness 0,1,2`: an arm per staleness threshold, named `staleness_N`."""
+    return [LearnArmSpec(f"staleness_{t}", [f"async_training.staleness_threshold={t}"]) for t in thresholds]
+
+
 class GPUBenchSettings(msgspec.Struct, kw_only=True):
     """Sizes of every section; the defaults are the recorded GPU figures' (benchmarks/RESULTS.md)."""
 
@@ -69,8 +82,9 @@ class GPUBenchSettings(msgspec.Struct, kw_only=True):
     learn_model: str = "smollm2-135m-instruct"  # model.path of the learn section
     learn_budget_s: float = 600.0  # seconds of training per arm (from its first step's start); then a graceful stop
     learn_gpus: int = 1  # 1: vLLM and the trainer share GPU 0 (CUDA IPC); 2: GPU 0 and GPU 1 (NCCL)
-    learn_staleness: list[int] = msgspec.field(default_factory=lambda: [0, 1, 2])  # the arms; 0 (on-policy) sets the target
-    learn_overrides: list[str] = msgspec.field(default_factory=list)  # key=value words: over LEARN_RUN, under each arm's staleness
+    # the arms, one after another; the first one's final accuracy is the target every arm's time is read against
+    learn_arms: list[LearnArmSpec] = msgspec.field(default_factory=lambda: staleness_arms([0, 1, 2]))
+    learn_overrides: list[str] = msgspec.field(default_factory=list)  # key=value words: over LEARN_RUN, under each arm's words
     learn_start_s: float = 600.0  # an arm's allowance to start (engines, first sync) within its hard bound
     learn_stop_s: float = 300.0  # and to stop after its budget (the step in progress, the checkpoint, closing engines)
 

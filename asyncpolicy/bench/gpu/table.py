@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 
+from asyncpolicy.bench.gpu.learn import learn_label
 from asyncpolicy.bench.gpu.sections import GPUBenchResult
 
 
@@ -89,29 +90,37 @@ def _acc(x: float | None) -> str:
 
 
 def _learn_rows(L: dict[str, Any]) -> list[TableRow]:
-    """One row per arm: accuracy (start → final, best), time to the on-policy final, throughput, syncs, drops."""
+    """One row per arm: accuracy (start → final, best), time to the first arm's final, throughput, syncs,
+    drops, and tool calls / autotune's end state where the arm has them."""
     rows, target = [], L["target"]
     for a in L["arms"]:
         numbers = {
             "base_accuracy": a["base_accuracy"], "final_accuracy": a["final_accuracy"], "best_accuracy": a["best_accuracy"],
-            "reached_s": a["reached_s"], "vs_on_policy": a["vs_on_policy"], "steps_per_s": a["steps_per_s"],
+            "reached_s": a["reached_s"], "vs_first": a["vs_first"], "steps_per_s": a["steps_per_s"],
             "gen_tokens_per_s": a["gen_tokens_per_s"], "sync_pause_mean_s": a["sync_pause_mean_s"],
             "sync_pause_p99_s": a["sync_pause_p99_s"], "dropped_stale": float(a["dropped_stale"]), "train_s": a["train_s"],
         }
         v = {k: float(x) for k, x in numbers.items() if x is not None and math.isfinite(x)}  # what was not measured is not shown as a number
+        first = L["arms"][0]["name"]
         if target is None:
-            reach = "no target (the on-policy arm has no validation)"
+            reach = f"no target (the first arm, {first}, has no validation)"
         elif a["reached_s"] is None:
             reach = f"to {target:.3f}: not reached"
         else:
-            ratio = f"{a['vs_on_policy']:.2f}× on-policy's" if a["vs_on_policy"] is not None else "on-policy's is 0"
+            ratio = f"{a['vs_first']:.2f}× {first}'s" if a["vs_first"] is not None else f"{first}'s is 0"
             reach = f"to {target:.3f}: {a['reached_s']:.0f} s, step {a['reached_step']} ({ratio})"
-        schedule = "on-policy (staleness 0)" if a["staleness"] == 0 else f"staleness {a['staleness']}"
+        extra = ""
+        if a.get("val_tool_call_rate"):
+            (v0, v1), (t0, t1) = a["val_tool_call_rate"], a["train_tool_call_rate"]
+            extra += f"; tool calls held-out {v0:.3f} → {v1:.3f}, training {t0:.3f} → {t1:.3f}"
+        if a.get("autotune_end"):
+            extra += "; autotune at the end: " + ", ".join(f"{k.removeprefix('autotune/')} {x:g}" for k, x in a["autotune_end"].items())
+        schedule = learn_label(a)
         rows.append(TableRow(
-            section="learn", figure=f"learn {L['task']}, {schedule}: {a['steps']} steps in {a['train_s']:.0f} s", values=v,
+            section="learn", figure=f"learn {a['task']}, {schedule}: {a['steps']} steps in {a['train_s']:.0f} s", values=v,
             text=f"accuracy {_acc(a['base_accuracy'])} → {_acc(a['final_accuracy'])} (best {_acc(a['best_accuracy'])}); {reach}; "
             f"{a['steps_per_s']:.3f} steps/s, {a['gen_tokens_per_s']:.0f} gen tok/s; sync pause {a['sync_pause_mean_s']:.3f} / "
-            f"{a['sync_pause_p99_s']:.3f} s (mean / p99); {a['dropped_stale']} stale drops",
+            f"{a['sync_pause_p99_s']:.3f} s (mean / p99); {a['dropped_stale']} stale drops{extra}",
         ))
     return rows
 
