@@ -300,6 +300,7 @@ class Supervisor:
                 log.warning("stopped_during_start_up")
                 task_status.started()
                 return
+            reported = False  # task_status.started() called: `__aenter__` has returned
             with anyio.CancelScope() as self._actors:
                 try:
                     async with anyio.create_task_group() as actors:
@@ -318,6 +319,7 @@ class Supervisor:
                             self.validator.request(self.trainer.statistics().step)
                         self.ready_s = time.monotonic() - self._started_at
                         task_status.started()
+                        reported = True
                         log.info(
                             "run_started",
                             output_dir=str(self.output_dir),
@@ -326,6 +328,8 @@ class Supervisor:
                         )
                 except BaseExceptionGroup as group:
                     raise first_failure(group) from None
+            if not reported:  # stopped, or training already complete (a finished run resumed), while actors started:
+                task_status.started()  # the run ended as it began, no failure: the checkpoint below is written
             # Reached on a finished run or a graceful stop, never after a failure: a failed run
             # keeps its last good checkpoint untouched.
             finished = self.trainer.statistics().step >= self.cfg.trainer.total_training_steps

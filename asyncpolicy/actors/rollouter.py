@@ -66,7 +66,8 @@ class RolloutCounters(msgspec.Struct, frozen=True, kw_only=True):
     timeouts: int = 0
     reward_errors: int = 0  # scorer raised or returned a non-finite value; scored 0
     tokens: int = 0  # response tokens in completed samples
-    # agentic episodes (task.env or task.agent; docs/agents.md)
+    # agentic episodes (task.env or task.agent; docs/agents.md). Plays, not prompts: the episodes of a group
+    # replayed after a stop or a failure (`requeued`) count again, as the calls they made again do
     episodes: int = 0  # episodes finished (training and validation)
     turns: int = 0  # model turns of those episodes
     env_tokens: int = 0  # tokens the environment added to them (loss mask 0)

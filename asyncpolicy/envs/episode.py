@@ -73,13 +73,15 @@ class EpisodeTokens:
         self.mask += [0] * len(ids)
 
     def trajectory(self, *, finish_reason: str, reward: float, turns: int, tool_calls: int = 0) -> Trajectory:
+        """The record as it is now, copied: a call still running when its episode ends (an agent that
+        timed out while the endpoint generates for it) may add to the record, never to what is trained."""
         return Trajectory(
-            response_tokens=self.tokens,
-            behaviour_logprobs=self.logprobs,
-            token_versions=self.versions,
+            response_tokens=list(self.tokens),
+            behaviour_logprobs=list(self.logprobs),
+            token_versions=list(self.versions),
             finish_reason=finish_reason,
             reward=reward,
-            loss_mask=self.mask,
+            loss_mask=list(self.mask),
             turns=turns,
             tool_calls=tool_calls,
         )

@@ -7,6 +7,7 @@ module registers with Hypothesis, so an example replays and shrinks.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import anyio
 
@@ -48,3 +49,36 @@ class PlainEnv(RandomEnv):
             return Step(done=True, reward=1.0)
         self.turns_left -= 1
         return Step(observation="x")
+
+
+class Tripwire:
+    """What the stop properties arm: `on_step(prompt)` as each episode step starts (a property stops the
+    run at the k-th tool call from it), and the prompts whose tool call hung."""
+
+    def __init__(self) -> None:
+        self.on_step: Callable[[Prompt], None] | None = None
+        self.hung: list[Prompt] = []
+
+    def disarm(self) -> None:
+        self.on_step, self.hung = None, []
+
+
+TRIPWIRE = Tripwire()
+HANG_RATE = 0.08
+
+
+class HangingEnv(RandomEnv):
+    """RandomEnv whose tool now and then never answers (task.env_timeout_s ends the call), and whose
+    steps pass TRIPWIRE first."""
+
+    async def reset(self, prompt: Prompt) -> None:
+        self.prompt = prompt
+        await super().reset(prompt)
+
+    async def step(self, model_text: str) -> Step:
+        if TRIPWIRE.on_step is not None:
+            TRIPWIRE.on_step(self.prompt)
+        if RNG.random() < HANG_RATE:
+            TRIPWIRE.hung.append(self.prompt)
+            await anyio.sleep_forever()
+        return await super().step(model_text)

@@ -22,7 +22,8 @@ from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
 from asyncpolicy.engines.simulated import SimulatedGenerationEngine, SimulatedTokenizer
 from asyncpolicy.envs.tokens import ObservationTokens
 from asyncpolicy.errors import ConfigError
-from asyncpolicy.samples import Prompt
+from asyncpolicy.samples import Prompt, Trajectory
+from asyncpolicy.tasks.base import ChatMessage
 
 pytest.importorskip("openai")
 FOLLOW_UP = "Check it, then reply with the number only."
@@ -65,6 +66,36 @@ def test_example_agent_episodes_are_token_exact() -> None:
                 assert set(t.token_versions) == {step}
                 assert [lp for lp, m in zip(t.behaviour_logprobs, t.loss_mask, strict=True) if not m] == [0.0] * len(follow)
             tg.cancel_scope.cancel()
+
+    anyio.run(main)
+
+
+def test_a_call_still_running_when_its_episode_ends_does_not_change_the_trajectory() -> None:
+    """An agent that times out while the endpoint generates for it: its episode ends (its trajectory
+    built) and the call finishes later; what is trained is the trajectory as the episode ended."""
+    engine = SimulatedGenerationEngine(SimulatedRolloutConfig(mean_latency_s=0.0), random.Random(2))
+    tok = SimulatedTokenizer()
+    entered, release = anyio.Event(), anyio.Event()
+
+    async def generate(request: GenerationRequest) -> GenerationResult:
+        if not request.request_id.endswith("/t1"):  # every call after the first waits until released
+            entered.set()
+            await release.wait()
+        return await engine.generate(request)
+
+    async def main() -> None:
+        prompt = Prompt(index=0, epoch=0, text="What is 1 + 1?", tokens=[5])
+        conv = AgentConversation(prompt, _request(0), generate, ObservationTokens(tok), tok.decode, 64)
+        user = ChatMessage("user", prompt.text)
+        text, _ = await conv.complete([user], None)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(conv.complete, [user, ChatMessage("assistant", text), ChatMessage("tool", "2")], None)
+            await entered.wait()
+            t = conv.trajectory(0.0, "the agent did not return within 1s")  # as run_agent_episode ends it
+            ended = msgspec.msgpack.decode(msgspec.msgpack.encode(t), type=Trajectory)  # a deep copy
+            release.set()
+        assert len(conv.record.tokens) > len(t.response_tokens)  # the late call did add to the record ...
+        assert t == ended  # ... and nothing to the trajectory
 
     anyio.run(main)
 

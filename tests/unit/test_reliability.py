@@ -199,6 +199,17 @@ async def test_stop_checkpoints_and_reports_unfinished(tmp_path: Path) -> None:
     assert state.reason == "stop" and state.trainer.step == result.steps
 
 
+async def test_a_finished_run_resumed_with_validation_on_ends_at_once_as_finished(tmp_path: Path) -> None:
+    """Training is complete as its actors start, so the trainer ends the run while the validator is
+    still starting (as a stop at that moment does): the run ends finished, with no start-up error."""
+    await run(cfg_for(tmp_path, "trainer.total_training_steps=2", "trainer.test_freq=1"))
+    with anyio.fail_after(30):
+        result = await run(cfg_for(tmp_path, "trainer.total_training_steps=2", "trainer.test_freq=1", "resume=auto"))
+    assert result.finished
+    assert_accounted(result, 2)
+    assert checkpoint.load_state(latest_checkpoint(tmp_path)).reason == "finished"
+
+
 async def test_events_iteration_ends_when_the_run_ends(tmp_path: Path) -> None:
     """A host that follows every event to the end is not left waiting after the last step."""
     cfg = cfg_for(tmp_path, "trainer.total_training_steps=6")
