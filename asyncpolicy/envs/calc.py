@@ -1,6 +1,6 @@
 r"""`calc`: the `arith` word problems with a calculator tool, for chat models (task.name=calc).
 
-The call format, told to the model in its prompt (`INSTRUCTION`): `<calc>12*7</calc>`. The text
+The call format, told to the model in its prompt (`INSTRUCTION`): `<calc>expression</calc>`. The text
 between the first complete `<calc>` ... `</calc>` pair of a turn is parsed by the Countdown parser
 (`tasks/countdown.evaluate` with any integer literals: `+ - * /`, parentheses, exact Fractions;
 never `eval`) and its value is the observation, a message of role "tool" (`12*7 = 84`). A bad
@@ -26,14 +26,11 @@ from asyncpolicy.tasks.base import Example
 from asyncpolicy.tasks.countdown import InvalidExpression, evaluate
 
 OPEN, CLOSE = "<calc>", "</calc>"
-# Says how to call and that the turn should end at the call. With SmolLM2-135M-Instruct sampling at
-# temperature 1 this phrasing drew a call in 5 of 64 held-out problems (an earlier one, "You may use a
-# calculator: write <calc>12*7</calc> ... and you get the result", in 0 of 64; benchmarks/RESULTS.md):
-# RL can only reinforce a call it sees.
-INSTRUCTION = (
-    f"You have a calculator. To use it, write the expression between {OPEN} and {CLOSE}, for example "
-    f"{OPEN}12*7{CLOSE}, and stop; you will get the result. {arith.INSTRUCTION}"
-)
+# Says how to call without a worked example and without naming the tags in a phrase: SmolLM2-135M-Instruct
+# copies an example's arithmetic (`12*7 = 80`) into its answers and writes out "between <calc> and
+# </calc>" as if it were a call. Greedy on 32 held-out problems this phrasing scored 7/32 (arith's
+# instruction alone 9/32; two phrasings with an example 0/32 and 2/32): benchmarks/RESULTS.md.
+INSTRUCTION = f"If you need to, compute with the calculator tool: {OPEN}expression{CLOSE}. {arith.INSTRUCTION}"
 
 
 def find_call(text: str) -> str | None:
