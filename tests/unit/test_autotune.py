@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from asyncpolicy.autotune.policy import (
     BAR_INTERVALS,
     CALM,
+    LOSS,
     PERSIST,
     SETTLE,
+    SPREAD_KL,
     Bounds,
     Limits,
     Memory,
@@ -29,6 +31,7 @@ from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import Config
 
 BOUNDS = Bounds(min_window=1, max_window=64, min_staleness=1, max_staleness=4)
+ON_POLICY_OK = Bounds(min_window=1, max_window=64, min_staleness=0, max_staleness=4)  # a sync every step
 
 
 def obs(**fields: object) -> Observation:
@@ -130,6 +133,7 @@ observations = st.builds(
     queue_full=st.floats(0, 1),
     stale_drops=st.integers(0, 5),
     age_max=st.one_of(st.just(math.nan), st.floats(0, 6)),
+    behaviour_kl=st.one_of(st.just(math.nan), st.floats(0, 0.1)),
     syncing=st.booleans(),
     paused=st.booleans(),
 )
@@ -162,6 +166,7 @@ def test_any_sequence_of_intervals_keeps_the_limits_within_bounds_moving_one_not
 def test_autotune_starts_where_the_defaults_are_and_never_below_the_sync_period() -> None:
     bounds, start = bounds_for(min_window=1, max_window=64, staleness_threshold=4, sync_every=1, initial_window=8)
     assert start == Limits(window=8, staleness=1) and bounds.max_staleness == 4
+    assert bounds.min_staleness == 0  # a sync every step: on-policy is within reach
     bounds, start = bounds_for(min_window=1, max_window=4, staleness_threshold=4, sync_every=3, initial_window=8)
     assert start == Limits(window=4, staleness=2) and bounds.min_staleness == 2
     _, start = bounds_for(min_window=1, max_window=64, staleness_threshold=0, sync_every=1, initial_window=8)
@@ -242,3 +247,67 @@ def test_a_resumed_run_tunes_on_from_the_checkpointed_controller(sim_config: Cal
     ((limits, stats),) = restored
     assert limits == saved.limits  # within the same bounds: exactly the checkpoint's
     assert stats.decisions == saved.decisions and stats.moves == saved.moves
+
+
+# -- on-policy: fresher samples when they cost no throughput --------------------------------------
+
+FED_SPREAD = obs(trainer_idle=0.0, age_max=1.0, behaviour_kl=10 * SPREAD_KL)  # staleness 1 fully used, the policy moves
+ON_POLICY_SAME_RATE = obs(trainer_idle=0.5, room_exhausted=0.9, window_full=0.0, age_max=0.0)  # waits by construction
+
+
+def test_a_fed_trainer_with_spread_importance_weights_goes_on_policy_and_stays_while_throughput_holds() -> None:
+    seq = [FED_SPREAD] * CALM + [ON_POLICY_SAME_RATE] * (SETTLE + BAR_INTERVALS)
+    got = run(seq, Limits(window=8, staleness=1), ON_POLICY_OK)
+    assert [lim.staleness for lim in got[: CALM - 1]] == [1] * (CALM - 1)
+    assert all(lim.staleness == 0 for lim in got[CALM - 1 :])  # the trainer's waiting at 0 does not undo it
+
+
+def test_without_importance_weight_spread_or_with_drops_the_used_bound_is_kept() -> None:
+    for o in (obs(trainer_idle=0.0, age_max=1.0), obs(trainer_idle=0.0, age_max=1.0, behaviour_kl=SPREAD_KL / 2),
+              obs(trainer_idle=0.0, age_max=1.0, behaviour_kl=10 * SPREAD_KL, stale_drops=1, trained=100)):
+        assert run([o] * 3 * CALM, Limits(window=8, staleness=1), ON_POLICY_OK)[-1].staleness == 1, o
+
+
+def test_the_floor_is_the_sync_period_s_need_on_policy_probes_stop_there() -> None:
+    assert run([FED_SPREAD] * 4 * CALM, Limits(window=8, staleness=1), BOUNDS)[-1].staleness == 1  # min_staleness 1
+
+
+def test_on_policy_that_costs_throughput_is_reverted_and_barred() -> None:
+    slower = obs(trainer_idle=0.5, room_exhausted=0.9, age_max=0.0, steps=2)  # half the rate: the overlap paid
+    seq = [FED_SPREAD] * CALM + [slower] * (SETTLE + 1) + [FED_SPREAD] * (BAR_INTERVALS - 2)
+    limits, memory = Limits(window=8, staleness=1), Memory()
+    reasons = []
+    for o in seq:
+        d = decide(o, limits, ON_POLICY_OK, memory)
+        limits, memory = d.limits, d.memory
+        reasons.append(d.reason)
+    assert limits.staleness == 1
+    assert sum(r.startswith("reverted: staleness 1 -> 0") for r in reasons) == 1  # not probed again while barred
+
+
+def test_leaving_on_policy_must_gain_more_than_the_loss_margin() -> None:
+    limits, memory = Limits(window=8, staleness=1), Memory()
+    for o in [FED_SPREAD] * CALM + [ON_POLICY_SAME_RATE] * (SETTLE + 1):
+        d = decide(o, limits, ON_POLICY_OK, memory)
+        limits, memory = d.limits, d.memory
+    assert limits.staleness == 0
+    # once the bar expires, the waiting trainer and the held-back admission raise it to 1 (a probe) ...
+    for o in [ON_POLICY_SAME_RATE] * (BAR_INTERVALS + PERSIST):
+        d = decide(o, limits, ON_POLICY_OK, memory)
+        limits, memory = d.limits, d.memory
+        if limits.staleness:
+            break
+    assert limits.staleness == 1 and memory.probe == "loosen"
+    raised = (limits, memory)
+    # ... which no gain (the same rate) takes back, ...
+    for o in [obs(trainer_idle=0.0, age_max=1.0)] * (SETTLE + 1):
+        d = decide(o, limits, ON_POLICY_OK, memory)
+        limits, memory = d.limits, d.memory
+    assert limits.staleness == 0 and d.reason.startswith("reverted")
+    # ... and a gain beyond the loss margin keeps
+    limits, memory = raised
+    faster = obs(trainer_idle=0.0, age_max=1.0, steps=round(4 * (1 + 2 * LOSS)) + 1)
+    for o in [faster] * (SETTLE + 1):
+        d = decide(o, limits, ON_POLICY_OK, memory)
+        limits, memory = d.limits, d.memory
+    assert limits.staleness == 1
