@@ -28,8 +28,9 @@ The reasoning, rule by rule (first match wins):
    loosening after which throughput fell by more than `LOSS` while the trainer still waits is
    reverted and everything above the restored value is barred (a *ceiling*) for `BAR_INTERVALS`:
    the engine is saturated, more in flight only costs. A tightening after which throughput fell
-   by `LOSS` (or, for a window, the trainer waits) is reverted and barred below (a *floor*). A
-   lower staleness is judged by throughput alone: it makes the trainer wait more by construction
+   by `LOSS` (or, for a window halved for a full queue, the trainer waits) is reverted and barred
+   below (a *floor*). A lower staleness, or a window halved for stale drops, is judged by
+   throughput alone: it makes the trainer wait more by construction
    (on-policy, for every batch), and only throughput says whether that waiting costs anything (on
    a device generation and training share, like the CPU, the overlap bought nothing). Judging by
    a loss, not by a gain, is deliberate: an interval's throughput is noisy (a few steps), so "did
@@ -42,9 +43,11 @@ The reasoning, rule by rule (first match wins):
    of the trained samples: a dropped sample is generation paid for and thrown away; drops mean
    samples finish later than the bound allows. Not a probe: waste is reason enough. A few drops
    do not: a higher bound lets more groups in flight, which costs sample age (and, on this
-   runtime, the work of aborting and continuing them at every sync). At the hard bound, with the trainer not waiting and more
-   than `WASTE` of the trained samples dropped, halve the window instead (probe): fewer groups in
-   flight finish sooner, so fewer go stale.
+   runtime, the work of aborting and continuing them at every sync). At the hard bound, with the
+   trainer not waiting and more than `WASTE` of the trained samples dropped, halve the window
+   instead (probe): fewer groups in flight finish sooner, so fewer go stale. Drops count as a cost
+   against the wider window: if the halving keeps the throughput, the wider window is barred for
+   `BAR_INTERVALS` (else a waiting trainer would widen it again at once, and the drops come back).
 4. **The trainer waits** (idle share above `STARVED` in `PERSIST` intervals in a row), so generation
    is the bottleneck. If the capacity rule held admission back most of the time, the staleness
    bound is what limits generation: raise it. Else, if the window was full most of the time,
@@ -128,7 +131,7 @@ class Memory(msgspec.Struct, frozen=True, kw_only=True):
     interval: int = 0
     starved: int = 0  # intervals in a row the trainer waited
     fed: int = 0  # intervals in a row the trainer did not wait
-    probe: str = ""  # "loosen" | "tighten" | "": the last move, to be judged
+    probe: str = ""  # "loosen" | "tighten" | "waste" (a tightening for stale drops) | "": the last move, to be judged
     settle: int = 0  # intervals left before the probe is judged
     before: Limits | None = None  # the limits before that move
     rate_before: float = 0.0
@@ -196,7 +199,10 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
                 memory=m,
             )
         lowered = limits.staleness < before.staleness
-        if memory.probe == "tighten" and (rate < memory.rate_before * (1 - LOSS) or (starved and not lowered)):
+        tightened = memory.probe in ("tighten", "waste")
+        # a tightening for nothing but room must not starve the trainer; one for freshness or waste is
+        # judged by throughput alone (it makes the trainer wait more by construction)
+        if tightened and (rate < memory.rate_before * (1 - LOSS) or (starved and memory.probe == "tighten" and not lowered)):
             if limits.window < before.window:
                 m = msgspec.structs.replace(m, window_floor=before.window - 1, window_floor_until=now + BAR_INTERVALS)
             if lowered:
@@ -209,9 +215,12 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
                 f"({rate:.3g} steps/s after {memory.rate_before:.3g}, trainer idle {obs.trainer_idle:.2f})",
                 memory=m,
             )
-        if memory.probe == "tighten" and limits.staleness == 0 < before.staleness:
+        if tightened and limits.staleness == 0 < before.staleness:
             # on-policy kept: its trainer waits by construction, which must not read as a reason to leave it
             m = msgspec.structs.replace(m, staleness_ceiling=1, staleness_ceiling_until=now + BAR_INTERVALS)
+        if memory.probe == "waste" and limits.window < before.window:
+            # a narrower window that wastes less and costs no throughput: the wider one is a cost, barred a while
+            m = msgspec.structs.replace(m, window_ceiling=limits.window + 1, window_ceiling_until=now + BAR_INTERVALS)
 
     def probe(kind: str, new: Limits, reason: str) -> Decision:
         return Decision(
@@ -240,7 +249,7 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
     if obs.stale_drops > WASTE * max(1, obs.trained) and not starved and limits.window > w_floor:
         new = msgspec.structs.replace(limits, window=max(w_floor, limits.window // 2))
         return probe(
-            "tighten", new,
+            "waste", new,
             f"{obs.stale_drops} stale drop(s) at the hard bound {limits.staleness}, trainer idle "
             f"{obs.trainer_idle:.2f}: window {limits.window} -> {new.window}",
         )

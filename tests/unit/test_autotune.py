@@ -311,3 +311,20 @@ def test_leaving_on_policy_must_gain_more_than_the_loss_margin() -> None:
         d = decide(o, limits, ON_POLICY_OK, memory)
         limits, memory = d.limits, d.memory
     assert limits.staleness == 1
+
+
+def test_a_window_halved_for_stale_drops_that_keeps_throughput_is_not_widened_again_at_once() -> None:
+    wasteful = obs(trainer_idle=0.0, stale_drops=8, trained=32)  # 25 % dropped at the hard bound
+    waiting = obs(trainer_idle=0.3, window_full=1.0)  # the narrower window is full, the trainer waits a little
+    seq = [wasteful] + [waiting] * (SETTLE + BAR_INTERVALS - 1)
+    got = run(seq, Limits(window=16, staleness=4))
+    assert [lim.window for lim in got] == [8] * len(seq)  # the drops were the wider window's cost
+    later = run(seq + [waiting] * (PERSIST + 1), Limits(window=16, staleness=4))
+    assert later[-1].window == 16  # the bar expires: the run may have changed
+
+
+def test_a_window_halved_for_stale_drops_that_costs_throughput_is_undone() -> None:
+    wasteful = obs(trainer_idle=0.0, stale_drops=8, trained=32, steps=8)
+    slower = obs(trainer_idle=0.3, window_full=1.0, steps=6)  # -25 %
+    got = run([wasteful] + [slower] * (SETTLE + 1), Limits(window=16, staleness=4))
+    assert got[-1].window == 16
