@@ -41,9 +41,11 @@ The reasoning, rule by rule (first match wins):
    that changes (longer responses, a replica lost or back) is probed again.
 3. **Stale drops → raise the staleness** (one step, if the bound allows) once they pass `RAISE_ON`
    of the trained samples: a dropped sample is generation paid for and thrown away; drops mean
-   samples finish later than the bound allows. Not a probe: waste is reason enough. A few drops
-   do not: a higher bound lets more groups in flight, which costs sample age (and, on this
-   runtime, the work of aborting and continuing them at every sync). At the hard bound, with the
+   samples finish later than the bound allows. A probe judged by throughput alone: a higher
+   bound lets more groups in flight, which costs sample age and, on this runtime, the work of
+   aborting and continuing them at every sync; where that work costs more than `LOSS` (a busy
+   CPU) the drops are the cheaper evil, and the bound above is barred a while. A few drops do not
+   raise it. At the hard bound, with the
    trainer not waiting and more than `WASTE` of the trained samples dropped, halve the window
    instead (probe): fewer groups in flight finish sooner, so fewer go stale. Drops count as a cost
    against the wider window: if the halving keeps the throughput, the wider window is barred for
@@ -131,7 +133,7 @@ class Memory(msgspec.Struct, frozen=True, kw_only=True):
     interval: int = 0
     starved: int = 0  # intervals in a row the trainer waited
     fed: int = 0  # intervals in a row the trainer did not wait
-    probe: str = ""  # "loosen" | "tighten" | "waste" (a tightening for stale drops) | "": the last move, to be judged
+    probe: str = ""  # "loosen" | "tighten" | "drops" / "waste" (a raise / a narrower window for stale drops) | "": to be judged
     settle: int = 0  # intervals left before the probe is judged
     before: Limits | None = None  # the limits before that move
     rate_before: float = 0.0
@@ -182,9 +184,10 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
     # 2. judge the last move
     if memory.probe and memory.before is not None:
         before = memory.before
-        leaving_on_policy = before.staleness == 0 < limits.staleness
-        if memory.probe == "loosen" and (
-            rate < memory.rate_before * (1 + LOSS) if leaving_on_policy else starved and rate < memory.rate_before * (1 - LOSS)
+        leaving_on_policy = memory.probe == "loosen" and before.staleness == 0 < limits.staleness
+        lost = rate < memory.rate_before * (1 - LOSS)
+        if (memory.probe == "loosen" and (rate < memory.rate_before * (1 + LOSS) if leaving_on_policy else starved and lost)) or (
+            memory.probe == "drops" and lost
         ):
             # barred: any value above the one restored (not only the one tried: no creeping back up)
             if limits.window > before.window:
@@ -229,8 +232,11 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
             memory=msgspec.structs.replace(m, probe=kind, settle=SETTLE, before=limits, rate_before=rate),
         )
 
-    # 3. stale drops: raise the bound (not a probe); a waiting trainer may still widen the window below
-    if obs.stale_drops > RAISE_ON * max(1, obs.trained) and limits.staleness < bounds.max_staleness:
+    # 3. stale drops: raise the bound (a probe); a waiting trainer may still widen the window below
+    s_ceiling = bounds.max_staleness
+    if m.staleness_ceiling and now < m.staleness_ceiling_until:
+        s_ceiling = min(s_ceiling, m.staleness_ceiling - 1)
+    if obs.stale_drops > RAISE_ON * max(1, obs.trained) and limits.staleness < s_ceiling:
         raised = msgspec.structs.replace(limits, staleness=limits.staleness + 1)
         why = f"{obs.stale_drops} stale drop(s): staleness {limits.staleness} -> {raised.staleness}"
         if m.starved >= PERSIST and obs.window_full > MAJORITY and limits.window < _window_ceiling(bounds, m, now):
@@ -240,7 +246,7 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
                 reason=f"{why}; trainer idle {obs.trainer_idle:.2f} with the window full: window {limits.window} -> {grown.window}",
                 memory=msgspec.structs.replace(m, probe="loosen", settle=SETTLE, before=raised, rate_before=rate),
             )
-        return Decision(limits=raised, reason=why, memory=m)
+        return probe("drops", raised, why)
 
     # 3b. stale drops at the hard bound while the trainer is fed: fewer groups in flight waste less
     w_floor = bounds.min_window
@@ -256,9 +262,6 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
 
     # 4. the trainer waits: loosen what limits generation
     if m.starved >= PERSIST:
-        s_ceiling = bounds.max_staleness
-        if m.staleness_ceiling and now < m.staleness_ceiling_until:
-            s_ceiling = min(s_ceiling, m.staleness_ceiling - 1)
         if obs.room_exhausted > MAJORITY and limits.staleness < s_ceiling:
             new = msgspec.structs.replace(limits, staleness=limits.staleness + 1)
             return probe(
