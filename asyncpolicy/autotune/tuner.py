@@ -37,6 +37,7 @@ from asyncpolicy.samples import Sample
 log = structlog.get_logger("asyncpolicy.autotune")
 
 SAMPLE_S = 0.01  # how often the admission state is sampled between steps
+MIN_INTERVAL_S = 0.25  # an interval lasts this long at least, whatever its step count (why: _observe_interval)
 BEHAVIOUR_KL = "is/approx_kl_behaviour_k3"  # the trainer's KL(behaviour || trainer) over a step's tokens
 
 
@@ -156,7 +157,11 @@ class Autotuner:
                 )
 
     async def _observe_interval(self) -> Observation:
-        """Sample the admission state until `every` more steps are trained (each wait bounded)."""
+        """Sample the admission state until `every` more steps are trained and `MIN_INTERVAL_S` has
+        passed (each wait bounded). The floor is for fast loops: 4 steps of 25 ms are a tenth of a
+        second, in which a busy host's scheduling hiccups (tens of ms) moved a measured rate by up
+        to 2x, and every probe is judged by that rate. On a GPU, where a step takes seconds, it
+        never binds."""
         t0, tr0, seen0 = time.monotonic(), self.trainer.statistics(), self._steps_seen
         kl0 = (self._kl_sum, self._kl_steps)
         chan0 = self.channel.statistics()
@@ -174,7 +179,7 @@ class Autotuner:
             if trainer.step != last_step and not math.isnan(chan.sample_age_max):
                 age_max = max(age_max, chan.sample_age_max)
                 last_step = trainer.step
-            if self._steps_seen - seen0 >= self.every:
+            if self._steps_seen - seen0 >= self.every and time.monotonic() - t0 >= MIN_INTERVAL_S:
                 break
         seconds = time.monotonic() - t0
         kl_steps = self._kl_steps - kl0[1]

@@ -223,11 +223,16 @@ def test_a_run_without_autotune_has_no_controller_and_no_autotune_metrics(sim_co
     assert rows and not any(k.startswith("autotune/") for r in rows for k in r)
 
 
-def test_a_resumed_run_tunes_on_from_the_checkpointed_controller(sim_config: Callable[..., Config], tmp_path: Path) -> None:
+def test_a_resumed_run_tunes_on_from_the_checkpointed_controller(
+    sim_config: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The controller's limits and counts are in the checkpoint: the resumed run starts from them
     (within its bounds), not from the defaults, and its counts continue."""
     from asyncpolicy import checkpoint
+    from asyncpolicy.autotune import tuner as tuner_module
     from asyncpolicy.supervisor import Supervisor
+
+    monkeypatch.setattr(tuner_module, "MIN_INTERVAL_S", 0.0)  # decisions by step count alone, on any machine's speed
 
     keys = ("async_training.autotune=true", "async_training.staleness_threshold=4", "async_training.autotune_every_steps=2")
 
