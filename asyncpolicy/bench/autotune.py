@@ -97,7 +97,7 @@ def held_out_shape(steps: int) -> Shape:
 def _sizes(ctx: BenchContext) -> dict[str, Any]:
     if ctx.quick:
         return {"steps": 24, "grid_steps": 16, "staleness": (1, 4), "windows": (8, 32), "rounds": 2, "max_wall_s": 20.0, "every": 2}
-    return {"steps": 240, "grid_steps": 80, "staleness": (1, 2, 4), "windows": (4, 8, 16, 32), "rounds": 3, "max_wall_s": 60.0,
+    return {"steps": 200, "grid_steps": 64, "staleness": (1, 2, 4), "windows": (4, 8, 16, 32), "rounds": 3, "max_wall_s": 60.0,
             "every": 4}
 
 
