@@ -45,7 +45,8 @@ The reasoning, rule by rule (first match wins):
    bound lets more groups in flight, which costs sample age and, on this runtime, the work of
    aborting and continuing them at every sync; where that work costs more than `LOSS` (a busy
    CPU) the drops are the cheaper evil, and the bound above is barred a while. A few drops do not
-   raise it. At the hard bound, with the
+   raise it. Judged on the very next interval (no settling: a higher bound admits at once), so
+   drops that go on raise it a notch an interval. At the hard bound, with the
    trainer not waiting and more than `WASTE` of the trained samples dropped, halve the window
    instead (probe): fewer groups in flight finish sooner, so fewer go stale. Drops count as a cost
    against the wider window: if the halving keeps the throughput, the wider window is barred for
@@ -229,7 +230,9 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
         return Decision(
             limits=new,
             reason=reason,
-            memory=msgspec.structs.replace(m, probe=kind, settle=SETTLE, before=limits, rate_before=rate),
+            # a raise for drops opens admission at once (no groups of the new limits to wait for): judged
+            # on the next interval, so that drops that go on raise it a notch an interval, as waste demands
+            memory=msgspec.structs.replace(m, probe=kind, settle=0 if kind == "drops" else SETTLE, before=limits, rate_before=rate),
         )
 
     # 3. stale drops: raise the bound (a probe); a waiting trainer may still widen the window below
