@@ -226,7 +226,16 @@ def _row(shape: Shape, best_key: tuple[int, int], grid: dict[tuple[int, int], Sc
     row["finished"] = all(r.finished for who in CONTENDERS for r in rounds.runs[who])
     row["grid"] = {f"s{k[0]}_w{k[1]}": {"steps_per_s": r.steps_per_s, "dropped_stale": r.dropped_stale, "finished": r.finished}
                    for k, r in grid.items()}
+    row["grid_both_targets"] = both_targets(grid, best_key)
     return row
+
+
+def both_targets(grid: dict[tuple[int, int], ScenarioRun], best_key: tuple[int, int]) -> list[str]:
+    """The grid's cells that meet both targets at once: within 5 % of the best cell's steps/s and no
+    more stale drops than the defaults' cell. Empty: no static setting meets both on this shape,
+    so the two targets trade against each other there (a grid run each: as noisy as the grid)."""
+    top, cap = grid[best_key].steps_per_s, grid[DEFAULT].dropped_stale if DEFAULT in grid else math.inf
+    return [f"s{s} w{w}" for (s, w), r in sorted(grid.items()) if r.steps_per_s >= 0.95 * top and r.dropped_stale <= cap]
 
 
 def _summary_row(row: dict[str, Any]) -> list[Any]:
@@ -242,12 +251,13 @@ def _summary_row(row: dict[str, Any]) -> list[Any]:
     finals = ", ".join(f"w{f['window']} s{f['staleness']}" for f in row["autotune_final"])
     return [row["shape"], rate(a), rate(d), f"{rate(b)} (s{cell['staleness']} w{cell['window']})",
             f"{ratio('vs_best')} / {ratio('vs_best_second_half')}", f"{ratio('vs_default')} / {ratio('vs_default_second_half')}",
-            f"{a['dropped_stale']:g} / {d['dropped_stale']:g} / {b['dropped_stale']:g}", finals]
+            f"{a['dropped_stale']:g} / {d['dropped_stale']:g} / {b['dropped_stale']:g}", finals,
+            ", ".join(row["grid_both_targets"]) or "none"]
 
 
 COLUMNS = ["shape", "autotune steps/s: whole (± half the spread) / 2nd half", "defaults", "best static (cell)",
            "vs best: whole / 2nd half (range)", "vs defaults: whole / 2nd half (range)", "stale drops, median (auto / defaults / best)",
-           "autotune at the end (each round)"]
+           "autotune at the end (each round)", "grid cells meeting both targets (>= 0.95 of best, drops <= defaults')"]
 
 
 async def compare_on_shapes(ctx: BenchContext, res: SuiteResult) -> dict[str, Any]:

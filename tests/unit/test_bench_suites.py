@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -154,16 +155,31 @@ def test_autotune_bench_plumbing_on_the_quick_shapes(tmp_path: Path) -> None:
     assert [len(t.rows) for t in res.tables] == [5, 1]
 
 
-def test_second_half_rate_counts_only_the_steps_after_the_middle() -> None:
-    from asyncpolicy.bench.autotune import second_half_rate
+def _scenario(times: tuple[float, ...] = (), steps_per_s: float = 0.0, dropped_stale: int = 0) -> Any:
     from asyncpolicy.bench.common import ScenarioRun
 
-    def run(times: list[float]) -> ScenarioRun:
-        rows = [{"step": i + 1, "elapsed_s": t} for i, t in enumerate(times)]
-        return ScenarioRun(name="x", wall_s=0, steps=len(rows), made=0, samples_per_s=0, steps_per_s=0, sample_age_mean=0,
-                           sample_age_max=0, sync_latency_mean_s=0, sync_latency_max_s=0, queue_utilization_mean=0,
-                           trainer_idle_ratio=0, rollouter_idle_ratio=0, dropped_stale=0, peak_rss_mb=0, trainer_wait_s=0,
-                           sync_total_s=0, finished=True, rows=rows)
+    rows = [{"step": i + 1, "elapsed_s": t} for i, t in enumerate(times)]
+    return ScenarioRun(name="x", wall_s=0, steps=len(rows), made=0, samples_per_s=0, steps_per_s=steps_per_s, sample_age_mean=0,
+                       sample_age_max=0, sync_latency_mean_s=0, sync_latency_max_s=0, queue_utilization_mean=0,
+                       trainer_idle_ratio=0, rollouter_idle_ratio=0, dropped_stale=dropped_stale, peak_rss_mb=0, trainer_wait_s=0,
+                       sync_total_s=0, finished=True, rows=rows)
+
+
+def test_grid_cells_meeting_both_autotune_targets() -> None:
+    from asyncpolicy.bench.autotune import both_targets
+
+    grid = {(1, 8): _scenario(steps_per_s=40, dropped_stale=20), (4, 8): _scenario(steps_per_s=50, dropped_stale=30),
+            (4, 4): _scenario(steps_per_s=48, dropped_stale=20), (2, 8): _scenario(steps_per_s=47, dropped_stale=0)}
+    assert both_targets(grid, (4, 8)) == ["s4 w4"]  # 48 >= 0.95 * 50 with 20 drops; s2 w8 is 6 % slower
+    grid[(4, 4)] = _scenario(steps_per_s=48, dropped_stale=21)
+    assert both_targets(grid, (4, 8)) == []
+
+
+def test_second_half_rate_counts_only_the_steps_after_the_middle() -> None:
+    from asyncpolicy.bench.autotune import second_half_rate
+
+    def run(times: list[float]) -> Any:
+        return _scenario(tuple(times))
 
     # a slow start (steps 1-4 at 1 s each), then 4 steps in 0.5 s: the second half runs at 8 steps/s
     assert second_half_rate(run([1.0, 2.0, 3.0, 4.0, 4.125, 4.25, 4.375, 4.5])) == 8.0
