@@ -43,8 +43,10 @@ The reasoning, rule by rule (first match wins):
    of the trained samples: a dropped sample is generation paid for and thrown away; drops mean
    samples finish later than the bound allows. A probe judged by throughput alone: a higher
    bound lets more groups in flight, which costs sample age and, on this runtime, the work of
-   aborting and continuing them at every sync; where that work costs more than `LOSS` (a busy
-   CPU) the drops are the cheaper evil, and the bound above is barred a while. A few drops do not
+   aborting and continuing them at every sync; where that work costs more than `DROPS_LOSS` (a
+   busy CPU) the drops are the cheaper evil, and the bound above is barred a while. `DROPS_LOSS`
+   is twice `LOSS`: the drops are measured waste, the loss one interval's noisy rate (one raise
+   of the held-out shape was undone for -13 % where the grid says the higher bound gains). A few drops do not
    raise it. Judged on the very next interval (no settling: a higher bound admits at once), so
    drops that go on raise it a notch an interval. At the hard bound, with the
    trainer not waiting and more than `WASTE` of the trained samples dropped, halve the window
@@ -82,6 +84,7 @@ FED = 0.03  # trainer idle share below which generation is ahead
 PERSIST = 2  # intervals in a row the trainer must wait before a loosening
 CALM = 4  # intervals in a row the trainer must be fed before a tightening
 LOSS = 0.10  # a probe that costs more than this share of throughput is undone (noise stays below it)
+DROPS_LOSS = 0.20  # a raise for stale drops is undone only for a clear loss: the drops are certain waste
 BAR_INTERVALS = 12  # how long a reverted value stays barred
 MAJORITY = 0.5  # share of an interval's samples a condition must hold in
 SETTLE = 1  # intervals after a probe before it is judged: new groups take that long to finish
@@ -188,7 +191,7 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
         leaving_on_policy = memory.probe == "loosen" and before.staleness == 0 < limits.staleness
         lost = rate < memory.rate_before * (1 - LOSS)
         if (memory.probe == "loosen" and (rate < memory.rate_before * (1 + LOSS) if leaving_on_policy else starved and lost)) or (
-            memory.probe == "drops" and lost
+            memory.probe == "drops" and rate < memory.rate_before * (1 - DROPS_LOSS)
         ):
             # barred: any value above the one restored (not only the one tried: no creeping back up)
             if limits.window > before.window:

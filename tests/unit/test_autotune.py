@@ -72,6 +72,12 @@ def test_a_raise_for_stale_drops_that_costs_throughput_is_undone_and_the_drops_a
     assert got[0].staleness == 2 and all(lim.staleness == 1 for lim in got[1:])
 
 
+def test_a_raise_for_stale_drops_survives_a_loss_within_one_interval_s_noise() -> None:
+    dropping = obs(stale_drops=3, trained=32, trainer_idle=0.0, steps=8)
+    a_bit_slower = obs(stale_drops=0, trained=32, trainer_idle=0.0, steps=7)  # -12.5 %: more than LOSS, less than DROPS_LOSS
+    assert run([dropping, a_bit_slower, a_bit_slower], Limits(window=8, staleness=1))[-1].staleness == 2
+
+
 def test_a_waiting_trainer_widens_a_full_window_only_after_persisting() -> None:
     starved = obs(trainer_idle=0.5, window_full=1.0)
     got = run([starved] * PERSIST, Limits(window=8, staleness=1))
