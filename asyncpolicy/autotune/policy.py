@@ -41,15 +41,15 @@ The reasoning, rule by rule (first match wins):
    that changes (longer responses, a replica lost or back) is probed again.
 3. **Stale drops → raise the staleness** (one step, if the bound allows) once they pass `RAISE_ON`
    of the trained samples: a dropped sample is generation paid for and thrown away; drops mean
-   samples finish later than the bound allows. A probe judged by throughput alone: a higher
-   bound lets more groups in flight, which costs sample age and, on this runtime, the work of
-   aborting and continuing them at every sync; where that work costs more than `DROPS_LOSS` (a
-   busy CPU) the drops are the cheaper evil, and the bound above is barred a while. `DROPS_LOSS`
-   is twice `LOSS`: the drops are measured waste, the loss one interval's noisy rate (one raise
-   of the held-out shape was undone for -13 % where the grid says the higher bound gains). A few drops do not
-   raise it. Judged on the very next interval (no settling: a higher bound admits at once), so
-   drops that go on raise it a notch an interval. At the hard bound, with the
-   trainer not waiting and more than `WASTE` of the trained samples dropped, halve the window
+   samples finish later than the bound allows. A few drops do not raise it. A probe judged by
+   throughput alone: a higher bound lets more groups in flight, which costs sample age and, on
+   this runtime, the work of aborting and continuing them at every sync; where that work costs
+   more than `DROPS_LOSS` (a busy CPU) the drops are the cheaper evil, and the bound above is
+   barred a while. `DROPS_LOSS` is twice `LOSS`: the drops are measured waste, the loss one
+   interval's noisy rate (a held-out run undid a raise for -13 % where the grid says the higher
+   bound gains). Judged on the very next interval (no settling: a higher bound admits at once),
+   so drops that go on raise it a notch an interval. At the hard bound (or a barred one), with
+   the trainer not waiting and more than `WASTE` of the trained samples dropped, halve the window
    instead (probe): fewer groups in flight finish sooner, so fewer go stale. Drops count as a cost
    against the wider window: if the halving keeps the throughput, the wider window is barred for
    `BAR_INTERVALS` (else a waiting trainer would widen it again at once, and the drops come back).
@@ -254,7 +254,8 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
             )
         return probe("drops", raised, why)
 
-    # 3b. stale drops at the hard bound while the trainer is fed: fewer groups in flight waste less
+    # 3b. stale drops at the highest staleness allowed now (the hard bound, or a bar) while the trainer is
+    # fed: fewer groups in flight waste less
     w_floor = bounds.min_window
     if m.window_floor and now < m.window_floor_until:
         w_floor = max(w_floor, m.window_floor + 1)
@@ -262,7 +263,7 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
         new = msgspec.structs.replace(limits, window=max(w_floor, limits.window // 2))
         return probe(
             "waste", new,
-            f"{obs.stale_drops} stale drop(s) at the hard bound {limits.staleness}, trainer idle "
+            f"{obs.stale_drops} stale drop(s) at the highest staleness allowed now ({limits.staleness}), trainer idle "
             f"{obs.trainer_idle:.2f}: window {limits.window} -> {new.window}",
         )
 
