@@ -230,7 +230,7 @@ class AsyncTrainingConfig(_Section):
     ] = False
     autotune_min_window: Annotated[int, _doc("autotune: fewest prompt groups generating at once", ge=1)] = 1
     autotune_max_window: Annotated[int, _doc("autotune: most prompt groups generating at once", ge=1)] = 64
-    autotune_every_steps: Annotated[int, _doc("autotune: training steps between two decisions", ge=1)] = 4
+    autotune_every_steps: Annotated[int, _doc("autotune: training steps between two decisions (and at least 0.25 s)", ge=1)] = 4
 
 
 class AlgorithmConfig(_Section):

@@ -557,7 +557,7 @@ class Supervisor:
         row.update(report.engine_metrics)
         if self.autotuner is not None:
             row.update(self.autotuner.metrics())
-            self.autotuner.on_step()
+            self.autotuner.on_step(report.engine_metrics)
         self.sink.write(row)
         if self._validating and report.step % self.cfg.trainer.test_freq == 0:
             self.validator.request(report.step)

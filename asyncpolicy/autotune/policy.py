@@ -8,7 +8,15 @@ Two limits are moved, each within bounds the user set:
 * the **effective staleness**: the bound the channel applies and the rollouter's capacity rule
   follows (`VersionedChannel.set_staleness_limit`), never above `staleness_threshold` (the hard
   bound) and never below `trigger_parameter_sync_step - 1` (below it every sample would go stale
-  between two syncs: the run would starve itself).
+  between two syncs: the run would starve itself). With a sync every step that floor is 0:
+  on-policy. Autotune starts at 1 (the defaults), and goes down to 0 only by a probe (rule 5).
+
+Why 0 is safe to reach at run time: at an effective bound of 0 the capacity rule admits one
+batch per version and the trainer needs all of it before the next sync, so no group generates
+across a sync and partial rollout has nothing to continue under newer weights. Groups admitted
+before the bound was lowered (and any continued across a sync) are older than 0: the channel
+drops and counts them. The hard bound and the accounting hold; a lowering costs at most the
+groups then in flight.
 
 The reasoning, rule by rule (first match wins):
 
@@ -19,27 +27,46 @@ The reasoning, rule by rule (first match wins):
    limits take that long to finish), the next interval either confirms it or takes it back. A
    loosening after which throughput fell by more than `LOSS` while the trainer still waits is
    reverted and everything above the restored value is barred (a *ceiling*) for `BAR_INTERVALS`:
-   the engine is saturated, more in flight only costs. A tightening after which the trainer waits,
-   or throughput fell by `LOSS`, is reverted and barred below (a *floor*). Judging by a loss, not
-   by a gain, is deliberate: an interval's throughput is noisy (a few steps), so "did not gain 5 %"
-   would undo good moves half the time, while a real saturation shows up as a loss. The bars expire, so a run that changes (longer responses, a replica
-   lost or back) is probed again.
+   the engine is saturated, more in flight only costs. A tightening after which throughput fell
+   by `LOSS` (or, for a window halved for a full queue, the trainer waits) is reverted and barred
+   below (a *floor*). A lower staleness, or a window halved for stale drops, is judged by
+   throughput alone: it makes the trainer wait more by construction
+   (on-policy, for every batch), and only throughput says whether that waiting costs anything (on
+   a device generation and training share, like the CPU, the overlap bought nothing). Judging by
+   a loss, not by a gain, is deliberate: an interval's throughput is noisy (a few steps), so "did
+   not gain 5 %" would undo good moves half the time, while a real saturation shows up as a loss.
+   One exception: leaving on-policy (0 -> 1) must gain more than `LOSS`, since on-policy was kept
+   for costing less than that, and its trainer's waiting is no evidence; for the same reason a
+   kept move to on-policy bars the bound above it for `BAR_INTERVALS`. The bars expire, so a run
+   that changes (longer responses, a replica lost or back) is probed again.
 3. **Stale drops → raise the staleness** (one step, if the bound allows) once they pass `RAISE_ON`
    of the trained samples: a dropped sample is generation paid for and thrown away; drops mean
-   samples finish later than the bound allows. Not a probe: waste is reason enough. A few drops
-   do not: a higher bound lets more groups in flight, which costs sample age (and, on this
-   runtime, the work of aborting and continuing them at every sync). At the hard bound, with the trainer not waiting and more
-   than `WASTE` of the trained samples dropped, halve the window instead (probe): fewer groups in
-   flight finish sooner, so fewer go stale.
+   samples finish later than the bound allows. A few drops do not raise it. A probe judged by
+   throughput alone: a higher bound lets more groups in flight, which costs sample age and, on
+   this runtime, the work of aborting and continuing them at every sync; where that work costs
+   more than `DROPS_LOSS` (a busy CPU) the drops are the cheaper evil, and the bound above is
+   barred a while. `DROPS_LOSS` is twice `LOSS`: the drops are measured waste, the loss one
+   interval's noisy rate (a held-out run undid a raise for -13 % where the grid says the higher
+   bound gains). Judged on the very next interval (no settling: a higher bound admits at once),
+   so drops that go on raise it a notch an interval. At the hard bound (or a barred one), with
+   the trainer not waiting and more than `WASTE` of the trained samples dropped, halve the window
+   instead (probe): fewer groups in flight finish sooner, so fewer go stale. Drops count as a cost
+   against the wider window: if the halving keeps the throughput, the wider window is barred for
+   `BAR_INTERVALS` (else a waiting trainer would widen it again at once, and the drops come back).
 4. **The trainer waits** (idle share above `STARVED` in `PERSIST` intervals in a row), so generation
    is the bottleneck. If the capacity rule held admission back most of the time, the staleness
    bound is what limits generation: raise it. Else, if the window was full most of the time,
    double it (probe). Else generation is saturated at this concurrency: hold.
 5. **Generation is ahead** (the trainer never waits, below `FED`, for `CALM` intervals): a full
    queue (backpressure) means the window is wider than the trainer can use: halve it (probe).
-   If the trainer is fed, nothing was dropped and the oldest sample trained was younger than the
-   bound, the bound costs nothing to lower: lower it by one (probe), never below where autotune
-   started it (fresher samples for the same throughput).
+   If the trainer is fed and nothing was dropped, lower the staleness by one (probe, down to the
+   floor, on-policy included) when the bound costs nothing (the oldest sample trained was younger
+   than it) or when it costs learning: the importance weights spread (the trainer's behaviour KL
+   above `SPREAD_KL`: the policy moved between sampling and training, so a stale sample is worth
+   less than a fresh one). Fresher samples for the same throughput; the probe's verdict says
+   whether the throughput stayed. `SPREAD_KL` sits above one engine's numerical mismatch (~1e-9
+   on the CPU) and below what the embedded model's policy moves in a step once it learns (2e-4 to
+   3e-2 at staleness 1); a trainer that reports no KL (the simulated one) never triggers it.
 6. Otherwise hold.
 
 Hysteresis: distinct thresholds to loosen (`STARVED`) and to tighten (`FED`), a persistence
@@ -57,11 +84,13 @@ FED = 0.03  # trainer idle share below which generation is ahead
 PERSIST = 2  # intervals in a row the trainer must wait before a loosening
 CALM = 4  # intervals in a row the trainer must be fed before a tightening
 LOSS = 0.10  # a probe that costs more than this share of throughput is undone (noise stays below it)
+DROPS_LOSS = 0.20  # a raise for stale drops is undone only for a clear loss: the drops are certain waste
 BAR_INTERVALS = 12  # how long a reverted value stays barred
 MAJORITY = 0.5  # share of an interval's samples a condition must hold in
 SETTLE = 1  # intervals after a probe before it is judged: new groups take that long to finish
 RAISE_ON = 0.05  # stale drops above this share of the trained samples raise the staleness
 WASTE = 0.1  # stale drops above this share of the trained samples make the window shrink at the hard bound
+SPREAD_KL = 1e-4  # behaviour KL per token above which stale samples' importance weights spread (see rule 5)
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,7 +105,7 @@ class Bounds(msgspec.Struct, frozen=True, kw_only=True):
 
     min_window: int
     max_window: int
-    min_staleness: int  # where autotune starts it; never lowered below
+    min_staleness: int  # trigger_parameter_sync_step - 1: below it every sample goes stale between two syncs
     max_staleness: int  # the user's hard staleness_threshold
 
 
@@ -92,6 +121,7 @@ class Observation(msgspec.Struct, frozen=True, kw_only=True):
     stale_drops: int  # samples dropped as stale in the interval
     trained: int = 0  # samples trained on in the interval
     age_max: float  # the oldest sample trained in the interval (nan: none trained)
+    behaviour_kl: float = math.nan  # mean KL(behaviour || trainer) of the trained tokens (nan: the trainer reports none)
     syncing: bool  # a weight sync runs now
     paused: bool  # a user pause holds generation
 
@@ -107,7 +137,7 @@ class Memory(msgspec.Struct, frozen=True, kw_only=True):
     interval: int = 0
     starved: int = 0  # intervals in a row the trainer waited
     fed: int = 0  # intervals in a row the trainer did not wait
-    probe: str = ""  # "loosen" | "tighten" | "": the last move, to be judged
+    probe: str = ""  # "loosen" | "tighten" | "drops" / "waste" (a raise / a narrower window for stale drops) | "": to be judged
     settle: int = 0  # intervals left before the probe is judged
     before: Limits | None = None  # the limits before that move
     rate_before: float = 0.0
@@ -158,7 +188,11 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
     # 2. judge the last move
     if memory.probe and memory.before is not None:
         before = memory.before
-        if memory.probe == "loosen" and starved and rate < memory.rate_before * (1 - LOSS):
+        leaving_on_policy = memory.probe == "loosen" and before.staleness == 0 < limits.staleness
+        lost = rate < memory.rate_before * (1 - LOSS)
+        if (memory.probe == "loosen" and (rate < memory.rate_before * (1 + LOSS) if leaving_on_policy else starved and lost)) or (
+            memory.probe == "drops" and rate < memory.rate_before * (1 - DROPS_LOSS)
+        ):
             # barred: any value above the one restored (not only the one tried: no creeping back up)
             if limits.window > before.window:
                 m = msgspec.structs.replace(m, window_ceiling=before.window + 1, window_ceiling_until=now + BAR_INTERVALS)
@@ -171,10 +205,14 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
                 reason=f"reverted: {_describe(before, limits)} gave {rate:.3g} steps/s after {memory.rate_before:.3g}",
                 memory=m,
             )
-        if memory.probe == "tighten" and (starved or rate < memory.rate_before * (1 - LOSS)):
+        lowered = limits.staleness < before.staleness
+        tightened = memory.probe in ("tighten", "waste")
+        # a tightening for nothing but room must not starve the trainer; one for freshness or waste is
+        # judged by throughput alone (it makes the trainer wait more by construction)
+        if tightened and (rate < memory.rate_before * (1 - LOSS) or (starved and memory.probe == "tighten" and not lowered)):
             if limits.window < before.window:
                 m = msgspec.structs.replace(m, window_floor=before.window - 1, window_floor_until=now + BAR_INTERVALS)
-            if limits.staleness < before.staleness:
+            if lowered:
                 m = msgspec.structs.replace(
                     m, staleness_floor=before.staleness - 1, staleness_floor_until=now + BAR_INTERVALS
                 )
@@ -184,16 +222,27 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
                 f"({rate:.3g} steps/s after {memory.rate_before:.3g}, trainer idle {obs.trainer_idle:.2f})",
                 memory=m,
             )
+        if tightened and limits.staleness == 0 < before.staleness:
+            # on-policy kept: its trainer waits by construction, which must not read as a reason to leave it
+            m = msgspec.structs.replace(m, staleness_ceiling=1, staleness_ceiling_until=now + BAR_INTERVALS)
+        if memory.probe == "waste" and limits.window < before.window:
+            # a narrower window that wastes less and costs no throughput: the wider one is a cost, barred a while
+            m = msgspec.structs.replace(m, window_ceiling=limits.window + 1, window_ceiling_until=now + BAR_INTERVALS)
 
     def probe(kind: str, new: Limits, reason: str) -> Decision:
         return Decision(
             limits=new,
             reason=reason,
-            memory=msgspec.structs.replace(m, probe=kind, settle=SETTLE, before=limits, rate_before=rate),
+            # a raise for drops opens admission at once (no groups of the new limits to wait for): judged
+            # on the next interval, so that drops that go on raise it a notch an interval, as waste demands
+            memory=msgspec.structs.replace(m, probe=kind, settle=0 if kind == "drops" else SETTLE, before=limits, rate_before=rate),
         )
 
-    # 3. stale drops: raise the bound (not a probe); a waiting trainer may still widen the window below
-    if obs.stale_drops > RAISE_ON * max(1, obs.trained) and limits.staleness < bounds.max_staleness:
+    # 3. stale drops: raise the bound (a probe); a waiting trainer may still widen the window below
+    s_ceiling = bounds.max_staleness
+    if m.staleness_ceiling and now < m.staleness_ceiling_until:
+        s_ceiling = min(s_ceiling, m.staleness_ceiling - 1)
+    if obs.stale_drops > RAISE_ON * max(1, obs.trained) and limits.staleness < s_ceiling:
         raised = msgspec.structs.replace(limits, staleness=limits.staleness + 1)
         why = f"{obs.stale_drops} stale drop(s): staleness {limits.staleness} -> {raised.staleness}"
         if m.starved >= PERSIST and obs.window_full > MAJORITY and limits.window < _window_ceiling(bounds, m, now):
@@ -203,25 +252,23 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
                 reason=f"{why}; trainer idle {obs.trainer_idle:.2f} with the window full: window {limits.window} -> {grown.window}",
                 memory=msgspec.structs.replace(m, probe="loosen", settle=SETTLE, before=raised, rate_before=rate),
             )
-        return Decision(limits=raised, reason=why, memory=m)
+        return probe("drops", raised, why)
 
-    # 3b. stale drops at the hard bound while the trainer is fed: fewer groups in flight waste less
+    # 3b. stale drops at the highest staleness allowed now (the hard bound, or a bar) while the trainer is
+    # fed: fewer groups in flight waste less
     w_floor = bounds.min_window
     if m.window_floor and now < m.window_floor_until:
         w_floor = max(w_floor, m.window_floor + 1)
     if obs.stale_drops > WASTE * max(1, obs.trained) and not starved and limits.window > w_floor:
         new = msgspec.structs.replace(limits, window=max(w_floor, limits.window // 2))
         return probe(
-            "tighten", new,
-            f"{obs.stale_drops} stale drop(s) at the hard bound {limits.staleness}, trainer idle "
+            "waste", new,
+            f"{obs.stale_drops} stale drop(s) at the highest staleness allowed now ({limits.staleness}), trainer idle "
             f"{obs.trainer_idle:.2f}: window {limits.window} -> {new.window}",
         )
 
     # 4. the trainer waits: loosen what limits generation
     if m.starved >= PERSIST:
-        s_ceiling = bounds.max_staleness
-        if m.staleness_ceiling and now < m.staleness_ceiling_until:
-            s_ceiling = min(s_ceiling, m.staleness_ceiling - 1)
         if obs.room_exhausted > MAJORITY and limits.staleness < s_ceiling:
             new = msgspec.structs.replace(limits, staleness=limits.staleness + 1)
             return probe(
@@ -251,14 +298,21 @@ def decide(obs: Observation, limits: Limits, bounds: Bounds, memory: Memory) -> 
         s_floor = bounds.min_staleness
         if m.staleness_floor >= 0 and now < m.staleness_floor_until:
             s_floor = max(s_floor, m.staleness_floor + 1)
-        unused = not math.isnan(obs.age_max) and obs.age_max < limits.staleness
-        if unused and obs.stale_drops == 0 and limits.staleness > s_floor:
+        if obs.stale_drops == 0 and limits.staleness > s_floor:
             new = msgspec.structs.replace(limits, staleness=limits.staleness - 1)
-            return probe(
-                "tighten", new,
-                f"trainer fed (idle {obs.trainer_idle:.2f}), oldest sample {obs.age_max:g} < bound: "
-                f"staleness {limits.staleness} -> {new.staleness}",
-            )
+            if not math.isnan(obs.age_max) and obs.age_max < limits.staleness:
+                return probe(
+                    "tighten", new,
+                    f"trainer fed (idle {obs.trainer_idle:.2f}), oldest sample {obs.age_max:g} < bound: "
+                    f"staleness {limits.staleness} -> {new.staleness}",
+                )
+            if obs.behaviour_kl > SPREAD_KL:
+                return probe(
+                    "tighten", new,
+                    f"trainer fed (idle {obs.trainer_idle:.2f}), importance weights spread (behaviour KL "
+                    f"{obs.behaviour_kl:.2g}): fresher samples, if they cost no throughput: "
+                    f"staleness {limits.staleness} -> {new.staleness}",
+                )
     return Decision(limits=limits, reason="hold", memory=m)
 
 
@@ -282,8 +336,9 @@ def bounds_for(
     *, min_window: int, max_window: int, staleness_threshold: int, sync_every: int, initial_window: int
 ) -> tuple[Bounds, Limits]:
     """The bounds and the starting limits: the configured window (clipped to the bounds) and the
-    staleness where the defaults put it (1, or the sync period's need), never above the hard bound."""
-    floor = min(staleness_threshold, max(1, sync_every - 1))
+    staleness where the defaults put it (1, or the sync period's need), never above the hard bound.
+    The floor is the sync period's need alone: 0 (on-policy) with a sync every step."""
+    floor = min(staleness_threshold, sync_every - 1)
     bounds = Bounds(min_window=min_window, max_window=max_window, min_staleness=floor, max_staleness=staleness_threshold)
-    start = Limits(window=min(max_window, max(min_window, initial_window)), staleness=floor)
+    start = Limits(window=min(max_window, max(min_window, initial_window)), staleness=min(staleness_threshold, max(1, floor)))
     return bounds, start

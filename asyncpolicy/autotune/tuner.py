@@ -1,10 +1,10 @@
 """The autotune task: watches the actors, asks `policy.decide` every few steps, applies its answer.
 
 One more task in the Supervisor's actor task group, cancelled with the others. It only reads the
-actors' `statistics()` and moves two knobs that exist for it (`Rollouter.set_admission_window`,
+actors' `statistics()` (and each step's behaviour KL, from the step callback) and moves two knobs that exist for it (`Rollouter.set_admission_window`,
 `VersionedChannel.set_staleness_limit`); whatever it does, the channel's hard bound
 (`staleness_threshold`) and the sample accounting are untouched. Every wait is bounded: it samples
-the statistics every `SAMPLE_S` seconds and at every training step. Its limits are not in
+the statistics every `SAMPLE_S` seconds and at every training step. Its limits are in
 checkpoints (`snapshot` / `restore`): a resumed run tunes on from the limits it had, within the
 resumed config's bounds; a probe still waiting for its verdict is dropped (its throughput before was
 measured by another process).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 
 import anyio
 import anyio.abc
@@ -36,6 +37,8 @@ from asyncpolicy.samples import Sample
 log = structlog.get_logger("asyncpolicy.autotune")
 
 SAMPLE_S = 0.01  # how often the admission state is sampled between steps
+MIN_INTERVAL_S = 0.25  # an interval lasts this long at least, whatever its step count (why: _observe_interval)
+BEHAVIOUR_KL = "is/approx_kl_behaviour_k3"  # the trainer's KL(behaviour || trainer) over a step's tokens
 
 
 class AutotuneStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,12 +79,18 @@ class Autotuner:
         self._reason = "start"
         self._stepped = StateSignal()
         self._steps_seen = 0  # on_step calls: a step is counted once its sync (if any) is done
+        self._kl_sum, self._kl_steps = 0.0, 0  # the trainer's behaviour KL, summed over the steps that reported it
         self._apply(self.limits)  # before any actor runs: admission follows the starting limits from the first group
 
-    def on_step(self) -> None:
+    def on_step(self, engine_metrics: Mapping[str, float]) -> None:
         """The supervisor's step callback, after the step's sync: wakes the task (an interval ends
-        on a count of these, so a decision never falls inside the sync that follows a step)."""
+        on a count of these, so a decision never falls inside the sync that follows a step). The
+        step's behaviour KL is kept: what staleness costs the learning, which no statistics() has."""
         self._steps_seen += 1
+        kl = engine_metrics.get(BEHAVIOUR_KL)
+        if kl is not None and math.isfinite(kl):
+            self._kl_sum += kl
+            self._kl_steps += 1
         self._stepped.notify()
 
     def statistics(self) -> AutotuneStatistics:
@@ -148,8 +157,13 @@ class Autotuner:
                 )
 
     async def _observe_interval(self) -> Observation:
-        """Sample the admission state until `every` more steps are trained (each wait bounded)."""
+        """Sample the admission state until `every` more steps are trained and `MIN_INTERVAL_S` has
+        passed (each wait bounded). The floor is for fast loops: 4 steps of 25 ms are a tenth of a
+        second, in which a busy host's scheduling hiccups (tens of ms) moved a measured rate by up
+        to 2x, and every probe is judged by that rate. On a GPU, where a step takes seconds, it
+        never binds."""
         t0, tr0, seen0 = time.monotonic(), self.trainer.statistics(), self._steps_seen
+        kl0 = (self._kl_sum, self._kl_steps)
         chan0 = self.channel.statistics()
         samples = window_full = room_exhausted = queue_full = 0
         age_max = -math.inf
@@ -165,9 +179,10 @@ class Autotuner:
             if trainer.step != last_step and not math.isnan(chan.sample_age_max):
                 age_max = max(age_max, chan.sample_age_max)
                 last_step = trainer.step
-            if self._steps_seen - seen0 >= self.every:
+            if self._steps_seen - seen0 >= self.every and time.monotonic() - t0 >= MIN_INTERVAL_S:
                 break
         seconds = time.monotonic() - t0
+        kl_steps = self._kl_steps - kl0[1]
         return Observation(
             steps=self._steps_seen - seen0,
             seconds=seconds,
@@ -178,6 +193,7 @@ class Autotuner:
             stale_drops=chan.dropped_stale - chan0.dropped_stale,
             trained=chan.consumed - chan0.consumed,
             age_max=age_max if math.isfinite(age_max) else math.nan,
+            behaviour_kl=(self._kl_sum - kl0[0]) / kl_steps if kl_steps else math.nan,
             syncing=self.synchronizer.statistics().syncing,
             paused=rollout.paused,
         )

@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from asyncpolicy.autotune.policy import (
     BAR_INTERVALS,
     CALM,
+    LOSS,
     PERSIST,
     SETTLE,
+    SPREAD_KL,
     Bounds,
     Limits,
     Memory,
@@ -29,6 +31,7 @@ from asyncpolicy.channels import VersionedChannel
 from asyncpolicy.config import Config
 
 BOUNDS = Bounds(min_window=1, max_window=64, min_staleness=1, max_staleness=4)
+ON_POLICY_OK = Bounds(min_window=1, max_window=64, min_staleness=0, max_staleness=4)  # a sync every step
 
 
 def obs(**fields: object) -> Observation:
@@ -56,8 +59,23 @@ def test_no_move_during_a_sync_or_a_pause_and_the_memory_is_kept() -> None:
 
 def test_stale_drops_raise_the_staleness_one_step_up_to_the_hard_bound() -> None:
     got = run([obs(stale_drops=3, trained=32)] * 5, Limits(window=8, staleness=1))
+    # one notch an interval: each raise judged on the next interval (kept: same throughput), then raised again
     assert [lim.staleness for lim in got] == [2, 3, 4, 4, 4]
     assert run([obs(stale_drops=1, trained=32)] * 5, Limits(window=8, staleness=1))[-1].staleness == 1  # 3 %: tolerated
+
+
+def test_a_raise_for_stale_drops_that_costs_throughput_is_undone_and_the_drops_are_tolerated() -> None:
+    dropping = obs(stale_drops=3, trained=32, trainer_idle=0.0, steps=8)
+    slower = obs(stale_drops=0, trained=32, trainer_idle=0.0, steps=6)  # -25 %: the work of more in flight
+    seq = [dropping, slower] + [dropping] * (BAR_INTERVALS - 2)
+    got = run(seq, Limits(window=8, staleness=1))
+    assert got[0].staleness == 2 and all(lim.staleness == 1 for lim in got[1:])
+
+
+def test_a_raise_for_stale_drops_survives_a_loss_within_one_interval_s_noise() -> None:
+    dropping = obs(stale_drops=3, trained=32, trainer_idle=0.0, steps=8)
+    a_bit_slower = obs(stale_drops=0, trained=32, trainer_idle=0.0, steps=7)  # -12.5 %: more than LOSS, less than DROPS_LOSS
+    assert run([dropping, a_bit_slower, a_bit_slower], Limits(window=8, staleness=1))[-1].staleness == 2
 
 
 def test_a_waiting_trainer_widens_a_full_window_only_after_persisting() -> None:
@@ -130,6 +148,7 @@ observations = st.builds(
     queue_full=st.floats(0, 1),
     stale_drops=st.integers(0, 5),
     age_max=st.one_of(st.just(math.nan), st.floats(0, 6)),
+    behaviour_kl=st.one_of(st.just(math.nan), st.floats(0, 0.1)),
     syncing=st.booleans(),
     paused=st.booleans(),
 )
@@ -162,6 +181,7 @@ def test_any_sequence_of_intervals_keeps_the_limits_within_bounds_moving_one_not
 def test_autotune_starts_where_the_defaults_are_and_never_below_the_sync_period() -> None:
     bounds, start = bounds_for(min_window=1, max_window=64, staleness_threshold=4, sync_every=1, initial_window=8)
     assert start == Limits(window=8, staleness=1) and bounds.max_staleness == 4
+    assert bounds.min_staleness == 0  # a sync every step: on-policy is within reach
     bounds, start = bounds_for(min_window=1, max_window=4, staleness_threshold=4, sync_every=3, initial_window=8)
     assert start == Limits(window=4, staleness=2) and bounds.min_staleness == 2
     _, start = bounds_for(min_window=1, max_window=64, staleness_threshold=0, sync_every=1, initial_window=8)
@@ -209,11 +229,16 @@ def test_a_run_without_autotune_has_no_controller_and_no_autotune_metrics(sim_co
     assert rows and not any(k.startswith("autotune/") for r in rows for k in r)
 
 
-def test_a_resumed_run_tunes_on_from_the_checkpointed_controller(sim_config: Callable[..., Config], tmp_path: Path) -> None:
+def test_a_resumed_run_tunes_on_from_the_checkpointed_controller(
+    sim_config: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The controller's limits and counts are in the checkpoint: the resumed run starts from them
     (within its bounds), not from the defaults, and its counts continue."""
     from asyncpolicy import checkpoint
+    from asyncpolicy.autotune import tuner as tuner_module
     from asyncpolicy.supervisor import Supervisor
+
+    monkeypatch.setattr(tuner_module, "MIN_INTERVAL_S", 0.0)  # decisions by step count alone, on any machine's speed
 
     keys = ("async_training.autotune=true", "async_training.staleness_threshold=4", "async_training.autotune_every_steps=2")
 
@@ -242,3 +267,84 @@ def test_a_resumed_run_tunes_on_from_the_checkpointed_controller(sim_config: Cal
     ((limits, stats),) = restored
     assert limits == saved.limits  # within the same bounds: exactly the checkpoint's
     assert stats.decisions == saved.decisions and stats.moves == saved.moves
+
+
+# -- on-policy: fresher samples when they cost no throughput --------------------------------------
+
+FED_SPREAD = obs(trainer_idle=0.0, age_max=1.0, behaviour_kl=10 * SPREAD_KL)  # staleness 1 fully used, the policy moves
+ON_POLICY_SAME_RATE = obs(trainer_idle=0.5, room_exhausted=0.9, window_full=0.0, age_max=0.0)  # waits by construction
+
+
+def test_a_fed_trainer_with_spread_importance_weights_goes_on_policy_and_stays_while_throughput_holds() -> None:
+    seq = [FED_SPREAD] * CALM + [ON_POLICY_SAME_RATE] * (SETTLE + BAR_INTERVALS)
+    got = run(seq, Limits(window=8, staleness=1), ON_POLICY_OK)
+    assert [lim.staleness for lim in got[: CALM - 1]] == [1] * (CALM - 1)
+    assert all(lim.staleness == 0 for lim in got[CALM - 1 :])  # the trainer's waiting at 0 does not undo it
+
+
+def test_without_importance_weight_spread_or_with_drops_the_used_bound_is_kept() -> None:
+    for o in (obs(trainer_idle=0.0, age_max=1.0), obs(trainer_idle=0.0, age_max=1.0, behaviour_kl=SPREAD_KL / 2),
+              obs(trainer_idle=0.0, age_max=1.0, behaviour_kl=10 * SPREAD_KL, stale_drops=1, trained=100)):
+        assert run([o] * 3 * CALM, Limits(window=8, staleness=1), ON_POLICY_OK)[-1].staleness == 1, o
+
+
+def test_the_floor_is_the_sync_period_s_need_on_policy_probes_stop_there() -> None:
+    assert run([FED_SPREAD] * 4 * CALM, Limits(window=8, staleness=1), BOUNDS)[-1].staleness == 1  # min_staleness 1
+
+
+def test_on_policy_that_costs_throughput_is_reverted_and_barred() -> None:
+    slower = obs(trainer_idle=0.5, room_exhausted=0.9, age_max=0.0, steps=2)  # half the rate: the overlap paid
+    seq = [FED_SPREAD] * CALM + [slower] * (SETTLE + 1) + [FED_SPREAD] * (BAR_INTERVALS - 2)
+    limits, memory = Limits(window=8, staleness=1), Memory()
+    reasons = []
+    for o in seq:
+        d = decide(o, limits, ON_POLICY_OK, memory)
+        limits, memory = d.limits, d.memory
+        reasons.append(d.reason)
+    assert limits.staleness == 1
+    assert sum(r.startswith("reverted: staleness 1 -> 0") for r in reasons) == 1  # not probed again while barred
+
+
+def test_leaving_on_policy_must_gain_more_than_the_loss_margin() -> None:
+    limits, memory = Limits(window=8, staleness=1), Memory()
+    for o in [FED_SPREAD] * CALM + [ON_POLICY_SAME_RATE] * (SETTLE + 1):
+        d = decide(o, limits, ON_POLICY_OK, memory)
+        limits, memory = d.limits, d.memory
+    assert limits.staleness == 0
+    # once the bar expires, the waiting trainer and the held-back admission raise it to 1 (a probe) ...
+    for o in [ON_POLICY_SAME_RATE] * (BAR_INTERVALS + PERSIST):
+        d = decide(o, limits, ON_POLICY_OK, memory)
+        limits, memory = d.limits, d.memory
+        if limits.staleness:
+            break
+    assert limits.staleness == 1 and memory.probe == "loosen"
+    raised = (limits, memory)
+    # ... which no gain (the same rate) takes back, ...
+    for o in [obs(trainer_idle=0.0, age_max=1.0)] * (SETTLE + 1):
+        d = decide(o, limits, ON_POLICY_OK, memory)
+        limits, memory = d.limits, d.memory
+    assert limits.staleness == 0 and d.reason.startswith("reverted")
+    # ... and a gain beyond the loss margin keeps
+    limits, memory = raised
+    faster = obs(trainer_idle=0.0, age_max=1.0, steps=round(4 * (1 + 2 * LOSS)) + 1)
+    for o in [faster] * (SETTLE + 1):
+        d = decide(o, limits, ON_POLICY_OK, memory)
+        limits, memory = d.limits, d.memory
+    assert limits.staleness == 1
+
+
+def test_a_window_halved_for_stale_drops_that_keeps_throughput_is_not_widened_again_at_once() -> None:
+    wasteful = obs(trainer_idle=0.0, stale_drops=8, trained=32)  # 25 % dropped at the hard bound
+    waiting = obs(trainer_idle=0.3, window_full=1.0)  # the narrower window is full, the trainer waits a little
+    seq = [wasteful] + [waiting] * (SETTLE + BAR_INTERVALS - 1)
+    got = run(seq, Limits(window=16, staleness=4))
+    assert [lim.window for lim in got] == [8] * len(seq)  # the drops were the wider window's cost
+    later = run(seq + [waiting] * (PERSIST + 1), Limits(window=16, staleness=4))
+    assert later[-1].window == 16  # the bar expires: the run may have changed
+
+
+def test_a_window_halved_for_stale_drops_that_costs_throughput_is_undone() -> None:
+    wasteful = obs(trainer_idle=0.0, stale_drops=8, trained=32, steps=8)
+    slower = obs(trainer_idle=0.3, window_full=1.0, steps=6)  # -25 %
+    got = run([wasteful] + [slower] * (SETTLE + 1), Limits(window=16, staleness=4))
+    assert got[-1].window == 16

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -124,23 +125,62 @@ def test_reward_rise_compares_the_first_and_last_tenth(tmp_path: Path) -> None:
 
 
 def test_autotune_bench_plumbing_on_the_quick_shapes(tmp_path: Path) -> None:
-    """`bench autotune --quick`'s simulated part: every shape runs its grid, the back-to-back round
-    and autotune to the end, with the accounting and autotune's limits in bounds (no speed is checked)."""
-    from asyncpolicy.bench.autotune import compare_on_shapes, shapes
+    """`bench autotune --quick`'s simulated part: every shape (the held-out one too) runs its grid and
+    its interleaved rounds to the end, with the accounting and autotune's limits in bounds (no speed
+    is checked)."""
+    from asyncpolicy.bench.autotune import _sizes, compare_on_shapes, held_out_shape, shapes
     from asyncpolicy.bench.common import SuiteResult, detect_machine
 
     ctx = BenchContext(tmp_path, quick=True, overrides=[], machine=detect_machine(), command="test")
+    sizes = _sizes(ctx)
+    steps, rounds = sizes["steps"], sizes["rounds"]
     res = SuiteResult(suite="autotune", title="t")
     records = anyio.run(compare_on_shapes, ctx, res)
-    assert list(records) == [s.name for s in shapes(16)]
+    assert list(records) == [s.name for s in shapes(steps)] + [held_out_shape(steps).name]
     for shape, row in records.items():
         assert row["finished"], shape
-        assert row["autotune_made"] >= 16 * 8 and row["vs_best"] > 0 and row["vs_default"] > 0
-        assert set(row["static"]) == {"s1_w8", "s1_w32", "s4_w8", "s4_w32"}
-        final = row["autotune_final"]
-        assert 1 <= final["window"] <= 64 and 1 <= final["staleness"] <= 4
+        assert row["held_out"] == (shape == "held-out")
+        for who in ("autotune", "defaults", "best"):
+            assert len(row[who]["runs"]) == rounds and all(r["made"] >= steps * 8 for r in row[who]["runs"])
+        assert row["vs_best"] > 0 and row["vs_default"] > 0 and row["vs_best_range"][0] <= row["vs_best"] <= row["vs_best_range"][1]
+        assert set(row["grid"]) == {"s1_w8", "s1_w32", "s4_w8", "s4_w32"}
+        assert len(row["autotune_final"]) == rounds
+        for final in row["autotune_final"]:
+            assert 1 <= final["window"] <= 64 and 0 <= final["staleness"] <= 4
     for run_dir in (tmp_path / "runs").iterdir():  # every run's own accounting line
         result = [msgspec.json.decode(line) for line in (run_dir / "metrics.jsonl").read_bytes().splitlines()]
-        assert [r["step"] for r in result] == list(range(1, 17)), run_dir.name
+        n = sizes["grid_steps"] if "_grid" in run_dir.name else steps
+        assert [r["step"] for r in result] == list(range(1, n + 1)), run_dir.name
         assert all(r["staleness_max"] <= 4 for r in result)
-    assert res.tables and len(res.tables[0].rows) == 5
+    assert [len(t.rows) for t in res.tables] == [5, 1]
+
+
+def _scenario(times: tuple[float, ...] = (), steps_per_s: float = 0.0, dropped_stale: int = 0) -> Any:
+    from asyncpolicy.bench.common import ScenarioRun
+
+    rows = [{"step": i + 1, "elapsed_s": t} for i, t in enumerate(times)]
+    return ScenarioRun(name="x", wall_s=0, steps=len(rows), made=0, samples_per_s=0, steps_per_s=steps_per_s, sample_age_mean=0,
+                       sample_age_max=0, sync_latency_mean_s=0, sync_latency_max_s=0, queue_utilization_mean=0,
+                       trainer_idle_ratio=0, rollouter_idle_ratio=0, dropped_stale=dropped_stale, peak_rss_mb=0, trainer_wait_s=0,
+                       sync_total_s=0, finished=True, rows=rows)
+
+
+def test_grid_cells_meeting_both_autotune_targets() -> None:
+    from asyncpolicy.bench.autotune import both_targets
+
+    grid = {(1, 8): _scenario(steps_per_s=40, dropped_stale=20), (4, 8): _scenario(steps_per_s=50, dropped_stale=30),
+            (4, 4): _scenario(steps_per_s=48, dropped_stale=20), (2, 8): _scenario(steps_per_s=47, dropped_stale=0)}
+    assert both_targets(grid, (4, 8)) == ["s4 w4"]  # 48 >= 0.95 * 50 with 20 drops; s2 w8 is 6 % slower
+    grid[(4, 4)] = _scenario(steps_per_s=48, dropped_stale=21)
+    assert both_targets(grid, (4, 8)) == []
+
+
+def test_second_half_rate_counts_only_the_steps_after_the_middle() -> None:
+    from asyncpolicy.bench.autotune import second_half_rate
+
+    def run(times: list[float]) -> Any:
+        return _scenario(tuple(times))
+
+    # a slow start (steps 1-4 at 1 s each), then 4 steps in 0.5 s: the second half runs at 8 steps/s
+    assert second_half_rate(run([1.0, 2.0, 3.0, 4.0, 4.125, 4.25, 4.375, 4.5])) == 8.0
+    assert math.isnan(second_half_rate(run([1.0, 2.0])))
