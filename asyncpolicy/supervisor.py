@@ -357,6 +357,8 @@ class Supervisor:
     ) -> None:
         try:
             await run(task_status=task_status)
+        except ConfigError:  # bad input found only when an actor starts (a port in use): exit 2, not a failed actor
+            raise
         except RunFailed as exc:
             log.error("actor_failed", actor=name, error=str(exc))
             raise ActorFailed(name, exc) from exc

@@ -9,6 +9,7 @@ a history the runtime refuses (see conversation.py).
 
 from __future__ import annotations
 
+import errno
 import itertools
 import socket
 import time
@@ -23,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from asyncpolicy.errors import ConfigError
 from asyncpolicy.agents.conversation import AgentConversation, HistoryMismatch, parse_messages
 
 
@@ -82,7 +84,7 @@ class ChatServer:
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind, report started (the port is known: calls wait in the listen backlog until uvicorn
-        accepts them), serve until cancelled (the owner's task group). Binding fails with OSError.
+        accepts them), serve until cancelled (the owner's task group). Binding fails with ConfigError (bad input).
         uvicorn's own signal handlers are not installed."""
         import uvicorn
 
@@ -94,8 +96,12 @@ class ChatServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
-            sock.listen(1024)
+            try:
+                sock.bind((self.host, self.port))
+                sock.listen(1024)
+            except OSError as e:  # a port in use or an address not on this host: the user's setting, not a crash
+                key = "task.agent_port" if e.errno == errno.EADDRINUSE else "task.agent_host"
+                raise ConfigError(f"config key '{key}': the agents' endpoint cannot listen on {self.host}:{self.port}: {e.strerror}", key=key) from e
             self._sock, self.port = sock, sock.getsockname()[1]
             task_status.started()
             server = _NoSignals(uvicorn.Config(self.app(), log_level="warning", lifespan="off"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,21 @@ def test_agent_and_env_together_or_an_agent_that_does_not_import_exit_2(
     tmp_path: Path, overrides: list[str], named: tuple[str, ...]
 ) -> None:
     assert_bad_input(cli("run", *SIM, *overrides, f"output_dir={tmp_path / 'run'}"), *named)
+
+
+def test_an_agent_port_in_use_exits_2_naming_the_key(tmp_path: Path) -> None:
+    """The agents' endpoint binds when the actors start, after the engines: a port another process
+    holds is still bad input (exit 2, the key named), not a failed actor."""
+    (tmp_path / "idle_agent.py").write_text("async def solve(base_url: str, prompt: str) -> float:\n    return 0.0\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = cli("run", *SIM, "task.agent=idle_agent:solve", f"task.agent_port={port}", f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("asyncpolicy: error: config key 'task.agent_port'") and f"127.0.0.1:{port}" in last, last
+    assert "Traceback" not in proc.stderr
 
 
 def test_unknown_option_exits_2() -> None:
