@@ -25,6 +25,7 @@ import structlog
 from asyncpolicy.actors.rollouter import InFlight, RolloutCounters, RolloutSnapshot
 from asyncpolicy.actors.synchronizer import SyncCounters
 from asyncpolicy.actors.trainer import TrainerSnapshot
+from asyncpolicy.actors.validator import ValidatorSnapshot
 from asyncpolicy.autotune.policy import AutotuneSnapshot
 from asyncpolicy.channels import ChannelSnapshot
 from asyncpolicy.engines.generation.replicas import ReplicaCounters
@@ -59,6 +60,7 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
     reason: str  # "save_freq", "finished" or "stop"
     replicas: ReplicaCounters = msgspec.field(default_factory=ReplicaCounters)  # rollout.replicas > 1 (older: zeros)
     autotune: AutotuneSnapshot | None = None  # async_training.autotune's controller (None: off, or an older checkpoint)
+    validator: ValidatorSnapshot | None = None  # every validation so far and the failures (None: an older checkpoint)
 
     @classmethod
     def of(
@@ -73,6 +75,7 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
         reason: str,
         replicas: ReplicaCounters,
         autotune: AutotuneSnapshot | None = None,
+        validator: ValidatorSnapshot | None = None,
     ) -> RunState:
         """The state of a run from its actors' snapshots."""
         return cls(
@@ -86,6 +89,7 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True):
             reason=reason,
             replicas=replicas,
             autotune=autotune,
+            validator=validator,
         )
 
     @property

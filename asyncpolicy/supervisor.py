@@ -414,6 +414,8 @@ class Supervisor:
         self.channel.restore(state.channel)
         if self.autotuner is not None and state.autotune is not None:  # after the channel: it sets its limit
             self.autotuner.restore(state.autotune)
+        if state.validator is not None:
+            self.validator.restore(state.validator)
         self.rng.setstate(_rng_state(state.rng_state))
         await self.synchronizer.sync(self.trainer.version, force=True)
         self._rate_base = (state.channel.produced, state.channel.consumed, state.trainer.step)
@@ -432,6 +434,7 @@ class Supervisor:
             reason=reason,
             replicas=gen.snapshot() if isinstance(gen, ReplicatedGeneration) else ReplicaCounters(),
             autotune=self.autotuner.snapshot() if self.autotuner is not None else None,
+            validator=self.validator.snapshot(),
         )
         encoded = checkpoint.encode_state(state)  # serialised before any await: a consistent cut
         step = state.trainer.step

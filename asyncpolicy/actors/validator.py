@@ -40,6 +40,14 @@ class ValidationResult(msgspec.Struct, frozen=True, kw_only=True):
     tool_call_rate: float = 0.0  # share of prompts whose episode called a tool at least once (0 single-turn)
 
 
+class ValidatorSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """What a checkpoint keeps of validation: a resumed run's learning curve and failure count go on
+    from where they were, not from nothing."""
+
+    history: list[ValidationResult] = msgspec.field(default_factory=list)
+    failures: int = 0
+
+
 class Validator:
     """Held-out reward of the policy being served, measured concurrently with training."""
 
@@ -59,6 +67,14 @@ class Validator:
         """Every validation that completed, in order: metrics lines carry only the latest, and two may
         end between one line and the next (a learning curve needs them all)."""
         return tuple(self._history)
+
+    def snapshot(self) -> ValidatorSnapshot:
+        return ValidatorSnapshot(history=list(self._history), failures=self.failures)
+
+    def restore(self, snap: ValidatorSnapshot) -> None:
+        self._history = list(snap.history)
+        self.latest = self._history[-1] if self._history else None
+        self.failures = snap.failures
 
     def request(self, step: int) -> None:
         """Ask for a validation after `step` (coalesced with any pending request)."""

@@ -6,6 +6,7 @@ failure's own outcome, because a fault that is "handled" by losing samples is no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -14,7 +15,8 @@ import pytest
 
 from asyncpolicy import checkpoint
 from asyncpolicy.actors.rollouter import Rollouter
-from asyncpolicy.config import load_config
+from asyncpolicy.actors.validator import ValidationResult
+from asyncpolicy.config import Config, load_config
 from asyncpolicy.errors import ActorFailed, ConfigError, GenerationFailed
 from asyncpolicy.samples import Sample
 from asyncpolicy.supervisor import RunResult, Supervisor
@@ -208,6 +210,32 @@ async def test_a_finished_run_resumed_with_validation_on_ends_at_once_as_finishe
     assert result.finished
     assert_accounted(result, 2)
     assert checkpoint.load_state(latest_checkpoint(tmp_path)).reason == "finished"
+
+
+async def test_a_resumed_run_keeps_its_validation_history(tmp_path: Path) -> None:
+    """The learning curve goes on across a resume: the checkpoint holds every validation (and the
+    failure count), so the resumed validator starts from them, not from nothing. Each half is stopped
+    by what the validator has done, never by the clock."""
+
+    async def run_until(cfg: Config, done: Callable[[Supervisor], bool]) -> tuple[ValidationResult, ...]:
+        async with Supervisor.open(cfg) as sup:
+            with anyio.fail_after(60):
+                async for _ in sup.events():
+                    if done(sup):
+                        sup.stop()
+                        break
+                await sup.wait()
+            return sup.validator.history()
+
+    keys = ("trainer.total_training_steps=100000", "trainer.test_freq=2")
+    first = await run_until(cfg_for(tmp_path, *keys), lambda sup: len(sup.validator.history()) >= 2)
+    saved = checkpoint.load_state(latest_checkpoint(tmp_path)).validator
+    assert saved is not None and tuple(saved.history) == first and saved.failures == 0
+    last = first[-1].step
+    history = await run_until(
+        cfg_for(tmp_path, *keys, "resume=auto"), lambda sup: any(v.step > last for v in sup.validator.history())
+    )
+    assert history[: len(first)] == first and len(history) > len(first)  # kept as it was, then continued
 
 
 async def test_events_iteration_ends_when_the_run_ends(tmp_path: Path) -> None:
