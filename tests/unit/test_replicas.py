@@ -18,6 +18,7 @@ from asyncpolicy import checkpoint
 from asyncpolicy.config import SimulatedRolloutConfig, load_config, replica_count
 from asyncpolicy.engines.factory import build_engines
 from asyncpolicy.engines.protocols import GenerationRequest
+from asyncpolicy.engines.generation import replicas
 from asyncpolicy.engines.generation.replicas import NoReplicaAvailable, ReplicaRouter, ReplicatedGeneration
 from asyncpolicy.engines.simulated import SimulatedEngineError, SimulatedGenerationEngine
 from asyncpolicy.engines.sets.vllm_fsdp import place, replica_gpus
@@ -51,6 +52,25 @@ def test_a_group_sticks_to_its_replica_while_it_is_up_then_moves() -> None:
     assert r.replica_of("g") == 1 and r.load == [0, 10]
 
 
+def test_a_group_with_nothing_running_goes_back_to_its_last_replica_and_the_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agentic episode's next turn comes after a tool call, when none of its group's requests may
+    run: it still goes to the replica that holds the group's prefix cache, while that one is up."""
+    monkeypatch.setattr(replicas, "RECENT_GROUPS", 2)
+    r = ReplicaRouter(2)
+    r.end(r.begin(r.pick("g") or 0, "g", 5), ok=True)  # g ran on 0, and ended
+    busy = r.begin(0, "h", 500)  # replica 0 is now the busier one
+    assert r.pick("g") == 0, "an episode's next turn left its group's replica"
+    assert r.pick("new") == 1  # a group never seen: the least loaded
+    r.mark_down(0)
+    assert r.pick("g") == 1  # its replica is down: the least-loaded live one
+    r.end(busy, ok=None)  # cancelled with its replica
+    assert r.mark_up(0)
+    r.end(r.begin(1, "a", 1), ok=True)  # g, h, a ended: g, the oldest of three, is forgotten
+    r.begin(0, "load", 10)
+    assert r.pick("g") == 1  # forgotten: the least loaded, not its old replica
+    assert r.pick("h") == 0 and r.pick("a") == 1  # remembered, whatever the load
+
+
 def test_a_replica_goes_down_when_dead_or_after_consecutive_failures_and_comes_back_up() -> None:
     r = ReplicaRouter(2, failures_to_down=2)
     assert not r.end(r.begin(0, "a", 1), ok=False)  # one failure: still up
@@ -78,9 +98,11 @@ ops = st.lists(
 @given(n=st.integers(1, 4), script=ops)
 def test_router_invariants_under_any_sequence(n: int, script: list[tuple[str, int, Any]]) -> None:
     """Loads are the sums of running costs; a pick is an up replica, the group's own while it is up,
-    else the least loaded; a group's running requests never span two up replicas."""
+    else that of its last request while that one is up, else the least loaded; a group's running
+    requests never span two up replicas."""
     r = ReplicaRouter(n, failures_to_down=2)
     running: dict[int, tuple[int, str, int]] = {}
+    last: dict[str, int] = {}  # group → replica of its latest request (6 groups: never forgotten)
     for op, a, b in script:
         if op == "begin":
             group = f"g{a}"
@@ -93,9 +115,12 @@ def test_router_invariants_under_any_sequence(n: int, script: list[tuple[str, in
             own = {rk for rk, g, _ in running.values() if g == group and r.up[rk]}
             if own:
                 assert own == {k}, "a group was sent to a second replica while its own is up"
+            elif not any(g == group for _, g, _ in running.values()) and group in last and r.up[last[group]]:
+                assert k == last[group], "a group with nothing running left the replica of its last request"
             else:
                 assert r.load[k] == min(r.load[i] for i in live) and k == min(i for i in live if r.load[i] == r.load[k])
             running[r.begin(k, group, b)] = (k, group, b)
+            last[group] = k
         elif op == "end" and running:
             ticket = sorted(running)[a % len(running)]
             r.end(ticket, ok=b)

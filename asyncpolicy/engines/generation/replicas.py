@@ -7,8 +7,9 @@ Invariants:
   stopped by a restart goes on from its tokens so far), or with finish_reason "abort" when
   `abort_all` ran (also while it waited for a replica to come back);
 * routing is `ReplicaRouter`, a pure policy: a request goes to its group's replica while that
-  replica is up (a prompt's responses share its prefix cache), else to the up replica with the
-  fewest tokens in flight (sum of `max_tokens` still to generate of its running requests), ties by
+  replica is up (a prompt's responses share its prefix cache; an agentic episode's next turn, sent
+  after a tool call when none of its group's requests runs, finds the replica of the group's last
+  request among the `RECENT_GROUPS` it remembers), else to the up replica with the fewest tokens in flight (sum of `max_tokens` still to generate of its running requests), ties by
   index;
 * a replica is *down* once it reports itself dead (`errored`) or after `failures_to_down`
   consecutive failed calls; a failed call on a replica that is still up is raised to the caller
@@ -23,8 +24,9 @@ Invariants:
 from __future__ import annotations
 
 import itertools
-import time
 import math
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Self
 
@@ -53,6 +55,9 @@ class _Running(msgspec.Struct):
     cost: int
 
 
+RECENT_GROUPS = 4096  # groups whose requests all ended, remembered (oldest forgotten first): bounded memory
+
+
 class ReplicaRouter:
     """Which replica serves a request. Pure bookkeeping: no I/O, no awaits, tested alone.
 
@@ -69,6 +74,7 @@ class ReplicaRouter:
         self.load = [0] * n
         self.consecutive_failures = [0] * n
         self._groups: dict[str, tuple[int, int]] = {}  # group → (replica, requests running); forgotten at 0
+        self._recent: OrderedDict[str, int] = OrderedDict()  # group → replica of its last request, once none runs
         self._running: dict[int, _Running] = {}
         self._tickets = itertools.count()
 
@@ -77,6 +83,9 @@ class ReplicaRouter:
         sticky = self._groups.get(group)
         if sticky is not None and self.up[sticky[0]]:
             return sticky[0]
+        recent = self._recent.get(group) if sticky is None else None
+        if recent is not None and self.up[recent]:
+            return recent
         live = [k for k in range(self.n) if self.up[k]]
         if not live:
             return None
@@ -96,6 +105,7 @@ class ReplicaRouter:
         if held is None or held[0] != replica:  # new, or moved off a replica that went down
             held = (replica, 0)
         self._groups[group] = (replica, held[1] + 1)
+        self._recent.pop(group, None)
         return ticket
 
     def end(self, ticket: int, *, ok: bool | None, dead: bool = False) -> bool:
@@ -110,6 +120,9 @@ class ReplicaRouter:
         if held is not None and held[0] == k:
             if held[1] <= 1:
                 del self._groups[run.group]
+                self._recent[run.group] = k  # a later request of the group (an episode's next turn) comes back here
+                if len(self._recent) > RECENT_GROUPS:
+                    self._recent.popitem(last=False)
             else:
                 self._groups[run.group] = (k, held[1] - 1)
         if ok:
