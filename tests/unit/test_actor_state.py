@@ -192,9 +192,10 @@ async def test_a_format_1_checkpoint_loads_into_every_actors_snapshot(tmp_path: 
         rng_state=state.rng_state, reason=state.reason, replicas=state.replicas,
     )
     now = msgspec.msgpack.decode(checkpoint.encode_state(again))
-    # autotune's controller state is a new field with a default (None: autotune off): format 2 still
-    assert now["format_version"] == checkpoint.FORMAT_VERSION == 2 and set(now) == set(written) | {"autotune"}
-    assert now["autotune"] is None
+    # autotune's controller state and the validator's history are new fields with defaults (None: autotune
+    # off, no validator given; an older checkpoint loads with None): format 2 still
+    assert now["format_version"] == checkpoint.FORMAT_VERSION == 2 and set(now) == set(written) | {"autotune", "validator"}
+    assert now["autotune"] is None and now["validator"] is None and state.validator is None
     assert set(now["trainer"]) == set(written["trainer"]) - {"staleness_max"}
     assert set(now["channel"]) == set(written["channel"]) - {"age_sum", "age_min"} | {"sample_age_mean", "sample_age_max"}
     # the rollout counts gained the agentic episodes' (format 2 still: a new field has a default)
