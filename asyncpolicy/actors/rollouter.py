@@ -13,6 +13,11 @@ Invariants:
   never more than the hard rule would (a lowered limit only admits less, a raised one at most
   up to the hard rule). Groups admitted before a limit was lowered may go stale: the channel
   drops and counts them, so the hard bound and the accounting hold whatever the moves;
+* admission yields to a busy event loop: after starting a group it waits (`loop_caught_up`) for a
+  loop iteration shorter than `LOOP_BUSY_S`, at most `LOOP_WAIT_MAX_S`: a sync or a taken batch
+  frees room for dozens of groups (hundreds of episodes) at once, and starting them all while
+  the loop is still busy with the running ones is what made its iterations (the lag of every
+  other task in it, the host's included) long. Only the pace of admission changes, never what is admitted;
 * at most `admission window` groups generate at once: each holds a token of an anyio
   CapacityLimiter from its start until its responses are done (default
   ``max(1, rollout.max_concurrency // rollout.n)``; `set_admission_window` moves it at run time).
@@ -53,6 +58,21 @@ if TYPE_CHECKING:  # starlette (the 'agents' extra) loads only when a run serves
     from asyncpolicy.agents.chat_server import ChatServer
 
 log = structlog.get_logger("asyncpolicy.rollouter")
+
+LOOP_BUSY_S = 0.005  # a loop iteration longer than this: the loop is busy, admission waits
+LOOP_WAIT_MAX_S = 0.25  # the longest admission waits for a quiet iteration (a host that keeps its loop busy)
+
+
+async def loop_caught_up() -> float:
+    """Checkpoint until one comes back within `LOOP_BUSY_S`, or `LOOP_WAIT_MAX_S` has passed; return
+    the seconds waited. On asyncio a checkpoint's round trip is one loop iteration (every callback
+    ready before it runs first); on trio, a batch of tasks in random order: a rougher measure."""
+    start = now = time.perf_counter()
+    while True:
+        await anyio.lowlevel.checkpoint()
+        before, now = now, time.perf_counter()
+        if now - before <= LOOP_BUSY_S or now - start >= LOOP_WAIT_MAX_S:
+            return now - start
 
 
 class RolloutCounters(msgspec.Struct, frozen=True, kw_only=True):
@@ -281,8 +301,7 @@ class Rollouter:
                 tg.start_soon(self._rollout_group, group)
                 if self.cfg.rollout.interval_s:
                     await anyio.sleep(self.cfg.rollout.interval_s)
-                else:
-                    await anyio.lowlevel.checkpoint()
+                await loop_caught_up()
 
     async def _rollout_group(self, group: InFlight) -> None:
         prompt = group.prompt

@@ -68,7 +68,7 @@ class AgentConversation:
             if len(messages) != 1 or messages[0].role != "user":
                 raise HistoryMismatch("the first call of an episode must send exactly one user message")
             text = messages[0].content
-            self.context = list(self.prompt.tokens) if text == self.prompt.text else await anyio.to_thread.run_sync(self.tokens_rule.opening, text)
+            self.context = list(self.prompt.tokens) if text == self.prompt.text else await self.tokens_rule.opening_ids(text)
             self.messages = [messages[0]]
             return
         n = len(self.messages)
@@ -77,7 +77,7 @@ class AgentConversation:
         new = messages[n:]
         if len(new) != 1 or new[0].role == "assistant":
             raise HistoryMismatch(f"a call must add exactly one non-assistant message to the recorded {n}; it added {len(new)}")
-        ids = await anyio.to_thread.run_sync(self.tokens_rule.append, self.messages, self.last_turn, new[0])
+        ids = await self.tokens_rule.append_ids(self.messages, self.last_turn, new[0])
         if len(self.record.tokens) + len(ids) >= self.max_episode_tokens:
             raise HistoryMismatch(f"the message does not fit in the episode's {self.max_episode_tokens} tokens (data.max_response_length)")
         self.record.add_env(ids, self.record.versions[-1] if self.record.versions else -1)

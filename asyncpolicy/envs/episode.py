@@ -22,7 +22,6 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
-import anyio
 import msgspec
 
 from asyncpolicy.engines.protocols import GenerationRequest, GenerationResult
@@ -123,7 +122,7 @@ async def run_episode(spec: EpisodeSpec, prompt: Prompt, request: GenerationRequ
         if opening is not None:
             if not isinstance(opening, str):
                 raise _EnvFailed(f"reset returned {type(opening).__name__}, not a string or None")
-            context = await anyio.to_thread.run_sync(spec.tokens.opening, opening)
+            context = await spec.tokens.opening_ids(opening)
             conversation = [ChatMessage("user", opening)]
         while turns < spec.max_turns:
             left = spec.max_episode_tokens - len(ep.tokens)
@@ -151,7 +150,7 @@ async def run_episode(spec: EpisodeSpec, prompt: Prompt, request: GenerationRequ
             model_text = spec.decode(result.response_tokens)
             conversation.append(ChatMessage("assistant", model_text))
             observation = ChatMessage(step.role, step.observation)
-            ids = await anyio.to_thread.run_sync(spec.tokens.append, conversation, result.response_tokens, observation)
+            ids = await spec.tokens.append_ids(conversation, result.response_tokens, observation)
             conversation.append(observation)
             if len(ep.tokens) + len(ids) >= spec.max_episode_tokens:  # no room for the observation and a turn
                 finish = "length"

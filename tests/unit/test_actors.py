@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
 
+from asyncpolicy.actors import rollouter as rollouter_module
 from asyncpolicy.actors.synchronizer import ParameterSynchronizer, SyncResult
 from asyncpolicy.actors.trainer import Trainer
 from asyncpolicy.channels import VersionedChannel
@@ -229,6 +231,55 @@ async def test_admission_stops_at_the_capacity_rule_until_the_version_moves(sim_
                 await anyio.sleep(0.005)
         await anyio.sleep(0.05)
         assert rollouter.statistics().counters.admitted == (2 + 1 + 1) * 3
+        tg.cancel_scope.cancel()
+
+
+async def _hog_the_loop(iterations: int, done: anyio.Event) -> None:
+    """Block the loop for twice LOOP_BUSY_S in each of `iterations` loop iterations (a blocking sleep
+    lasts at least that long on any machine), then stop."""
+    for _ in range(iterations):
+        time.sleep(2 * rollouter_module.LOOP_BUSY_S)
+        await anyio.lowlevel.checkpoint()
+    done.set()
+
+
+ASYNCIO_ONLY = pytest.mark.parametrize("anyio_backend", ["asyncio"])  # a checkpoint's round trip is one loop
+# iteration there; trio runs a batch of tasks in random order, so a round trip may miss the busy task
+
+
+@ASYNCIO_ONLY
+async def test_admission_waits_while_the_loop_is_busy_and_resumes_once_it_is_not(
+    sim_config: Make, rollouter_for: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task that keeps every loop iteration long holds admission at the first group; once it stops,
+    admission goes on to the capacity rule's 9 groups."""
+    monkeypatch.setattr(rollouter_module, "LOOP_WAIT_MAX_S", 60.0)  # the bound is not what is tested here
+    cfg = sim_config(
+        "async_training.staleness_threshold=2", "data.train_batch_size=3", "async_training.max_queue_size=32"
+    )
+    rollouter, engine, _ = rollouter_for(cfg)
+    await engine.start()
+    hog_done = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_hog_the_loop, 20, hog_done)
+        await tg.start(rollouter.run)
+        while not hog_done.is_set():
+            assert rollouter.statistics().counters.admitted == 1
+            await anyio.lowlevel.checkpoint()
+        with anyio.fail_after(5):
+            while rollouter.statistics().counters.admitted < 9:
+                await anyio.sleep(0.005)
+        tg.cancel_scope.cancel()
+
+
+@ASYNCIO_ONLY
+async def test_a_loop_that_stays_busy_delays_admission_by_at_most_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rollouter_module, "LOOP_WAIT_MAX_S", 0.05)
+    hog_done = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_hog_the_loop, 1_000_000, hog_done)
+        waited = await rollouter_module.loop_caught_up()
+        assert waited >= 0.05 and not hog_done.is_set()
         tg.cancel_scope.cancel()
 
 

@@ -4,11 +4,12 @@ model's tokens are never re-encoded, and a template that is not append-only is r
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Any
 
 import pytest
 
-from asyncpolicy.envs.tokens import ObservationTokens, TemplateNotAppendOnly
+from asyncpolicy.envs.tokens import ON_LOOP_CHARS, ObservationTokens, TemplateNotAppendOnly
 from asyncpolicy.models import tiny
 from asyncpolicy.models.cache import model_cache
 from asyncpolicy.tasks.base import ChatMessage
@@ -94,3 +95,46 @@ def test_a_template_that_changes_the_assistants_text_is_refused_at_once(smollm2:
     with pytest.raises(TemplateNotAppendOnly, match="assistant turn's text"):
         ObservationTokens(tok)
 
+
+
+class _ThreadRecording:
+    """The embedded tokenizer, recording the thread of every encode (and render), with an optional ChatML template."""
+
+    def __init__(self, chat_template: str | None = None) -> None:
+        self.inner = tiny.build_tokenizer()
+        self.chat_template = chat_template
+        self.threads: list[int] = []
+
+    def __call__(self, text: str, **kw: Any) -> Any:
+        self.threads.append(threading.get_ident())
+        return self.inner(text, **kw)
+
+    def apply_chat_template(self, chat: list[dict[str, str]], **kw: Any) -> Any:
+        self.threads.append(threading.get_ident())
+        return self.inner.apply_chat_template(chat, chat_template=self.chat_template, **kw)
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("template", [None, CHATML], ids=["plain", "chatml"])
+async def test_the_rule_runs_on_the_loop_only_when_cheap_and_gives_the_same_ids_either_way(template: str | None) -> None:
+    tok = _ThreadRecording(template)
+    rule = ObservationTokens(tok)
+    loop = threading.get_ident()
+    conversation = [ChatMessage("user", "?"), ChatMessage("assistant", "5")]
+    turn = tok.inner("5", add_special_tokens=False)["input_ids"]
+    for text in ("+", "x" * (ON_LOOP_CHARS + 1)):
+        tok.threads.clear()
+        ids = await rule.append_ids(conversation, turn, ChatMessage("user", text))
+        on_loop = template is None and len(text) <= ON_LOOP_CHARS
+        assert rule.on_loop(text) is on_loop
+        assert tok.threads and all((t == loop) is on_loop for t in tok.threads), (text[:5], on_loop)
+        assert ids == rule.append(conversation, turn, ChatMessage("user", text))
+        tok.threads.clear()
+        assert await rule.opening_ids(text) == rule.opening(text)
+        assert tok.threads[0] == loop if on_loop else tok.threads[0] != loop
