@@ -301,33 +301,39 @@ class Supervisor:
                 task_status.started()
                 return
             reported = False  # task_status.started() called: `__aenter__` has returned
-            with anyio.CancelScope() as self._actors:
-                try:
-                    async with anyio.create_task_group() as actors:
-                        if self.chat_server is not None:  # listening before the rollouter's agents call it
-                            with anyio.fail_after(AGENT_SERVER_START_TIMEOUT_S):
-                                await actors.start(self._run_actor, "agent_server", self.chat_server.serve)
-                        await actors.start(self._run_actor, self.rollouter.name, self._rollout_with_restarts)
-                        await actors.start(self._run_actor, self.trainer.name, self._train_then_stop)
-                        if isinstance(self.engines.generation, ReplicatedGeneration):  # restarts dead replicas
-                            await actors.start(self._run_actor, "replicas", self._serve_replicas)
-                        if self.autotuner is not None:
-                            await actors.start(self._run_actor, self.autotuner.name, self.autotuner.run)
-                        if self._validating:
-                            await actors.start(self._run_actor, self.validator.name, self.validator.run)
-                            # the policy training starts from is measured too: the base of every learning curve
-                            self.validator.request(self.trainer.statistics().step)
-                        self.ready_s = time.monotonic() - self._started_at
-                        task_status.started()
-                        reported = True
-                        log.info(
-                            "run_started",
-                            output_dir=str(self.output_dir),
-                            steps=self.cfg.trainer.total_training_steps,
-                            resumed_from=str(self.resume_from.path) if self.resume_from else None,
-                        )
-                except BaseExceptionGroup as group:
-                    raise first_failure(group) from None
+            try:
+                # the agents' endpoint outlives the actors: it closes only after the rollouter's episodes
+                # have ended, so an agent's last call never meets a closed port (a failure counted falsely)
+                async with anyio.create_task_group() as endpoint:
+                    if self.chat_server is not None:  # listening before the rollouter's agents call it
+                        with anyio.fail_after(AGENT_SERVER_START_TIMEOUT_S):
+                            await endpoint.start(self._run_actor, "agent_server", self.chat_server.serve)
+                    with anyio.CancelScope() as self._actors:
+                        if self._stop_requested:  # stop() came while the endpoint started: no actor starts
+                            self._actors.cancel()
+                        async with anyio.create_task_group() as actors:
+                            await actors.start(self._run_actor, self.rollouter.name, self._rollout_with_restarts)
+                            await actors.start(self._run_actor, self.trainer.name, self._train_then_stop)
+                            if isinstance(self.engines.generation, ReplicatedGeneration):  # restarts dead replicas
+                                await actors.start(self._run_actor, "replicas", self._serve_replicas)
+                            if self.autotuner is not None:
+                                await actors.start(self._run_actor, self.autotuner.name, self.autotuner.run)
+                            if self._validating:
+                                await actors.start(self._run_actor, self.validator.name, self.validator.run)
+                                # the policy training starts from is measured too: the base of every learning curve
+                                self.validator.request(self.trainer.statistics().step)
+                            self.ready_s = time.monotonic() - self._started_at
+                            task_status.started()
+                            reported = True
+                            log.info(
+                                "run_started",
+                                output_dir=str(self.output_dir),
+                                steps=self.cfg.trainer.total_training_steps,
+                                resumed_from=str(self.resume_from.path) if self.resume_from else None,
+                            )
+                    endpoint.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise first_failure(group) from None
             if not reported:  # stopped, or training already complete (a finished run resumed), while actors started:
                 task_status.started()  # the run ended as it began, no failure: the checkpoint below is written
             # Reached on a finished run or a graceful stop, never after a failure: a failed run

@@ -9,6 +9,7 @@ a history the runtime refuses (see conversation.py).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import itertools
 import socket
@@ -30,6 +31,9 @@ from asyncpolicy.agents.conversation import AgentConversation, HistoryMismatch, 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+
+
+SHUTDOWN_S = 2  # seconds of uvicorn's graceful shutdown of the endpoint: requests still running after it are cancelled
 
 
 class ChatServer:
@@ -85,7 +89,22 @@ class ChatServer:
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind, report started (the port is known: calls wait in the listen backlog until uvicorn
         accepts them), serve until cancelled (the owner's task group). Binding fails with ConfigError (bad input).
-        uvicorn's own signal handlers are not installed."""
+        uvicorn's own signal handlers are not installed.
+
+        A cancel ends it through uvicorn's own shutdown (`should_exit`), not by cancelling uvicorn:
+        cancelled, uvicorn leaves its listening socket and its connections registered with the event
+        loop, and once their descriptors are closed and reused the loop's next registration of the
+        same number fails (epoll: ENOENT) — a host that runs a second Supervisor in the same loop saw
+        its agents' first call fail. The shutdown is bounded (`SHUTDOWN_S`, then uvicorn cancels the
+        requests still running; past `SHUTDOWN_S + 5` it is cancelled after all)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # trio: uvicorn would fail inside with "no running event loop"
+            raise ConfigError(
+                "config key 'task.agent': the agents' endpoint (uvicorn) runs on asyncio; this Supervisor runs on another "
+                "event loop (trio)",
+                key="task.agent",
+            ) from None
         import uvicorn
 
         class _NoSignals(uvicorn.Server):
@@ -103,8 +122,23 @@ class ChatServer:
                 key = "task.agent_port" if e.errno == errno.EADDRINUSE else "task.agent_host"
                 raise ConfigError(f"config key '{key}': the agents' endpoint cannot listen on {self.host}:{self.port}: {e.strerror}", key=key) from e
             self._sock, self.port = sock, sock.getsockname()[1]
-            task_status.started()
-            server = _NoSignals(uvicorn.Config(self.app(), log_level="warning", lifespan="off"))
-            await server.serve(sockets=[sock])
+            server = _NoSignals(
+                uvicorn.Config(self.app(), log_level="warning", lifespan="off", timeout_graceful_shutdown=SHUTDOWN_S)
+            )
+
+            serving = anyio.CancelScope(shield=True)  # given a deadline once the shutdown begins
+
+            async def run_uvicorn() -> None:
+                with serving:
+                    await server.serve(sockets=[sock])
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_uvicorn)
+                task_status.started()
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    server.should_exit = True  # uvicorn's shutdown: stop accepting, close connections, end requests
+                    serving.deadline = anyio.current_time() + SHUTDOWN_S + 5
         finally:  # `_sock` stays set: an episode starting while its owner's group is cancelled gets a URL that refuses calls
             sock.close()
