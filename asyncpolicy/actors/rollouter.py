@@ -373,7 +373,7 @@ class Rollouter:
         t = episode.trajectory
         self._counters = counters.add(
             self._counters, episodes=1, turns=t.turns, env_tokens=t.env_tokens, env_calls=episode.env_calls,
-            env_seconds=episode.env_seconds, tool_calls=episode.tool_calls, env_errors=int(bool(episode.error)),
+            env_seconds=episode.env_seconds, tool_calls=t.tool_calls, env_errors=int(bool(episode.error)),
         )
         if episode.error:
             t.reward_error = episode.error

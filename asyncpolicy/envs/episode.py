@@ -39,7 +39,6 @@ class EpisodeResult(msgspec.Struct, kw_only=True):
     trajectory: Trajectory
     env_calls: int = 0  # reset and step calls made
     env_seconds: float = 0.0  # wall time inside them
-    tool_calls: int = 0  # steps the environment marked as tool calls
     error: str = ""  # the environment failed: reward 0
 
 
@@ -160,7 +159,7 @@ async def run_episode(spec: EpisodeSpec, prompt: Prompt, request: GenerationRequ
         reward, error = 0.0, str(failed)
     trajectory = ep.trajectory(finish_reason=finish, reward=reward, turns=turns, tool_calls=tool_calls)
     return EpisodeResult(
-        trajectory=trajectory, env_calls=ep.calls, env_seconds=ep.seconds, tool_calls=tool_calls, error=error
+        trajectory=trajectory, env_calls=ep.calls, env_seconds=ep.seconds, error=error
     )
 
 

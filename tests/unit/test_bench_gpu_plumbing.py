@@ -29,9 +29,12 @@ MACHINE = Machine(cores=2, cpu_model="Test CPU", gpu="none", python="3.11", torc
 MEASURED = [x for x in SECTION_NAMES if x != "learn"]  # learn, three supervised runs of its own: its own test
 
 
-def _run_all(tmp_path: Path, sections: list[str] = MEASURED) -> GPUBenchResult:
+def _run_all(tmp_path: Path, sections: list[str] = MEASURED, learn_arms: list[LearnArmSpec] | None = None) -> GPUBenchResult:
+    """`sections` on the CPU stand-ins at `cpu_settings`' sizes (the learn section with `learn_arms` when given)."""
     model = make_model_dir(str(tmp_path / "model"), TINY_QWEN, tokenizer=False)
     settings = cpu_settings(model, sections)
+    if learn_arms is not None:
+        settings.learn_arms = learn_arms
     ctx = BenchContext(tmp_path / "out", quick=True, overrides=[], machine=MACHINE, command="pytest")
     ctx.out_dir.mkdir()
 
@@ -118,21 +121,10 @@ def test_learn_arms_of_ones_own_run_tool_episodes_and_autotune(tmp_path: Path) -
     """`--learn-arm`: agentic episodes (the simulated engines' stand-in for `task.name=calc`: an
     environment whose every episode calls tools, so both tool-call rates are 1) and an autotuned arm
     (its `autotune/*` end state) through the same section on the CPU stand-ins."""
-    model = make_model_dir(str(tmp_path / "model"), TINY_QWEN, tokenizer=False)
-    settings = cpu_settings(model, ["learn"])
-    settings.learn_arms = [
+    res = _run_all(tmp_path, ["learn"], [
         LearnArmSpec("tools", ["task.env=asyncpolicy.bench.tool_env:LognormalTools", "data.max_response_length=16", "task.max_turn_tokens=4"]),
         LearnArmSpec("autotune", ["async_training.autotune=true", "async_training.staleness_threshold=2", "async_training.autotune_every_steps=1"]),
-    ]
-    ctx = BenchContext(tmp_path / "out", quick=True, overrides=[], machine=MACHINE, command="pytest")
-    ctx.out_dir.mkdir()
-
-    async def main() -> GPUBenchResult:
-        with anyio.fail_after(300):
-            async with CPUPlumbing(settings) as engines:
-                return await run_sections(engines, settings, ctx)
-
-    res = anyio.run(main, backend="asyncio")
+    ])
     assert res.errors == {}, "\n".join(res.errors.values())
     tools, tuned = res.sections["learn"]["arms"]
     assert (tools["name"], tools["staleness"], tuned["name"], tuned["staleness"]) == ("tools", 1, "autotune", 2)

@@ -103,7 +103,7 @@ def learn_arm(spec: LearnArmSpec, cfg: Config, run: ScenarioRun, generated_token
         dropped_stale=run.dropped_stale,
         val_tool_call_rate=(points[0].tool_call_rate, points[-1].tool_call_rate) if points and train_rates else None,
         train_tool_call_rate=(statistics.fmean(train_rates[:5]), statistics.fmean(train_rates[-5:])) if train_rates else None,
-        autotune_end={k: float(v) for k, v in last.items() if k.startswith("autotune/")} or None if last else None,
+        autotune_end=({k: float(v) for k, v in last.items() if k.startswith("autotune/")} or None) if last else None,
     )
     if target is not None:
         hit = time_to_accuracy(run.rows, target, run.ready_s, run.validations or None)

@@ -9,8 +9,8 @@ Invariants:
 * routing is `ReplicaRouter`, a pure policy: a request goes to its group's replica while that
   replica is up (a prompt's responses share its prefix cache; an agentic episode's next turn, sent
   after a tool call when none of its group's requests runs, finds the replica of the group's last
-  request among the `RECENT_GROUPS` it remembers), else to the up replica with the fewest tokens in flight (sum of `max_tokens` still to generate of its running requests), ties by
-  index;
+  request among the `RECENT_GROUPS` it remembers), else to the up replica with the fewest tokens
+  in flight (sum of `max_tokens` still to generate of its running requests), ties by index;
 * a replica is *down* once it reports itself dead (`errored`) or after `failures_to_down`
   consecutive failed calls; a failed call on a replica that is still up is raised to the caller
   (the rollouter's retry path, which retries on the same replica), a failed call on a down replica
